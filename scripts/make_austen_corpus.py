@@ -84,7 +84,7 @@ def parse_rds(buf: bytes):  # noqa: C901 - a direct transcription of the XDR for
         if has_attr:
             a = obj()
             if isinstance(a, dict) and "names" in a:
-                return dict(zip(a["names"], val))
+                return dict(zip(a["names"], val, strict=True))
         return val
 
     return obj()
