@@ -1,0 +1,274 @@
+"""Build the channel dependency graph of a real model by tracing one forward pass.
+
+Stage: structured plans. The model is exported with ``torch.export`` (non-strict), which runs
+the real forward on example inputs and records every ATen op with its tensor shapes and the
+module stack it ran in. From that op graph:
+
+1. every op inside a *handled leaf module* (Linear, Embedding, LayerNorm/RMSNorm, custom
+   handlers) becomes one node, typed by its handler, with the parameter axes of its spaces;
+2. every non-leaf module scope that calls ``scaled_dot_product_attention`` is an *attention
+   region*: its ops collapse into one ATTENTION node whose q/k/v inputs are found by following
+   the data flow from the projections into the SDPA call, and whose head counts come from the
+   traced shapes (``num_heads`` from the query, ``head_dim`` from its last dim, ``num_kv_heads``
+   from the key projection's width);
+3. the remaining ops are classified by :func:`pruning_core.graph.trace_ops.classify`
+   (ADD/MUL/CONCAT/ACTIVATION nodes, transparent aliases, or blocking OTHER nodes);
+4. modules that share a parameter (tied embeddings and output head) get TIED edges between
+   the spaces that index the same parameter axis; an ADD input that is an ancestor of the
+   other input is relabelled SKIP (the residual path).
+
+The result is validated (dims on every edge, no cycles) before it is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from pruning_core.errors import GraphError
+from pruning_core.graph.graph import DependencyGraph
+from pruning_core.graph.handlers import DEFAULT_HANDLERS, LeafHandler, handler_for
+from pruning_core.graph.trace_ops import classify, op_name, tensor_args
+from pruning_core.graph.types import DependencyType, GraphEdge, GraphNode, NodeType
+
+logger = logging.getLogger(__name__)
+SDPA = "scaled_dot_product_attention"
+NOOP_CASTS = frozenset({"to", "_to_copy", "alias", "contiguous", "detach", "clone", "type_as"})
+
+
+def build_dependency_graph(
+    model: nn.Module,
+    args: tuple[Any, ...] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    handlers: Mapping[type[nn.Module], LeafHandler] = DEFAULT_HANDLERS,
+) -> DependencyGraph:
+    """Trace ``model(*args, **kwargs)`` and return its channel dependency graph.
+
+    Node ids are module qualified names (``model.layers.0.mlp.up_proj``) for leaf modules and
+    attention modules, ``"<scope>:<op>"`` for free ops, ``"input:<name>"``/``"output:<i>"`` for
+    the interface. For a Hugging Face causal LM pass ``kwargs={"input_ids": ids, "use_cache": False}``.
+
+    Raises:
+        GraphError: the model cannot be exported, or its structure is inconsistent
+            (e.g. an attention whose query does not come from a single projection).
+    """
+    try:
+        exported = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
+    except Exception as exc:  # export failures come in many types; report them as one
+        raise GraphError(f"could not trace {type(model).__name__} with torch.export: {exc}") from exc
+    graph = _Builder(model, exported, handlers).build()
+    graph.validate()
+    logger.info("traced %s: %d nodes, %d edges", type(model).__name__, graph.num_nodes(), graph.num_edges())
+    return graph
+
+
+class _Builder:
+    def __init__(self, model: nn.Module, exported: Any, handlers: Mapping[type[nn.Module], LeafHandler]) -> None:
+        self.model = model
+        self.fx_graph: fx.Graph = exported.graph
+        self.user_inputs = set(exported.graph_signature.user_inputs)
+        self.handlers = handlers
+        self.modules = dict(model.named_modules(remove_duplicate=False))
+        self.canonical = {id(p): name for name, p in model.named_parameters()}
+        self.graph = DependencyGraph()
+        self.owner: dict[fx.Node, str] = {}  # value -> id of the node whose output it is
+        self.sources: dict[fx.Node, frozenset[str]] = {}  # attention-region value -> external owners
+        self.edges: set[tuple[str, str, DependencyType, int, str]] = set()
+        self.attention_scopes = {self._innermost(n) for n in self.fx_graph.nodes if op_name(n) == SDPA}
+        self._leaf_cache: dict[str, str | None] = {}
+
+    # ------------------------------------------------------------------ main loop
+    def build(self) -> DependencyGraph:
+        for node in self.fx_graph.nodes:
+            if node.op == "placeholder":
+                self._placeholder(node)
+            elif node.op == "call_function":
+                self._call(node)
+            elif node.op == "output":
+                self._outputs(node)
+        self._add_tied_edges()
+        self._mark_skips()
+        return self.graph
+
+    def _call(self, node: fx.Node) -> None:
+        leaf = self._leaf_scope(node)
+        if leaf is not None:
+            self._leaf_op(node, leaf)
+            return
+        region = next((p for p in self._stack(node) if p in self.attention_scopes), None)
+        if region is not None:
+            self._region_op(node, region)
+            return
+        cls = classify(node, lambda a: a in self.owner)
+        if cls.kind == "alias":
+            self.owner[node] = self.owner[cls.alias_of]
+        elif cls.kind == "node":
+            scope = self._innermost(node)
+            nid = f"{scope}:{node.name}" if scope else node.name
+            dim = self._last_dim(node)
+            in_dim = self._last_dim(cls.inputs[0][0]) if cls.node_type is NodeType.OTHER else dim
+            self.graph.add_node(GraphNode(
+                id=nid, name=op_name(node), node_type=cls.node_type, input_dim=in_dim, output_dim=dim,
+                prunable=cls.node_type is not NodeType.OTHER, attrs={"op": str(node.target)},
+            ))
+            for src, offset in cls.inputs:
+                self._edge(self.owner[src], nid, cls.dep_type, offset)
+            self.owner[node] = nid
+
+    # ------------------------------------------------------------------ node kinds
+    def _placeholder(self, node: fx.Node) -> None:
+        val = node.meta.get("val")
+        if node.name not in self.user_inputs or not isinstance(val, torch.Tensor):
+            return
+        dim = int(val.shape[-1]) if val.is_floating_point() and val.dim() else 0
+        nid = f"input:{node.name}"
+        self.graph.add_node(GraphNode(id=nid, name=node.name, node_type=NodeType.INPUT, output_dim=dim, prunable=False))
+        self.owner[node] = nid
+
+    def _outputs(self, node: fx.Node) -> None:
+        for i, value in enumerate(a for a in tensor_args(node) if a in self.owner):
+            nid = f"output:{i}"
+            dim = self._last_dim(value)
+            self.graph.add_node(GraphNode(id=nid, name=value.name, node_type=NodeType.OUTPUT, input_dim=dim, prunable=False))
+            self._edge(self.owner[value], nid, DependencyType.SEQUENTIAL)
+
+    def _leaf_op(self, node: fx.Node, path: str) -> None:
+        if self._noop_cast_of(node) is not None:
+            # ``x.to(x.dtype)`` returns x itself; export then attributes later uses of x (the
+            # residual) to this op, so the value keeps its producer.
+            self.owner[node] = self.owner[self._noop_cast_of(node)]
+            return
+        if self.graph.get_node(path) is None:
+            self._add_leaf_node(path)
+        for arg in tensor_args(node):
+            if arg in self.owner and self.owner[arg] != path:
+                self._edge(self.owner[arg], path, DependencyType.SEQUENTIAL)
+        self.owner[node] = path
+        val = node.meta.get("val")
+        gnode = self.graph.node(path)
+        if isinstance(val, torch.Tensor) and val.dim() and gnode.node_type is NodeType.LAYER_NORM:
+            if int(val.shape[-1]) not in (gnode.output_dim, 1):
+                raise GraphError(f"'{path}' was treated as a norm but produced width {int(val.shape[-1])}, "
+                                 f"not {gnode.output_dim}; register a LeafHandler for {type(self.modules[path]).__name__}")
+
+    def _add_leaf_node(self, path: str) -> None:
+        module = self.modules[path]
+        handler = handler_for(module, self.handlers)
+        assert handler is not None  # _leaf_scope only returns handled modules
+        params = {
+            space: [[self.canonical[id(getattr(module, local))], dim] for local, dim in axes]
+            for space, axes in handler.params(module).items()
+        }
+        d_in, d_out = handler.dims(module)
+        self.graph.add_node(GraphNode(
+            id=path, name=path, node_type=handler.node_type, input_dim=int(d_in), output_dim=int(d_out),
+            module=path, attrs={"params": params, "module_type": type(module).__name__},
+        ))
+
+    def _region_op(self, node: fx.Node, path: str) -> None:
+        cast_of = self._noop_cast_of(node)
+        if cast_of is not None and cast_of not in self.sources:
+            self.owner[node] = self.owner[cast_of]
+            return
+        srcs: set[str] = set()
+        for arg in tensor_args(node):
+            if arg in self.sources:
+                srcs |= self.sources[arg]
+            elif arg in self.owner:
+                srcs.add(self.owner[arg])
+        self.sources[node] = frozenset(srcs)
+        self.owner[node] = path
+        if op_name(node) == SDPA:
+            self._attention_node(node, path)
+        elif self.graph.get_node(path) is None:
+            self.graph.add_node(GraphNode(id=path, name=path, node_type=NodeType.ATTENTION, module=path,
+                                          attrs={"num_heads": 1, "num_kv_heads": 1, "head_dim": 0}))
+
+    def _attention_node(self, node: fx.Node, path: str) -> None:
+        roles = {}
+        for role, arg in zip("qkv", node.args[:3], strict=True):
+            found = self.sources.get(arg, frozenset())
+            if len(found) != 1:
+                raise GraphError(f"attention '{path}': {role} must come from exactly one projection, got {sorted(found)}")
+            roles[role] = next(iter(found))
+        q_shape = tuple(node.args[0].meta["val"].shape)  # (B, heads, T, head_dim)
+        heads, head_dim = int(q_shape[1]), int(q_shape[-1])
+        kv_width = self.graph.node(roles["k"]).output_dim
+        attrs = {"num_heads": heads, "num_kv_heads": kv_width // head_dim, "head_dim": head_dim}
+        if heads * head_dim != self.graph.node(roles["q"]).output_dim or kv_width % head_dim:
+            raise GraphError(f"attention '{path}': projections {roles} do not match {heads} heads x {head_dim}")
+        self.graph.add_node(GraphNode(id=path, name=path, node_type=NodeType.ATTENTION, module=path, attrs=attrs))
+        for role, src in roles.items():
+            self._edge(src, path, DependencyType.ATTENTION, role=role)
+
+    # ------------------------------------------------------------------ post passes
+    def _add_tied_edges(self) -> None:
+        users: dict[str, list[tuple[str, str, int]]] = {}  # canonical param -> [(node, space, dim)]
+        for gnode in self.graph.nodes():
+            for space, axes in gnode.attrs.get("params", {}).items():
+                for name, dim in axes:
+                    users.setdefault(name, []).append((gnode.id, space, dim))
+        for entries in users.values():
+            for i, (node_a, space_a, dim_a) in enumerate(entries):
+                for node_b, space_b, dim_b in entries[i + 1:]:
+                    if node_a != node_b and dim_a == dim_b:
+                        self._edge(node_a, node_b, DependencyType.TIED, role=f"{space_a}:{space_b}")
+
+    def _mark_skips(self) -> None:
+        """Relabel the residual input of each ADD (an ancestor of its other input) as SKIP."""
+        for add in self.graph.nodes_of_type(NodeType.ADD):
+            ins = self.graph.edges_to(add.id)
+            if len(ins) != 2:
+                continue
+            for edge, other in ((ins[0], ins[1]), (ins[1], ins[0])):
+                if edge.from_ in self.graph.upstream_dependents(other.from_):
+                    self.graph.remove_edge(edge)
+                    self.graph.add_edge(GraphEdge(edge.from_, add.id, DependencyType.SKIP))
+                    break
+
+    # ------------------------------------------------------------------ helpers
+    def _edge(self, src: str, dst: str, dep: DependencyType, offset: int = 0, role: str = "") -> None:
+        key = (src, dst, dep, offset, role)
+        if src != dst and key not in self.edges:
+            self.edges.add(key)
+            self.graph.add_edge(GraphEdge(src, dst, dep, offset, role))
+
+    def _stack(self, node: fx.Node) -> list[str]:
+        """Module paths of ``node``'s module stack, innermost first."""
+        return [path for path, _ in reversed(list(node.meta.get("nn_module_stack", {}).values()))]
+
+    def _innermost(self, node: fx.Node) -> str:
+        stack = self._stack(node)
+        return stack[0] if stack else ""
+
+    def _leaf_scope(self, node: fx.Node) -> str | None:
+        for path in self._stack(node):
+            if path not in self._leaf_cache:
+                module = self.modules.get(path)
+                handled = module is not None and handler_for(module, self.handlers) is not None
+                self._leaf_cache[path] = path if handled else None
+            if self._leaf_cache[path] is not None:
+                return path
+        return None
+
+    def _noop_cast_of(self, node: fx.Node) -> fx.Node | None:
+        """The tracked input of a cast/alias op that returns its input unchanged, else None."""
+        if op_name(node) not in NOOP_CASTS or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        src, out, inp = node.args[0], node.meta.get("val"), node.args[0].meta.get("val")
+        if src not in self.owner or not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
+            return None
+        return src if (out.dtype, tuple(out.shape)) == (inp.dtype, tuple(inp.shape)) else None
+
+    @staticmethod
+    def _last_dim(node: fx.Node) -> int:
+        val = node.meta.get("val")
+        return int(val.shape[-1]) if isinstance(val, torch.Tensor) and val.dim() else 0
+
+
+__all__ = ["build_dependency_graph"]
