@@ -145,23 +145,27 @@ class StructuredPlan:
         return sum(math.prod(s) for pid, s in shapes.items() if pid not in dropped)
 
 
-def plan_from_groups(graph: DependencyGraph, groups: Iterable[ChannelGroup], config: Mapping[str, int] | None = None) -> StructuredPlan:
+def plan_from_groups(
+    graph: DependencyGraph, groups: Iterable[ChannelGroup], config: Mapping[str, int] | None = None
+) -> StructuredPlan:
     """Turn channel groups (channels to **remove**) into axis edits of every coupled parameter.
 
     Each group member ``(node, space)`` slices the parameter axes the node's ``params`` attr
-    lists for that space; members without parameters (adds, attention) need no edit.
+    lists for that space; members without parameters (adds, attention) need no edit. Groups
+    that touch the same parameter axis (e.g. two inputs of one concat) remove the union.
     """
-    edits: dict[tuple[str, int], AxisEdit] = {}
+    removed: dict[tuple[str, int], tuple[int, set[int]]] = {}
     for group in groups:
-        for (nid, space), removed in group.members.items():
+        for (nid, space), channels in group.members.items():
             node = graph.node(nid)
-            size = node.space_dim(space)
-            gone = set(removed)
             for param, dim in node.attrs.get("params", {}).get(space, ()):
-                edit = AxisEdit(param, int(dim), size, tuple(i for i in range(size) if i not in gone))
-                if edits.setdefault((param, int(dim)), edit) != edit:
-                    raise GraphError(f"two channel groups disagree on '{param}' dim {dim}")
-    return StructuredPlan(tuple(edits.values()), (), dict(config or {}))
+                size, gone = removed.setdefault((param, int(dim)), (node.space_dim(space), set()))
+                gone.update(channels)
+    edits = tuple(
+        AxisEdit(param, dim, size, tuple(i for i in range(size) if i not in gone))
+        for (param, dim), (size, gone) in removed.items()
+    )
+    return StructuredPlan(edits, (), dict(config or {}))
 
 
 def apply_plan_(model: nn.Module, plan: StructuredPlan) -> nn.Module:
