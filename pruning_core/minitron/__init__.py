@@ -1,0 +1,80 @@
+"""Minitron / ShortGPT structured pruning of decoder LMs: depth and width, plans and search.
+
+Stage: scores -> plans -> apply -> evaluate (Muralidharan et al. 2024, arXiv:2407.14679;
+Men et al. 2024, arXiv:2403.03853). Depth: Block Importance (per token) and LM-loss drop,
+one-shot or iterative selection. Width: activation-based head/neuron/channel importance,
+GQA-consistent head selection, slicing through the traced dependency graph. Search: candidates
+under a budget, built from cached scores, scored by calibration LM loss (optional distillation).
+"""
+
+from pruning_core.minitron.config import Architecture, MinitronTarget, WidthImportanceConfig
+from pruning_core.minitron.depth import (
+    BlockImportanceScores,
+    DepthPruner,
+    DepthPruningResult,
+    block_importance,
+)
+from pruning_core.minitron.depth_scores import (
+    bi_iterative,
+    collect_block_importance,
+    depth_plan,
+    layer_drop_losses,
+    select_iterative,
+    select_one_shot,
+    without_layers,
+)
+from pruning_core.minitron.loss import distill_, lm_loss
+from pruning_core.minitron.scores import MinitronScores, compute_scores
+from pruning_core.minitron.search import (
+    CandidateResult,
+    ModelShape,
+    build_candidate,
+    candidate_plan,
+    enumerate_candidates,
+    evaluate_candidate,
+    search,
+)
+from pruning_core.minitron.structure import AttentionUnit, DecoderStructure, MlpUnit, decoder_structure
+from pruning_core.minitron.width import ChannelImportance, WidthPruner, WidthPruningResult
+from pruning_core.minitron.width_plan import select_heads, top_k_indices, width_plan
+from pruning_core.minitron.width_scores import WidthScores, collect_width_scores
+
+__all__ = [
+    "Architecture",
+    "AttentionUnit",
+    "BlockImportanceScores",
+    "CandidateResult",
+    "ChannelImportance",
+    "DecoderStructure",
+    "DepthPruner",
+    "DepthPruningResult",
+    "MinitronScores",
+    "MinitronTarget",
+    "MlpUnit",
+    "ModelShape",
+    "WidthImportanceConfig",
+    "WidthPruner",
+    "WidthPruningResult",
+    "WidthScores",
+    "bi_iterative",
+    "block_importance",
+    "build_candidate",
+    "candidate_plan",
+    "collect_block_importance",
+    "collect_width_scores",
+    "compute_scores",
+    "decoder_structure",
+    "depth_plan",
+    "distill_",
+    "enumerate_candidates",
+    "evaluate_candidate",
+    "layer_drop_losses",
+    "lm_loss",
+    "search",
+    "select_heads",
+    "select_iterative",
+    "select_one_shot",
+    "top_k_indices",
+    "width_plan",
+    "without_layers",
+]

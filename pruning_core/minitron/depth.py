@@ -1,0 +1,162 @@
+"""Depth pruning: Block Importance scores, layer selection, result record (the seed's surface).
+
+Stage: scores -> plan. Block Importance (Men et al. 2024, ShortGPT, arXiv:2403.03853, Eq. 1;
+used by Minitron, Muralidharan et al. 2024, arXiv:2407.14679) of layer i is
+
+    BI_i = 1 - E_t[ cos(h_in[t], h_out[t]) ]
+
+the cosine between a layer's input and output hidden state *per token*, averaged over all
+calibration tokens. (The seed took one cosine over the flattened tensor, which weights tokens
+by their norm; :func:`block_importance` fixes that.) A layer that barely changes the residual
+stream (BI near 0) is the first to remove.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pruning_core.errors import ConfigError, InvalidSparsity, ShapeMismatch
+from pruning_core.validate import check_finite
+
+
+def block_importance(h_in: torch.Tensor, h_out: torch.Tensor) -> tuple[float, int]:
+    """Per-token block importance of one layer on one batch.
+
+    Args:
+        h_in: layer input hidden states ``[..., tokens, hidden]`` (any leading dims; a 1-D
+            tensor is one token).
+        h_out: layer output, same shape.
+
+    Returns:
+        ``(sum over tokens of cos(h_in[t], h_out[t]), number of tokens)``, so batches can be
+        accumulated exactly; BI = 1 - sum / count.
+    """
+    if h_in.shape != h_out.shape:
+        raise ShapeMismatch(list(h_in.shape), list(h_out.shape), name="block_importance", reason="input vs output")
+    a = h_in.reshape(-1, h_in.shape[-1]).float() if h_in.dim() else h_in.reshape(1, 1).float()
+    b = h_out.reshape(-1, h_out.shape[-1]).float() if h_out.dim() else h_out.reshape(1, 1).float()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-10)  # [tokens]
+    check_finite(cos, method="block_importance", what="cosine")
+    return float(cos.sum()), int(cos.numel())
+
+
+@dataclass(frozen=True, slots=True)
+class BlockImportanceScores:
+    """``scores`` = ((layer index, BI), ...); ``num_samples`` = calibration tokens seen."""
+
+    scores: tuple[tuple[int, float], ...]
+    num_samples: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scores", tuple((int(i), float(s)) for i, s in self.scores))
+        if any(not math.isfinite(s) for _, s in self.scores):
+            raise ConfigError("scores", f"non-finite block importance in {self.scores}")
+
+    def get(self, index: int) -> float | None:
+        return next((s for i, s in self.scores if i == index), None)
+
+    def sorted_by_importance(self) -> list[tuple[int, float]]:
+        """Ascending by score; ties keep their order (stable)."""
+        return sorted(self.scores, key=lambda item: item[1])
+
+    def least_important(self, n: int) -> list[int]:
+        return [i for i, _ in self.sorted_by_importance()[: max(0, n)]]
+
+    def as_tensor(self, num_layers: int) -> torch.Tensor:
+        """Scores as a ``[num_layers]`` float64 tensor (every layer must be present)."""
+        values = dict(self.scores)
+        missing = [i for i in range(num_layers) if i not in values]
+        if missing:
+            raise ShapeMismatch([num_layers], [len(values)], name="BlockImportanceScores", reason=f"missing layers {missing}")
+        return torch.tensor([values[i] for i in range(num_layers)], dtype=torch.float64)
+
+
+@dataclass(frozen=True, slots=True)
+class DepthPruner:
+    """How many layers to remove; ``iterative`` recomputes scores after each removal."""
+
+    num_layers_to_remove: int = 0
+    iterative: bool = True
+    min_layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_layers_to_remove < 0:
+            raise InvalidSparsity(float(self.num_layers_to_remove), "num_layers_to_remove must be >= 0")
+        if self.min_layers < 0:
+            raise ConfigError("min_layers", f"must be >= 0, got {self.min_layers}")
+
+    @staticmethod
+    def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+        """Cosine of two tensors taken as flat vectors (the seed's helper, kept as is).
+
+        Empty or both (near) zero -> 1.0; one zero -> 0.0; clamped to [-1, 1].
+        """
+        if a.numel() != b.numel():
+            raise ShapeMismatch(list(a.shape), list(b.shape), name="cosine_similarity", reason="element counts differ")
+        x, y = a.reshape(-1).double(), b.reshape(-1).double()
+        if x.numel() == 0 or (bool((x.abs() < 1e-10).all()) and bool((y.abs() < 1e-10).all())):
+            return 1.0
+        denom = float(x.norm() * y.norm())
+        return 0.0 if denom < 1e-10 else max(-1.0, min(1.0, float(x @ y) / denom))
+
+    def compute_layer_importance(self, h_in: torch.Tensor, h_out: torch.Tensor) -> float:
+        """BI of one layer from ``[..., hidden]`` tensors: 1 - mean per-token cosine, in [0, 2]."""
+        total, count = block_importance(h_in, h_out)
+        return 1.0 - total / count if count else 0.0
+
+    def compute_block_importance(
+        self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
+    ) -> BlockImportanceScores:
+        """BI for every layer from captured ``inputs[i]``/``outputs[i]`` (``[..., hidden]`` each)."""
+        if len(inputs) != len(outputs):
+            raise ShapeMismatch([len(inputs)], [len(outputs)], name="compute_block_importance", reason="layer counts")
+        scores, tokens = [], 0
+        for i, (h_in, h_out) in enumerate(zip(inputs, outputs, strict=True)):
+            total, count = block_importance(h_in, h_out)
+            scores.append((i, 1.0 - total / count if count else 0.0))
+            tokens = count
+        return BlockImportanceScores(tuple(scores), tokens)
+
+    def validate(self, num_layers: int) -> None:
+        if num_layers < self.min_layers:
+            raise InvalidSparsity(float(num_layers), f"model has {num_layers} layers, fewer than min_layers {self.min_layers}")
+        if self.num_layers_to_remove > num_layers - self.min_layers:
+            raise InvalidSparsity(
+                float(self.num_layers_to_remove),
+                f"cannot remove {self.num_layers_to_remove} of {num_layers} layers and keep min_layers {self.min_layers}",
+            )
+
+    def select_layers_to_remove(self, scores: BlockImportanceScores, num_layers: int) -> list[int]:
+        """The ``num_layers_to_remove`` lowest-BI layers, sorted **descending** (safe removal order)."""
+        self.validate(num_layers)
+        scores.as_tensor(num_layers)  # every layer must be scored
+        return sorted(scores.least_important(self.num_layers_to_remove), reverse=True)
+
+
+@dataclass(frozen=True, slots=True)
+class DepthPruningResult:
+    """Removed layers with their scores, and the depth before/after."""
+
+    removed_layers: tuple[tuple[int, float], ...]
+    original_depth: int
+
+    def __post_init__(self) -> None:
+        if len(self.removed_layers) > self.original_depth:
+            raise InvalidSparsity(float(len(self.removed_layers)), f"more removed layers than the depth {self.original_depth}")
+
+    @property
+    def final_depth(self) -> int:
+        return self.original_depth - len(self.removed_layers)
+
+    def compression_ratio(self) -> float:
+        return math.inf if self.final_depth == 0 else self.original_depth / self.final_depth
+
+    def removal_percentage(self) -> float:
+        return 0.0 if self.original_depth == 0 else len(self.removed_layers) / self.original_depth * 100.0
+
+
+__all__ = ["BlockImportanceScores", "DepthPruner", "DepthPruningResult", "block_importance"]

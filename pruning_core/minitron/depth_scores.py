@@ -1,0 +1,173 @@
+"""Depth importance from calibration data, layer selection, and the depth plan.
+
+Stage: scores -> plan. Two importance signals (Minitron Sec. 2.2, ShortGPT Eq. 1):
+
+- Block Importance per layer, from hooks on the decoder layers (per-token cosine);
+- the LM-loss increase when a layer, or a contiguous block of ``block_size`` layers, is
+  dropped (the model is run without it; nothing is copied).
+
+Selection is one-shot (rank once) or iterative (remove the least important layer, recompute
+the scores on the shallower model, repeat).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pruning_core.errors import CalibrationRequired, InvalidSparsity
+from pruning_core.graph.hf import decoder_layers_path
+from pruning_core.graph.structured import LayerRemoval, StructuredPlan
+from pruning_core.minitron.depth import BlockImportanceScores, block_importance
+from pruning_core.minitron.loss import lm_loss
+from pruning_core.validate import check_finite
+
+logger = logging.getLogger(__name__)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(decoder_layers_path(model))
+
+
+@contextlib.contextmanager
+def without_layers(model: nn.Module, removed: Sequence[int]) -> Iterator[nn.Module]:
+    """Temporarily run ``model`` without the decoder layers ``removed`` (no copy; restored after)."""
+    path = decoder_layers_path(model)
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    full = getattr(parent, attr)
+    gone = set(removed)
+    setattr(parent, attr, nn.ModuleList([layer for i, layer in enumerate(full) if i not in gone]))
+    try:
+        yield model
+    finally:
+        setattr(parent, attr, full)
+
+
+def collect_block_importance(
+    model: nn.Module, batches: Sequence[torch.Tensor], *, progress: bool = False
+) -> BlockImportanceScores:
+    """Per-token Block Importance of every decoder layer of ``model`` on ``batches``."""
+    if not batches:
+        raise CalibrationRequired("collect_block_importance")
+    layers = decoder_layers(model)
+    sums = [0.0] * len(layers)
+    counts = [0] * len(layers)
+
+    def hook(index: int) -> Callable[..., None]:
+        def record(_module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            total, count = block_importance(h_in, h_out)
+            sums[index] += total
+            counts[index] += count
+        return record
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for ids in tqdm(batches, desc="block importance", disable=not progress, leave=False):
+                model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    scores = tuple((i, 1.0 - sums[i] / counts[i]) for i in range(len(layers)))
+    return BlockImportanceScores(scores, counts[0] if counts else 0)
+
+
+def layer_drop_losses(
+    model: nn.Module, batches: Sequence[torch.Tensor], *, block_size: int = 1, progress: bool = False
+) -> torch.Tensor:
+    """LM-loss increase when layers ``[s, s + block_size)`` are dropped, for every start ``s``.
+
+    Returns:
+        ``[num_layers - block_size + 1]`` float64: ``loss(without block s) - loss(dense)``.
+    """
+    num_layers = len(decoder_layers(model))
+    if not 1 <= block_size < num_layers:
+        raise InvalidSparsity(float(block_size), f"block_size must be in [1, {num_layers - 1}] for {num_layers} layers")
+    base = lm_loss(model, batches)
+    increases = []
+    for start in tqdm(range(num_layers - block_size + 1), desc="layer-drop loss", disable=not progress, leave=False):
+        with without_layers(model, range(start, start + block_size)):
+            increases.append(lm_loss(model, batches) - base)
+    result = torch.tensor(increases, dtype=torch.float64)
+    check_finite(result, method="layer_drop_losses", what="loss increase")
+    return result
+
+
+def select_one_shot(scores: torch.Tensor, num_remove: int, *, min_layers: int = 1) -> list[int]:
+    """The ``num_remove`` lowest-scored layers (ties: lower index first), ascending."""
+    _check_remove(len(scores), num_remove, min_layers)
+    check_finite(scores, method="select_one_shot", what="layer scores")
+    order = torch.sort(scores.double(), stable=True).indices
+    return sorted(int(i) for i in order[:num_remove])
+
+
+def select_iterative(
+    num_layers: int,
+    num_remove: int,
+    score_fn: Callable[[list[int]], torch.Tensor],
+    *,
+    min_layers: int = 1,
+) -> list[int]:
+    """Greedy removal with recomputation: repeat ``num_remove`` times — score the layers still
+    present (``score_fn(removed_so_far) -> [num_present]`` scores, in layer order), remove the
+    lowest (ties: lower index). Returns original layer indices, ascending.
+
+    With scores that do not depend on what was removed, this equals :func:`select_one_shot`.
+    """
+    _check_remove(num_layers, num_remove, min_layers)
+    removed: list[int] = []
+    for _ in range(num_remove):
+        present = [i for i in range(num_layers) if i not in removed]
+        scores = score_fn(list(removed))
+        if len(scores) != len(present):
+            raise InvalidSparsity(float(len(scores)), f"score_fn returned {len(scores)} scores for {len(present)} layers")
+        check_finite(scores, method="select_iterative", what="layer scores")
+        removed.append(present[int(torch.sort(scores.double(), stable=True).indices[0])])
+        logger.debug("iterative depth selection: removed layer %d", removed[-1])
+    return sorted(removed)
+
+
+def bi_iterative(model: nn.Module, batches: Sequence[torch.Tensor], num_remove: int, *, min_layers: int = 1) -> list[int]:
+    """Iterative Block-Importance selection on ``model`` (BI recomputed after every removal)."""
+
+    def score(removed: list[int]) -> torch.Tensor:
+        with without_layers(model, removed):
+            bi = collect_block_importance(model, batches)
+        return torch.tensor([s for _, s in bi.scores], dtype=torch.float64)
+
+    return select_iterative(len(decoder_layers(model)), num_remove, score, min_layers=min_layers)
+
+
+def depth_plan(model: nn.Module, removed: Sequence[int]) -> StructuredPlan:
+    """A plan that removes decoder layers ``removed`` (original indices) from ``model``."""
+    path = decoder_layers_path(model)
+    num_layers = len(model.get_submodule(path))
+    removal = LayerRemoval(path, num_layers, tuple(removed))
+    return StructuredPlan((), (removal,) if removal.indices else (), {"num_hidden_layers": num_layers - len(removal.indices)})
+
+
+def _check_remove(num_layers: int, num_remove: int, min_layers: int) -> None:
+    if num_remove < 0 or num_remove > num_layers - min_layers:
+        raise InvalidSparsity(
+            float(num_remove), f"cannot remove {num_remove} of {num_layers} layers and keep min_layers {min_layers}"
+        )
+
+
+__all__ = [
+    "bi_iterative",
+    "collect_block_importance",
+    "decoder_layers",
+    "depth_plan",
+    "layer_drop_losses",
+    "select_iterative",
+    "select_one_shot",
+    "without_layers",
+]
