@@ -1,0 +1,249 @@
+"""Minitron depth/width pruning quality on SmolLM2-135M (issue 5 "Quality").
+
+Protocol (same as the one-shot job): calibration = 64 windows x 256 tokens of Emma at random
+starts (torch.Generator seed 0); evaluation = perplexity on the first 64 x 256 tokens of Pride
+and Prejudice (non-overlapping windows). Importance uses a prefix of the calibration windows
+(``--bi-windows`` for Block Importance, ``--loss-windows`` for the layer-drop LM loss; width
+importance uses all of them).
+
+Rows:
+- depth, k in {3, 6, 9} of 30 layers removed: BI one-shot, BI iterative, LM-loss drop
+  (one-shot), last k layers, random k layers (``--random-seeds`` seeds, each reported);
+- width: MLP 1536 -> 768, heads 9 -> 6 (KV groups 3 -> 2), both; ours (Minitron activation
+  importance) against Torch-Pruning 1.6.1 (GroupMagnitudeImportance p=2 over its dependency
+  groups) where Torch-Pruning can build the group, and against weight-magnitude head scores
+  sliced by our graph where it cannot (its attention group never finishes for GQA models).
+
+    HF_HUB_OFFLINE=1 nohup python benchmarks/bench_minitron.py --out benchmarks/results/minitron.json \
+        > /tmp/bench_minitron.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import json
+import logging
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from pruning_core.graph import apply_plan_, build_dependency_graph
+from pruning_core.minitron import (
+    Architecture,
+    bi_iterative,
+    collect_block_importance,
+    collect_width_scores,
+    decoder_structure,
+    depth_plan,
+    layer_drop_losses,
+    select_one_shot,
+    width_plan,
+)
+from pruning_core.minitron.width_scores import WidthScores
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = Path(os.environ.get("SMOLLM2_DIR", "/work/cache/smollm2"))
+log = logging.getLogger("bench_minitron")
+
+
+# --------------------------------------------------------------------------- data and evaluation
+def load_model_and_tokens(calib: int, evaluation: int, length: int):
+    """Model, calibration windows [calib, length], evaluation windows [evaluation, length]."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+
+    def tokens(name: str) -> torch.Tensor:
+        text = gzip.open(REPO / "data" / "text" / f"{name}.txt.gz", "rt", encoding="utf-8").read()
+        return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    emma, pride = tokens("emma"), tokens("pride_and_prejudice")
+    starts = torch.randint(0, emma.numel() - length + 1, (calib,), generator=torch.Generator().manual_seed(0))
+    calib_windows = emma[starts[:, None] + torch.arange(length)]
+    eval_windows = pride[: evaluation * length].reshape(evaluation, length)
+    return model, calib_windows, eval_windows
+
+
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 8) -> float:
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for lo in range(0, len(windows), batch):
+            ids = windows[lo : lo + batch]
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+            count += ids[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def batches_of(windows: torch.Tensor, size: int = 8) -> list[torch.Tensor]:
+    return [windows[i : i + size] for i in range(0, len(windows), size)]
+
+
+# --------------------------------------------------------------------------- baselines
+def magnitude_head_scores(model: torch.nn.Module, structure) -> torch.Tensor:
+    """[L, H] head scores from weights only: ||W_q rows||^2 + ||W_o cols||^2 + its KV rows / r
+    (Torch-Pruning's GroupMagnitudeImportance p=2 over a head's coupled weights)."""
+    modules = dict(model.named_modules())
+    rows = []
+    for unit in structure.attention:
+        d, r = unit.head_dim, unit.num_heads // unit.num_kv_heads
+        q = modules[unit.q].weight.detach().reshape(unit.num_heads, d, -1).square().sum(dim=(1, 2))
+        o = modules[unit.o].weight.detach().reshape(-1, unit.num_heads, d).square().sum(dim=(0, 2))
+        kv = sum(modules[n].weight.detach().reshape(unit.num_kv_heads, d, -1).square().sum(dim=(1, 2))
+                 for n in (unit.k, unit.v))
+        rows.append((q + o + kv.repeat_interleave(r) / r).double())
+    return torch.stack(rows)
+
+
+def torch_pruning_mlp_(model: torch.nn.Module, keep: int, example: torch.Tensor) -> None:
+    """Torch-Pruning 1.6.1: per layer, GroupMagnitudeImportance(p=2) over the gate/up/down group,
+    prune the lowest (intermediate - keep) neurons through its dependency graph."""
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, output_transform=lambda x: x.logits)
+    importance = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")
+    for layer in model.model.layers:
+        gate = layer.mlp.gate_proj
+        full = graph.get_pruning_group(gate, tp.prune_linear_out_channels, idxs=list(range(gate.out_features)))
+        scores = importance(full)
+        drop = torch.sort(scores, stable=True).indices[: gate.out_features - keep].tolist()
+        graph.get_pruning_group(gate, tp.prune_linear_out_channels, idxs=drop).prune()
+    model.config.intermediate_size = keep
+
+
+# --------------------------------------------------------------------------- experiments
+def depth_rows(model, structure, calib, eval_windows, args) -> list[dict]:
+    bi_batches, loss_batches = batches_of(calib[: args.bi_windows]), batches_of(calib[: args.loss_windows])
+    t0 = time.perf_counter()
+    bi = collect_block_importance(model, bi_batches).as_tensor(structure.num_layers)
+    t_bi = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    order = bi_iterative(model, bi_batches, max(args.ks))  # greedy: the first k removals are the k-layer answer
+    iterative_sets = {k: sorted(order[:k]) for k in args.ks}
+    t_iter = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loss_drop = layer_drop_losses(model, loss_batches)
+    t_loss = time.perf_counter() - t0
+    log.info("BI %s", [round(float(x), 4) for x in bi])
+    log.info("layer-drop loss %s", [round(float(x), 4) for x in loss_drop])
+    meta = {"bi": bi.tolist(), "layer_loss": loss_drop.tolist(), "bi_iterative_order": order, "seconds": {"bi": t_bi, "bi_iterative": t_iter,
+                                                                               "layer_loss": t_loss}}
+    rows = []
+    n = structure.num_layers
+    for k in args.ks:
+        methods = {
+            "BI one-shot": select_one_shot(bi, k),
+            "BI iterative": iterative_sets[k],
+            "LM-loss drop": select_one_shot(loss_drop, k),
+            "last k": list(range(n - k, n)),
+        }
+        for seed in range(args.random_seeds):
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
+            methods[f"random (seed {seed})"] = sorted(perm.tolist())
+        for name, removed in methods.items():
+            pruned = apply_plan_(copy.deepcopy(model), depth_plan(model, removed))
+            rows.append(_row("depth", f"remove {k}", name, pruned, eval_windows, removed=removed))
+            del pruned
+    return rows, meta
+
+
+def width_rows(model, graph, structure, calib, eval_windows, args) -> list[dict]:
+    t0 = time.perf_counter()
+    ours = collect_width_scores(model, batches_of(calib), structure)
+    t_width = time.perf_counter() - t0
+    mag = WidthScores(ours.hidden, ours.neurons, magnitude_head_scores(model, structure), ours.num_tokens)
+    dense = Architecture.from_config(model.config)
+    shapes = {
+        "MLP 1536->768": (768, 9, 3),
+        "heads 9->6 (KV 3->2)": (1536, 6, 2),
+        "MLP 768 + heads 6/2": (768, 6, 2),
+    }
+    rows = []
+    for label, (ffn, heads, kv) in shapes.items():
+        arch = Architecture(num_layers=dense.num_layers, hidden_size=dense.hidden_size, intermediate_size=ffn,
+                            num_attention_heads=heads, num_key_value_heads=kv)
+        pruned = apply_plan_(copy.deepcopy(model), width_plan(graph, structure, ours, arch))
+        rows.append(_row("width", label, "ours (Minitron activations)", pruned, eval_windows))
+        gen = torch.Generator().manual_seed(0)
+        rand = WidthScores(ours.hidden, torch.rand(ours.neurons.shape, generator=gen, dtype=torch.float64),
+                           torch.rand(ours.heads.shape, generator=gen, dtype=torch.float64), 0)
+        pruned = apply_plan_(copy.deepcopy(model), width_plan(graph, structure, rand, arch))
+        rows.append(_row("width", label, "random neurons/heads (seed 0)", pruned, eval_windows))
+        if heads != dense.num_attention_heads:
+            pruned = apply_plan_(copy.deepcopy(model), width_plan(
+                graph, structure, WidthScores(ours.hidden, ours.neurons, mag.heads, 0),
+                Architecture(num_layers=dense.num_layers, hidden_size=dense.hidden_size,
+                             intermediate_size=dense.intermediate_size, num_attention_heads=heads, num_key_value_heads=kv)))
+            name = "weight-magnitude heads, our slicer (TP hangs on GQA heads)"
+            if ffn != dense.intermediate_size and not args.skip_tp:
+                torch_pruning_mlp_(pruned, ffn, calib[:1, :16])
+                name = "TP 1.6.1 MLP + weight-magnitude heads (our slicer)"
+            rows.append(_row("width", label, name, pruned, eval_windows))
+        elif not args.skip_tp:
+            pruned = copy.deepcopy(model)
+            torch_pruning_mlp_(pruned, ffn, calib[:1, :16])
+            rows.append(_row("width", label, "Torch-Pruning 1.6.1 (group L2 magnitude)", pruned, eval_windows))
+        del pruned
+    return rows, {"seconds": {"width_importance": t_width}}
+
+
+def _row(kind: str, shape: str, method: str, model, eval_windows, **extra) -> dict:
+    t0 = time.perf_counter()
+    ppl = perplexity(model, eval_windows)
+    row = {"kind": kind, "shape": shape, "method": method, "params": num_params(model), "perplexity": ppl,
+           "eval_seconds": round(time.perf_counter() - t0, 1), **extra}
+    log.info("%s", row)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calib-windows", type=int, default=64)
+    parser.add_argument("--bi-windows", type=int, default=16)
+    parser.add_argument("--loss-windows", type=int, default=8)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--ks", type=int, nargs="+", default=[3, 6, 9])
+    parser.add_argument("--random-seeds", type=int, default=3)
+    parser.add_argument("--skip-depth", action="store_true")
+    parser.add_argument("--skip-width", action="store_true")
+    parser.add_argument("--skip-tp", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "minitron.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    model, calib, eval_windows = load_model_and_tokens(args.calib_windows, args.eval_windows, args.length)
+    graph = build_dependency_graph(model, kwargs={"input_ids": calib[:1, :16], "use_cache": False})
+    structure = decoder_structure(model, graph)
+    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": [], "meta": {}}
+    results["rows"].append(_row("dense", "30 layers", "dense", model, eval_windows))
+    if not args.skip_depth:
+        rows, meta = depth_rows(model, structure, calib, eval_windows, args)
+        results["rows"] += rows
+        results["meta"]["depth"] = meta
+    if not args.skip_width:
+        rows, meta = width_rows(model, graph, structure, calib, eval_windows, args)
+        results["rows"] += rows
+        results["meta"]["width"] = meta
+    results["total_seconds"] = round(time.perf_counter() - start, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    log.info("wrote %s in %.0f s", args.out, results["total_seconds"])
+
+
+if __name__ == "__main__":
+    main()
