@@ -118,9 +118,10 @@ def select_iterative(
 ) -> list[int]:
     """Greedy removal with recomputation: repeat ``num_remove`` times — score the layers still
     present (``score_fn(removed_so_far) -> [num_present]`` scores, in layer order), remove the
-    lowest (ties: lower index). Returns original layer indices, ascending.
+    lowest (ties: lower index). Returns original layer indices **in removal order** (greedy,
+    so the first ``j`` entries are the answer for ``j`` layers).
 
-    With scores that do not depend on what was removed, this equals :func:`select_one_shot`.
+    With scores that do not depend on what was removed, the set equals :func:`select_one_shot`.
     """
     _check_remove(num_layers, num_remove, min_layers)
     removed: list[int] = []
@@ -132,11 +133,14 @@ def select_iterative(
         check_finite(scores, method="select_iterative", what="layer scores")
         removed.append(present[int(torch.sort(scores.double(), stable=True).indices[0])])
         logger.debug("iterative depth selection: removed layer %d", removed[-1])
-    return sorted(removed)
+    return removed
 
 
 def bi_iterative(model: nn.Module, batches: Sequence[torch.Tensor], num_remove: int, *, min_layers: int = 1) -> list[int]:
-    """Iterative Block-Importance selection on ``model`` (BI recomputed after every removal)."""
+    """Iterative Block-Importance selection on ``model`` (BI recomputed after every removal).
+
+    Returns original layer indices in removal order.
+    """
 
     def score(removed: list[int]) -> torch.Tensor:
         with without_layers(model, removed):

@@ -1,0 +1,163 @@
+"""Search: parameter counts, candidate enumeration under constraints, the scores table, building
+and scoring candidates, distillation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pruning_core.errors import ConfigError
+from pruning_core.minitron import (
+    Architecture,
+    MinitronScores,
+    MinitronTarget,
+    ModelShape,
+    build_candidate,
+    candidate_plan,
+    compute_scores,
+    distill_,
+    enumerate_candidates,
+    evaluate_candidate,
+    search,
+)
+from tests.minitron.conftest import tiny
+
+DENSE = Architecture(num_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+SHAPE = ModelShape(vocab_size=128, head_dim=16, tied_embeddings=True)
+SMOLLM2 = Architecture(num_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                       num_key_value_heads=3)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 3, "num_key_value_heads": 1,
+          "intermediate_size": 40, "head_dim": 16}, {"tie_word_embeddings": False}],
+)
+def test_num_parameters_matches_a_real_model(overrides):
+    model = tiny(**overrides)
+    arch = Architecture.from_config(model.config)
+    shape = ModelShape.from_config(model.config)
+    assert arch.num_parameters(vocab_size=shape.vocab_size, head_dim=shape.head_dim,
+                               tied_embeddings=shape.tied_embeddings) == sum(p.numel() for p in model.parameters())
+
+
+def test_smollm2_parameter_count():
+    """The documented 134,515,008 parameters of SmolLM2-135M (tied embeddings, head_dim 64)."""
+    assert SMOLLM2.num_parameters(vocab_size=49152, head_dim=64, tied_embeddings=True) == 134_515_008
+
+
+@settings(max_examples=30, deadline=None)
+@given(budget=st.integers(20_000, 82_240), tol=st.sampled_from([0.02, 0.05, 0.2]))
+def test_candidates_respect_budget_and_constraints(budget, tol):
+    target = MinitronTarget(param_budget=budget, budget_tolerance=tol, hidden_divisor=16, ffn_divisor=32)
+    try:
+        found = enumerate_candidates(DENSE, SHAPE, target)
+    except ConfigError:
+        return  # nothing fits this narrow window; the error is the documented outcome
+    params = [a.num_parameters(vocab_size=128, head_dim=16, tied_embeddings=True) for a in found]
+    assert all((1 - tol) * budget <= p <= budget for p in params)
+    assert params == sorted(params, reverse=True)
+    for a in found:
+        assert a.hidden_size % 16 == 0 or a.hidden_size == 64
+        assert a.intermediate_size % 32 == 0 and a.num_attention_heads % a.num_key_value_heads == 0
+        assert a.hidden_size % a.num_attention_heads == 0
+        assert a.num_attention_heads // a.num_key_value_heads <= 2
+        a.check_within(DENSE)
+
+
+def test_explicit_targets_enumerate_their_product():
+    target = MinitronTarget(num_layers=(24, 27), intermediate_size=(768, 1536), num_attention_heads=(6, 9),
+                            num_key_value_heads=(2, 3))
+    found = enumerate_candidates(SMOLLM2, ModelShape(49152, 64, True), target)
+    # 9 heads in 2 KV groups is not a whole number per group; 6 in 3 groups (2 each) is fine
+    shapes = {(a.num_layers, a.intermediate_size, a.num_attention_heads, a.num_key_value_heads) for a in found}
+    heads = ((6, 2), (6, 3), (9, 3))
+    assert shapes == {(layers, ffn, h, kv) for layers in (24, 27) for ffn in (768, 1536) for h, kv in heads}
+    # hidden sizes are multiples of 64 that the head count divides (576 = 9 x 64 is the only one for 9 heads)
+    assert {a.hidden_size for a in found if a.num_attention_heads == 9} == {576}
+    assert {a.hidden_size for a in found if a.num_attention_heads == 6} == {192, 384, 576}
+
+
+@pytest.mark.parametrize(
+    ("target", "match"),
+    [(MinitronTarget(num_layers=(31,)), "above the original 30"),
+     (MinitronTarget(intermediate_size=(2048,)), "above the original 1536"),
+     (MinitronTarget(param_budget=1000), "no architecture")],
+)
+def test_bad_targets_name_the_numbers(target, match):
+    with pytest.raises(ConfigError, match=match):
+        enumerate_candidates(SMOLLM2, ModelShape(49152, 64, True), target)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({}, "param_budget"), ({"param_budget": 0}, "param_budget"), ({"param_budget": 10, "budget_tolerance": 1.0},
+     "budget_tolerance"), ({"hidden_size": (500,)}, "hidden_size"), ({"num_layers": ()}, "num_layers"),
+     ({"param_budget": 10, "ffn_divisor": 0}, "ffn_divisor")],
+)
+def test_target_validation(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        MinitronTarget(**kwargs)
+
+
+def test_scores_table_round_trip(llama4, batches):
+    model, _, structure = llama4
+    scores = compute_scores(model, batches, structure, loss_batches=batches[:1])
+    cols = scores.to_columns()
+    assert set(cols) == {"axis", "layer", "index", "score"}
+    assert len(cols["axis"]) == 4 + 4 + 64 + 4 * 128 + 4 * 4
+    pa = pytest.importorskip("pyarrow")
+    table = pa.table(cols)
+    assert table.schema.field("score").type == pa.float64()
+    back = MinitronScores.from_columns(table.to_pydict())
+    for a, b in ((scores.block_importance, back.block_importance), (scores.layer_loss, back.layer_loss),
+                 (scores.width.hidden, back.width.hidden), (scores.width.neurons, back.width.neurons),
+                 (scores.width.heads, back.width.heads)):
+        torch.testing.assert_close(a, b)
+    broken = dict(cols, axis=["bogus"] + cols["axis"][1:])
+    with pytest.raises(ConfigError, match="unknown axis"):
+        MinitronScores.from_columns(broken)
+
+
+def test_candidates_are_built_from_cached_scores(llama4, batches):
+    model, graph, structure = llama4
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = compute_scores(model, batches, structure, loss_batches=batches[:1])
+    arch = Architecture(num_layers=3, hidden_size=48, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+    for criterion, removed in (("bi", int(torch.argmin(scores.block_importance))),
+                               ("loss", int(torch.argmin(scores.layer_loss)))):
+        plan = candidate_plan(model, graph, structure, scores, arch, depth_criterion=criterion)
+        assert plan.layer_removals[0].indices == (removed,)
+        pruned = build_candidate(model, plan)
+        assert Architecture.from_config(pruned.config) == arch
+        assert sum(p.numel() for p in pruned.parameters()) == arch.num_parameters(vocab_size=128, head_dim=16,
+                                                                                  tied_embeddings=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # dense untouched
+    no_loss = MinitronScores(scores.block_importance, None, scores.width)
+    with pytest.raises(ConfigError, match="loss_batches"):
+        candidate_plan(model, graph, structure, no_loss, arch, depth_criterion="loss")
+
+
+def test_search_ranks_by_loss(llama4, batches):
+    model, graph, structure = llama4
+    scores = compute_scores(model, batches, structure)
+    candidates = enumerate_candidates(DENSE, SHAPE, MinitronTarget(param_budget=70_000, budget_tolerance=0.1,
+                                                                   hidden_divisor=16, ffn_divisor=32))[:3]
+    results = search(model, graph, structure, scores, candidates, batches)
+    assert [r.loss for r in results] == sorted(r.loss for r in results)
+    assert {r.architecture for r in results} == set(candidates)
+
+
+def test_distillation_reduces_kl_on_its_batch(llama4, batches):
+    teacher = llama4[0]
+    student = tiny(num_hidden_layers=2)
+    losses = distill_(student, teacher, batches[:1], steps=8, lr=3e-3)
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    loss, history = evaluate_candidate(copy.deepcopy(student), batches, teacher=teacher, distill_steps=2)
+    assert len(history) == 2 and loss > 0
+    with pytest.raises(ConfigError, match="teacher"):
+        evaluate_candidate(student, batches, distill_steps=1)
