@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pruning_core.errors import ConfigError, GraphError
+from pruning_core.graph import hf
 from pruning_core.graph.graph import DependencyGraph
 from pruning_core.graph.propagate import ChannelGroup
 
@@ -176,8 +177,6 @@ def apply_plan_(model: nn.Module, plan: StructuredPlan) -> nn.Module:
             from the one the plan was made for (replaying on the wrong model), or the model's
             config does not match ``plan.config`` afterwards.
     """
-    from pruning_core.graph import hf  # local import keeps the HF adapter optional
-
     params = _params_by_name(model)
     _check_sizes(model, params, plan)
     for param, edits in _edits_by_param(params, plan.axis_edits).items():

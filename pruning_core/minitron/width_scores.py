@@ -101,18 +101,10 @@ def collect_width_scores(
     """
     if not batches:
         raise CalibrationRequired("collect_width_scores")
-    modules = dict(model.named_modules())
     heads = [_Aggregate(config) for _ in structure.attention]
     neurons = [_Aggregate(config) for _ in structure.mlp]
     norms = [_Aggregate(config) for _ in structure.norms]
-    handles = []
-    for unit, agg in zip(structure.attention, heads, strict=True):
-        split = _head_norms(unit.num_heads, unit.head_dim)
-        handles.append(modules[unit.o].register_forward_pre_hook(_pre_hook(agg, split)))
-    for unit, agg in zip(structure.mlp, neurons, strict=True):
-        handles.append(modules[unit.down].register_forward_pre_hook(_pre_hook(agg, torch.abs)))
-    for name, agg in zip(structure.norms, norms, strict=True):
-        handles.append(modules[name].register_forward_hook(lambda _m, _a, out, agg=agg: agg.update(out.abs())))
+    handles = _register_hooks(model, structure, heads, neurons, norms)
     tokens = 0
     try:
         with torch.no_grad():
@@ -131,6 +123,23 @@ def collect_width_scores(
     for what in ("hidden", "neurons", "heads"):
         check_finite(getattr(scores, what), method="collect_width_scores", what=f"{what} importance")
     return scores
+
+
+def _register_hooks(
+    model: nn.Module, structure: DecoderStructure, heads: list[_Aggregate], neurons: list[_Aggregate],
+    norms: list[_Aggregate],
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Pre-hooks on each o_proj (per-head norms) and down_proj (|a|), hooks on each norm (|LN(x)|)."""
+    modules = dict(model.named_modules())
+    handles = []
+    for unit, agg in zip(structure.attention, heads, strict=True):
+        split = _head_norms(unit.num_heads, unit.head_dim)
+        handles.append(modules[unit.o].register_forward_pre_hook(_pre_hook(agg, split)))
+    for unit, agg in zip(structure.mlp, neurons, strict=True):
+        handles.append(modules[unit.down].register_forward_pre_hook(_pre_hook(agg, torch.abs)))
+    for name, agg in zip(structure.norms, norms, strict=True):
+        handles.append(modules[name].register_forward_hook(lambda _m, _a, out, agg=agg: agg.update(out.abs())))
+    return handles
 
 
 def _head_norms(num_heads: int, head_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
