@@ -34,7 +34,13 @@ from pruning_core.minitron.search import (
     evaluate_candidate,
     search,
 )
-from pruning_core.minitron.structure import AttentionUnit, DecoderStructure, MlpUnit, decoder_structure
+from pruning_core.minitron.structure import (
+    AttentionUnit,
+    DecoderStructure,
+    MlpUnit,
+    decoder_structure,
+    trace_decoder,
+)
 from pruning_core.minitron.width import ChannelImportance, WidthPruner, WidthPruningResult
 from pruning_core.minitron.width_plan import select_heads, top_k_indices, width_plan
 from pruning_core.minitron.width_scores import WidthScores, collect_width_scores
@@ -75,6 +81,7 @@ __all__ = [
     "select_iterative",
     "select_one_shot",
     "top_k_indices",
+    "trace_decoder",
     "width_plan",
     "without_layers",
 ]

@@ -14,12 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import torch
 from torch import nn
 
 from pruning_core.errors import GraphError
 from pruning_core.graph.graph import DependencyGraph
 from pruning_core.graph.hf import decoder_layers_path
 from pruning_core.graph.propagate import coupled_spaces
+from pruning_core.graph.trace import build_dependency_graph
 from pruning_core.graph.types import DependencyType, NodeType
 
 U = TypeVar("U")
@@ -83,6 +85,13 @@ def decoder_structure(model: nn.Module, graph: DependencyGraph) -> DecoderStruct
     return DecoderStructure(path, embedding.id, embedding.output_dim, norms, attention, mlp)
 
 
+def trace_decoder(model: nn.Module, example_ids: torch.Tensor) -> tuple[DependencyGraph, DecoderStructure]:
+    """Trace a HF decoder LM on ``example_ids`` (``[1, T]`` token ids; a few tokens suffice) and
+    return its dependency graph and width structure (what every Minitron step needs)."""
+    graph = build_dependency_graph(model, kwargs={"input_ids": example_ids, "use_cache": False})
+    return graph, decoder_structure(model, graph)
+
+
 def _attention_unit(graph: DependencyGraph, node_id: str) -> AttentionUnit:
     node = graph.node(node_id)
     roles = {e.role: e.from_ for e in graph.edges_to(node_id) if e.dep_type is DependencyType.ATTENTION}
@@ -115,4 +124,4 @@ def _by_layer(path: str, num_layers: int, units: list[U], key: Callable[[U], str
     return tuple(found[0] for found in slots)
 
 
-__all__ = ["AttentionUnit", "DecoderStructure", "MlpUnit", "decoder_structure"]
+__all__ = ["AttentionUnit", "DecoderStructure", "MlpUnit", "decoder_structure", "trace_decoder"]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning_core.graph import build_dependency_graph
-from pruning_core.minitron import decoder_structure
+from pruning_core.minitron import trace_decoder
 from tests.conftest import make_tiny_llama
 
 
@@ -16,7 +15,7 @@ def tiny(**overrides):
 
 def trace(model):
     ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-    return build_dependency_graph(model, kwargs={"input_ids": ids, "use_cache": False})
+    return trace_decoder(model, ids)[0]
 
 
 def token_batches(n: int = 3, batch: int = 2, length: int = 16, seed: int = 0) -> list[torch.Tensor]:
@@ -28,8 +27,9 @@ def token_batches(n: int = 3, batch: int = 2, length: int = 16, seed: int = 0) -
 def llama4():
     """(model, graph, structure) of a 4-layer tiny Llama (GQA: 4 heads, 2 KV heads, head_dim 16)."""
     model = tiny()
-    graph = trace(model)
-    return model, graph, decoder_structure(model, graph)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    graph, structure = trace_decoder(model, ids)
+    return model, graph, structure
 
 
 @pytest.fixture
