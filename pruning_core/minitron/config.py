@@ -108,6 +108,7 @@ class MinitronTarget:
         hidden_divisor, ffn_divisor: sizes searched must be multiples of these (ModelOpt's
             ``hidden_size_divisor``); explicit values are checked against them too.
         min_layers: fewest layers a candidate may keep.
+        max_candidates: keep only the first (largest) this many candidates (None: all).
     """
 
     param_budget: int | None = None
@@ -120,8 +121,11 @@ class MinitronTarget:
     hidden_divisor: int = 64
     ffn_divisor: int = 64
     min_layers: int = 1
+    max_candidates: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_candidates is not None and self.max_candidates < 1:
+            raise ConfigError("max_candidates", f"must be >= 1, got {self.max_candidates}")
         if self.param_budget is not None and self.param_budget < 1:
             raise ConfigError("param_budget", f"must be positive, got {self.param_budget}")
         if not (math.isfinite(self.budget_tolerance) and 0.0 <= self.budget_tolerance < 1.0):

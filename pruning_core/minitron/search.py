@@ -81,7 +81,7 @@ def enumerate_candidates(dense: Architecture, shape: ModelShape, target: Minitro
     if not found:
         raise ConfigError("target", f"no architecture satisfies {target} within {dense}")
     found.sort(key=lambda item: (-item[0], -item[1].num_layers, -item[1].hidden_size))
-    return [arch for _, arch in found]
+    return [arch for _, arch in found][: target.max_candidates]
 
 
 def _axis_choices(dense: Architecture, target: MinitronTarget) -> list[list[int]]:

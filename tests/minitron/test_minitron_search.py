@@ -69,6 +69,14 @@ def test_candidates_respect_budget_and_constraints(budget, tol):
         a.check_within(DENSE)
 
 
+def test_max_candidates_keeps_the_largest():
+    target = MinitronTarget(param_budget=90_000_000, budget_tolerance=0.05)
+    every = enumerate_candidates(SMOLLM2, ModelShape(49152, 64, True), target)
+    capped = enumerate_candidates(SMOLLM2, ModelShape(49152, 64, True),
+                                  MinitronTarget(param_budget=90_000_000, budget_tolerance=0.05, max_candidates=3))
+    assert len(every) > 3 and capped == every[:3]
+
+
 def test_explicit_targets_enumerate_their_product():
     target = MinitronTarget(num_layers=(24, 27), intermediate_size=(768, 1536), num_attention_heads=(6, 9),
                             num_key_value_heads=(2, 3))
@@ -97,7 +105,8 @@ def test_bad_targets_name_the_numbers(target, match):
     ("kwargs", "field"),
     [({}, "param_budget"), ({"param_budget": 0}, "param_budget"), ({"param_budget": 10, "budget_tolerance": 1.0},
      "budget_tolerance"), ({"hidden_size": (500,)}, "hidden_size"), ({"num_layers": ()}, "num_layers"),
-     ({"param_budget": 10, "ffn_divisor": 0}, "ffn_divisor")],
+     ({"param_budget": 10, "ffn_divisor": 0}, "ffn_divisor"), ({"param_budget": 10, "max_candidates": 0},
+                                                                "max_candidates")],
 )
 def test_target_validation(kwargs, field):
     with pytest.raises(ConfigError, match=field):
