@@ -124,88 +124,111 @@ def torch_pruning_mlp_(model: torch.nn.Module, keep: int, example: torch.Tensor)
 
 
 # --------------------------------------------------------------------------- experiments
-def depth_rows(model, structure, calib, eval_windows, args) -> list[dict]:
+class Recorder:
+    """Results JSON written after every row; with ``--resume`` finished rows and cached
+    importance are reused, so an interrupted run (the machine is shared) continues where it stopped."""
+
+    def __init__(self, path: Path, header: dict, resume: bool) -> None:
+        self.path = path
+        old = json.loads(path.read_text()) if resume and path.exists() else {}
+        self.data = {**header, "rows": old.get("rows", []), "meta": old.get("meta", {}),
+                     "total_seconds": old.get("total_seconds", 0.0)}
+
+    def done(self, kind: str, shape: str, method: str) -> bool:
+        return any((r["kind"], r["shape"], r["method"]) == (kind, shape, method) for r in self.data["rows"])
+
+    def row(self, kind: str, shape: str, method: str, build, eval_windows, **extra) -> None:
+        if self.done(kind, shape, method):
+            return
+        model = build()
+        t0 = time.perf_counter()
+        ppl = perplexity(model, eval_windows)
+        row = {"kind": kind, "shape": shape, "method": method, "params": num_params(model), "perplexity": ppl,
+               "eval_seconds": round(time.perf_counter() - t0, 1), **extra}
+        log.info("%s", row)
+        self.data["rows"].append(row)
+        self.save()
+
+    def cached(self, key: str, compute):
+        if key not in self.data["meta"]:
+            t0 = time.perf_counter()
+            value = compute()
+            self.data["meta"][key] = {"value": value, "seconds": round(time.perf_counter() - t0, 1)}
+            log.info("%s: %s", key, value)
+            self.save()
+        return self.data["meta"][key]["value"]
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def depth_experiments(rec: Recorder, model, structure, calib, eval_windows, args) -> None:
     bi_batches, loss_batches = batches_of(calib[: args.bi_windows]), batches_of(calib[: args.loss_windows])
-    t0 = time.perf_counter()
-    bi = collect_block_importance(model, bi_batches).as_tensor(structure.num_layers)
-    t_bi = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    order = bi_iterative(model, bi_batches, max(args.ks))  # greedy: the first k removals are the k-layer answer
-    iterative_sets = {k: sorted(order[:k]) for k in args.ks}
-    t_iter = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    loss_drop = layer_drop_losses(model, loss_batches)
-    t_loss = time.perf_counter() - t0
-    log.info("BI %s", [round(float(x), 4) for x in bi])
-    log.info("layer-drop loss %s", [round(float(x), 4) for x in loss_drop])
-    meta = {"bi": bi.tolist(), "layer_loss": loss_drop.tolist(), "bi_iterative_order": order, "seconds": {"bi": t_bi, "bi_iterative": t_iter,
-                                                                               "layer_loss": t_loss}}
-    rows = []
     n = structure.num_layers
+    bi = torch.tensor(rec.cached("bi", lambda: collect_block_importance(model, bi_batches).as_tensor(n).tolist()))
+    # greedy, so the first k removals are the k-layer answer
+    order = rec.cached("bi_iterative_order", lambda: bi_iterative(model, bi_batches, max(args.ks)))
+    loss_drop = torch.tensor(rec.cached("layer_loss", lambda: layer_drop_losses(model, loss_batches).tolist()))
     for k in args.ks:
         methods = {
             "BI one-shot": select_one_shot(bi, k),
-            "BI iterative": iterative_sets[k],
+            "BI iterative": sorted(order[:k]),
             "LM-loss drop": select_one_shot(loss_drop, k),
             "last k": list(range(n - k, n)),
         }
         for seed in range(args.random_seeds):
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
-            methods[f"random (seed {seed})"] = sorted(perm.tolist())
+            methods[f"random (seed {seed})"] = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
         for name, removed in methods.items():
-            pruned = apply_plan_(copy.deepcopy(model), depth_plan(model, removed))
-            rows.append(_row("depth", f"remove {k}", name, pruned, eval_windows, removed=removed))
-            del pruned
-    return rows, meta
+            rec.row("depth", f"remove {k}", name, lambda r=removed: apply_plan_(copy.deepcopy(model), depth_plan(model, r)),
+                    eval_windows, removed=removed)
 
 
-def width_rows(model, graph, structure, calib, eval_windows, args) -> list[dict]:
-    t0 = time.perf_counter()
-    ours = collect_width_scores(model, batches_of(calib), structure)
-    t_width = time.perf_counter() - t0
-    mag = WidthScores(ours.hidden, ours.neurons, magnitude_head_scores(model, structure), ours.num_tokens)
+def width_experiments(rec: Recorder, model, graph, structure, calib, eval_windows, args) -> None:
+    ours_cols = rec.cached("width_scores", lambda: _width_scores_dict(collect_width_scores(model, batches_of(calib), structure)))
+    ours = WidthScores(*(torch.tensor(ours_cols[k], dtype=torch.float64) for k in ("hidden", "neurons", "heads")), 0)
+    gen = torch.Generator().manual_seed(0)
+    rand = WidthScores(ours.hidden, torch.rand(ours.neurons.shape, generator=gen, dtype=torch.float64),
+                       torch.rand(ours.heads.shape, generator=gen, dtype=torch.float64), 0)
+    mag = WidthScores(ours.hidden, ours.neurons, magnitude_head_scores(model, structure), 0)
     dense = Architecture.from_config(model.config)
-    shapes = {
-        "MLP 1536->768": (768, 9, 3),
-        "heads 9->6 (KV 3->2)": (1536, 6, 2),
-        "MLP 768 + heads 6/2": (768, 6, 2),
-    }
-    rows = []
-    for label, (ffn, heads, kv) in shapes.items():
+    shapes = {"MLP 1536->768": (768, 9, 3), "heads 9->6 (KV 3->2)": (1536, 6, 2), "MLP 768 + heads 6/2": (768, 6, 2)}
+
+    def pruned(scores: WidthScores, ffn: int, heads: int, kv: int):
         arch = Architecture(num_layers=dense.num_layers, hidden_size=dense.hidden_size, intermediate_size=ffn,
                             num_attention_heads=heads, num_key_value_heads=kv)
-        pruned = apply_plan_(copy.deepcopy(model), width_plan(graph, structure, ours, arch))
-        rows.append(_row("width", label, "ours (Minitron activations)", pruned, eval_windows))
-        gen = torch.Generator().manual_seed(0)
-        rand = WidthScores(ours.hidden, torch.rand(ours.neurons.shape, generator=gen, dtype=torch.float64),
-                           torch.rand(ours.heads.shape, generator=gen, dtype=torch.float64), 0)
-        pruned = apply_plan_(copy.deepcopy(model), width_plan(graph, structure, rand, arch))
-        rows.append(_row("width", label, "random neurons/heads (seed 0)", pruned, eval_windows))
+        return apply_plan_(copy.deepcopy(model), width_plan(graph, structure, scores, arch))
+
+    def torch_pruning(ffn: int, heads: int, kv: int):
+        base = pruned(mag, dense.intermediate_size, heads, kv) if heads != dense.num_attention_heads else copy.deepcopy(model)
+        torch_pruning_mlp_(base, ffn, calib[:1, :16])
+        return base
+
+    for label, (ffn, heads, kv) in shapes.items():
+        rec.row("width", label, "ours (Minitron activations)", lambda f=ffn, h=heads, g=kv: pruned(ours, f, h, g), eval_windows)
+        rec.row("width", label, "random neurons/heads (seed 0)", lambda f=ffn, h=heads, g=kv: pruned(rand, f, h, g), eval_windows)
         if heads != dense.num_attention_heads:
-            pruned = apply_plan_(copy.deepcopy(model), width_plan(
-                graph, structure, WidthScores(ours.hidden, ours.neurons, mag.heads, 0),
-                Architecture(num_layers=dense.num_layers, hidden_size=dense.hidden_size,
-                             intermediate_size=dense.intermediate_size, num_attention_heads=heads, num_key_value_heads=kv)))
-            name = "weight-magnitude heads, our slicer (TP hangs on GQA heads)"
-            if ffn != dense.intermediate_size and not args.skip_tp:
-                torch_pruning_mlp_(pruned, ffn, calib[:1, :16])
-                name = "TP 1.6.1 MLP + weight-magnitude heads (our slicer)"
-            rows.append(_row("width", label, name, pruned, eval_windows))
-        elif not args.skip_tp:
-            pruned = copy.deepcopy(model)
-            torch_pruning_mlp_(pruned, ffn, calib[:1, :16])
-            rows.append(_row("width", label, "Torch-Pruning 1.6.1 (group L2 magnitude)", pruned, eval_windows))
-        del pruned
-    return rows, {"seconds": {"width_importance": t_width}}
+            rec.row("width", label, "weight-magnitude heads + magnitude neurons (our slicer)",
+                    lambda f=ffn, h=heads, g=kv: pruned(WidthScores(ours.hidden, _magnitude_neurons(model), mag.heads, 0), f, h, g),
+                    eval_windows)
+        if ffn != dense.intermediate_size and not args.skip_tp:
+            name = "Torch-Pruning 1.6.1 MLP (group L2 magnitude)" + (" + weight-magnitude heads" if heads != 9 else "")
+            rec.row("width", label, name, lambda f=ffn, h=heads, g=kv: torch_pruning(f, h, g), eval_windows)
 
 
-def _row(kind: str, shape: str, method: str, model, eval_windows, **extra) -> dict:
-    t0 = time.perf_counter()
-    ppl = perplexity(model, eval_windows)
-    row = {"kind": kind, "shape": shape, "method": method, "params": num_params(model), "perplexity": ppl,
-           "eval_seconds": round(time.perf_counter() - t0, 1), **extra}
-    log.info("%s", row)
-    return row
+def _width_scores_dict(scores: WidthScores) -> dict:
+    return {"hidden": scores.hidden.tolist(), "neurons": scores.neurons.tolist(), "heads": scores.heads.tolist()}
+
+
+def _magnitude_neurons(model) -> torch.Tensor:
+    """[L, I]: ||gate row||^2 + ||up row||^2 + ||down column||^2 (what TP's group L2 importance ranks by)."""
+    return torch.stack([
+        (layer.mlp.gate_proj.weight.square().sum(1) + layer.mlp.up_proj.weight.square().sum(1)
+         + layer.mlp.down_proj.weight.square().sum(0)).detach().double()
+        for layer in model.model.layers
+    ])
 
 
 def main() -> None:
@@ -220,6 +243,7 @@ def main() -> None:
     parser.add_argument("--skip-depth", action="store_true")
     parser.add_argument("--skip-width", action="store_true")
     parser.add_argument("--skip-tp", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="reuse finished rows and cached importance in --out")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "minitron.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -228,21 +252,17 @@ def main() -> None:
     model, calib, eval_windows = load_model_and_tokens(args.calib_windows, args.eval_windows, args.length)
     graph = build_dependency_graph(model, kwargs={"input_ids": calib[:1, :16], "use_cache": False})
     structure = decoder_structure(model, graph)
-    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": [], "meta": {}}
-    results["rows"].append(_row("dense", "30 layers", "dense", model, eval_windows))
+    header = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    rec = Recorder(args.out, header, args.resume)
+    rec.row("dense", "30 layers", "dense", lambda: model, eval_windows)
     if not args.skip_depth:
-        rows, meta = depth_rows(model, structure, calib, eval_windows, args)
-        results["rows"] += rows
-        results["meta"]["depth"] = meta
+        depth_experiments(rec, model, structure, calib, eval_windows, args)
     if not args.skip_width:
-        rows, meta = width_rows(model, graph, structure, calib, eval_windows, args)
-        results["rows"] += rows
-        results["meta"]["width"] = meta
-    results["total_seconds"] = round(time.perf_counter() - start, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    log.info("wrote %s in %.0f s", args.out, results["total_seconds"])
+        width_experiments(rec, model, graph, structure, calib, eval_windows, args)
+    rec.data["total_seconds"] = round(rec.data["total_seconds"] + time.perf_counter() - start, 1)
+    rec.save()
+    log.info("wrote %s", args.out)
 
 
 if __name__ == "__main__":
