@@ -15,64 +15,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from pruning_core.errors import ConfigError, InvalidSparsity, ShapeMismatch
-from pruning_core.validate import check_finite
-
-
-def block_importance(h_in: torch.Tensor, h_out: torch.Tensor) -> tuple[float, int]:
-    """Per-token block importance of one layer on one batch.
-
-    Args:
-        h_in: layer input hidden states ``[..., tokens, hidden]`` (any leading dims; a 1-D
-            tensor is one token).
-        h_out: layer output, same shape.
-
-    Returns:
-        ``(sum over tokens of cos(h_in[t], h_out[t]), number of tokens)``, so batches can be
-        accumulated exactly; BI = 1 - sum / count.
-    """
-    if h_in.shape != h_out.shape:
-        raise ShapeMismatch(list(h_in.shape), list(h_out.shape), name="block_importance", reason="input vs output")
-    a = h_in.reshape(-1, h_in.shape[-1]).float() if h_in.dim() else h_in.reshape(1, 1).float()
-    b = h_out.reshape(-1, h_out.shape[-1]).float() if h_out.dim() else h_out.reshape(1, 1).float()
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-10)  # [tokens]
-    check_finite(cos, method="block_importance", what="cosine")
-    return float(cos.sum()), int(cos.numel())
-
-
-@dataclass(frozen=True, slots=True)
-class BlockImportanceScores:
-    """``scores`` = ((layer index, BI), ...); ``num_samples`` = calibration tokens seen."""
-
-    scores: tuple[tuple[int, float], ...]
-    num_samples: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "scores", tuple((int(i), float(s)) for i, s in self.scores))
-        if any(not math.isfinite(s) for _, s in self.scores):
-            raise ConfigError("scores", f"non-finite block importance in {self.scores}")
-
-    def get(self, index: int) -> float | None:
-        return next((s for i, s in self.scores if i == index), None)
-
-    def sorted_by_importance(self) -> list[tuple[int, float]]:
-        """Ascending by score; ties keep their order (stable)."""
-        return sorted(self.scores, key=lambda item: item[1])
-
-    def least_important(self, n: int) -> list[int]:
-        return [i for i, _ in self.sorted_by_importance()[: max(0, n)]]
-
-    def as_tensor(self, num_layers: int) -> torch.Tensor:
-        """Scores as a ``[num_layers]`` float64 tensor (every layer must be present)."""
-        values = dict(self.scores)
-        missing = [i for i in range(num_layers) if i not in values]
-        if missing:
-            raise ShapeMismatch([num_layers], [len(values)], name="BlockImportanceScores", reason=f"missing layers {missing}")
-        return torch.tensor([values[i] for i in range(num_layers)], dtype=torch.float64)
+from pruning_core.graph.structured import apply_plan_
+from pruning_core.minitron.bi import BlockImportanceScores, block_importance
+from pruning_core.minitron.depth_scores import (
+    bi_iterative,
+    collect_block_importance,
+    decoder_layers,
+    depth_plan,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +44,33 @@ class DepthPruner:
             raise InvalidSparsity(float(self.num_layers_to_remove), "num_layers_to_remove must be >= 0")
         if self.min_layers < 0:
             raise ConfigError("min_layers", f"must be >= 0, got {self.min_layers}")
+
+    def with_iterative(self, iterative: bool) -> DepthPruner:
+        return replace(self, iterative=bool(iterative))
+
+    def with_min_layers(self, min_layers: int) -> DepthPruner:
+        return replace(self, min_layers=int(min_layers))
+
+    def is_iterative(self) -> bool:
+        return self.iterative
+
+    def prune_(self, model: nn.Module, batches: Sequence[torch.Tensor]) -> DepthPruningResult:
+        """Score ``model``'s decoder layers by Block Importance on ``batches``, remove the least
+        important ``num_layers_to_remove`` physically (in place), and report them.
+
+        ``iterative`` recomputes BI on the shallower model after each removal (the seed stored
+        the flag but never used it); otherwise one ranking is used. The reported scores are the
+        dense model's BI of the removed layers.
+        """
+        num_layers = len(decoder_layers(model))
+        self.validate(num_layers)
+        scores = collect_block_importance(model, batches)
+        if self.iterative:
+            removed = bi_iterative(model, batches, self.num_layers_to_remove, min_layers=self.min_layers)
+        else:
+            removed = self.select_layers_to_remove(scores, num_layers)
+        apply_plan_(model, depth_plan(model, removed))
+        return DepthPruningResult(tuple((i, scores.get(i) or 0.0) for i in sorted(removed)), num_layers)
 
     @staticmethod
     def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -159,4 +142,4 @@ class DepthPruningResult:
         return 0.0 if self.original_depth == 0 else len(self.removed_layers) / self.original_depth * 100.0
 
 
-__all__ = ["BlockImportanceScores", "DepthPruner", "DepthPruningResult", "block_importance"]
+__all__ = ["DepthPruner", "DepthPruningResult"]

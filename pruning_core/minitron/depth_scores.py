@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from pruning_core.errors import CalibrationRequired, InvalidSparsity
 from pruning_core.graph.hf import decoder_layers_path
 from pruning_core.graph.structured import LayerRemoval, StructuredPlan
-from pruning_core.minitron.depth import BlockImportanceScores, block_importance
+from pruning_core.minitron.bi import BlockImportanceScores, block_importance
 from pruning_core.minitron.loss import lm_loss
 from pruning_core.validate import check_finite
 

@@ -15,9 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from pruning_core.errors import ConfigError, InvalidPattern, InvalidSparsity, ShapeMismatch
-from pruning_core.minitron.width_plan import top_k_indices
+from pruning_core.graph.structured import apply_plan_
+from pruning_core.minitron.config import DEFAULT_WIDTH_CONFIG, Architecture, WidthImportanceConfig
+from pruning_core.minitron.structure import trace_decoder
+from pruning_core.minitron.width_plan import top_k_indices, width_plan
+from pruning_core.minitron.width_scores import collect_width_scores
 from pruning_core.validate import check_finite, check_rank
 
 
@@ -45,11 +50,15 @@ class ChannelImportance:
 
 @dataclass(frozen=True, slots=True)
 class WidthPruner:
-    """Width targets. ``num_attention_heads`` must be >= 1 (the seed divided by zero)."""
+    """Width targets. ``num_attention_heads`` must be >= 1 (the seed divided by zero).
+
+    ``num_key_value_heads`` (GQA) defaults to the model's KV head count in :meth:`prune_`.
+    """
 
     target_hidden_dim: int
     target_intermediate_dim: int
     num_attention_heads: int = 1
+    num_key_value_heads: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_attention_heads < 1:
@@ -57,6 +66,35 @@ class WidthPruner:
         for name in ("target_hidden_dim", "target_intermediate_dim"):
             if getattr(self, name) < 1:
                 raise InvalidSparsity(float(getattr(self, name)), f"{name} must be >= 1")
+        if self.num_key_value_heads is not None and self.num_key_value_heads < 1:
+            raise ConfigError("num_key_value_heads", f"must be >= 1, got {self.num_key_value_heads}")
+
+    def prune_(
+        self,
+        model: nn.Module,
+        batches: Sequence[torch.Tensor],
+        *,
+        config: WidthImportanceConfig = DEFAULT_WIDTH_CONFIG,
+    ) -> WidthPruningResult:
+        """Minitron width pruning of a HF decoder LM in place: trace it, score heads/neurons/
+        channels on ``batches``, keep the top ones (GQA-consistent), slice every coupled weight.
+
+        Raises:
+            ConfigError: targets the model cannot take (above the original, heads not a
+                multiple of the KV heads, hidden not a multiple of the heads).
+        """
+        graph, structure = trace_decoder(model, batches[0][:1, :8])
+        scores = collect_width_scores(model, batches, structure, config)
+        dense = Architecture.from_config(model.config)
+        target = Architecture(
+            num_layers=dense.num_layers, hidden_size=self.target_hidden_dim,
+            intermediate_size=self.target_intermediate_dim, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads or dense.num_key_value_heads,
+        )
+        hidden_keep = top_k_indices(scores.hidden, self.target_hidden_dim)
+        apply_plan_(model, width_plan(graph, structure, scores, target))
+        return WidthPruningResult(dense.hidden_size, target.hidden_size, dense.intermediate_size,
+                                  target.intermediate_size, tuple(hidden_keep))
 
     def validate(self, original_hidden: int, original_intermediate: int) -> None:
         """Targets must fit the model: hidden divisible by the heads, nothing above the original."""

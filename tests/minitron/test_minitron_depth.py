@@ -207,3 +207,20 @@ def test_depth_plan_with_nothing_removed_is_the_identity(llama4, batches):
     pruned = apply_plan_(copy.deepcopy(model), depth_plan(model, []))
     with torch.no_grad():
         assert torch.equal(pruned(batches[0]).logits, model(batches[0]).logits)
+
+
+@pytest.mark.parametrize("iterative", [False, True])
+def test_depth_pruner_prunes_a_real_model(batches, iterative):
+    """The seed's DepthPruner end to end: its ``iterative`` flag now changes how layers are chosen."""
+    from pruning_core.minitron import bi_iterative
+
+    model = tiny()
+    dense_bi = collect_block_importance(model, batches)
+    expected = sorted(bi_iterative(model, batches, 2)) if iterative else sorted(dense_bi.least_important(2))
+    result = DepthPruner(2, iterative=iterative).prune_(model, batches)
+    assert [i for i, _ in result.removed_layers] == expected
+    assert [s for _, s in result.removed_layers] == [dense_bi.get(i) for i in expected]
+    assert (result.original_depth, result.final_depth, model.config.num_hidden_layers) == (4, 2, 2)
+    with pytest.raises(InvalidSparsity):
+        DepthPruner(2).with_min_layers(1).prune_(model, batches)  # only 2 layers left
+    assert DepthPruner(1).with_iterative(False).is_iterative() is False

@@ -248,3 +248,19 @@ def test_width_targets_above_the_original_are_refused(llama4, batches, target, f
 def test_impossible_architectures_are_config_errors(kw, match):
     with pytest.raises(ConfigError, match=match):
         _arch(**kw)
+
+
+def test_width_pruner_prunes_a_real_model(batches):
+    """The seed's WidthPruner end to end on a tiny Llama (it only produced index lists before)."""
+    from tests.minitron.conftest import tiny
+
+    model = tiny()
+    result = WidthPruner(48, 64, 2, 1).prune_(model, batches)
+    assert Architecture.from_config(model.config) == _arch(hidden_size=48, intermediate_size=64,
+                                                           num_attention_heads=2, num_key_value_heads=1)
+    assert (result.original_hidden_dim, result.final_hidden_dim, len(result.hidden_channels_kept)) == (64, 48, 48)
+    assert result.intermediate_compression_ratio() == 2
+    with torch.no_grad():
+        assert model(batches[0]).logits.shape == (2, 16, 128)
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        WidthPruner(48, 64, 3).prune_(tiny(), batches)  # 3 heads cannot sit in the model's 2 KV groups
