@@ -111,7 +111,7 @@ class _Builder:
             scope = self._innermost(node)
             nid = f"{scope}:{node.name}" if scope else node.name
             dim = self._last_dim(node)
-            in_dim = self._last_dim(cls.inputs[0][0]) if cls.node_type is NodeType.OTHER else dim
+            in_dim = 0 if cls.node_type is NodeType.OTHER else dim  # an unknown op's inputs may differ in width
             self.graph.add_node(GraphNode(
                 id=nid, name=op_name(node), node_type=cls.node_type, input_dim=in_dim, output_dim=dim,
                 prunable=cls.node_type is not NodeType.OTHER, attrs={"op": str(node.target)},

@@ -170,3 +170,15 @@ def test_distillation_reduces_kl_on_its_batch(llama4, batches):
     assert len(history) == 2 and loss > 0
     with pytest.raises(ConfigError, match="teacher"):
         evaluate_candidate(student, batches, distill_steps=1)
+
+
+def test_eager_attention_is_refused_clearly():
+    """Attention regions are found through the SDPA call (HF's default); with attn_implementation
+    'eager' the heads cannot be coupled, and the structure says so instead of guessing."""
+    from pruning_core.errors import GraphError
+    from pruning_core.minitron import trace_decoder
+
+    model = tiny()
+    model.config._attn_implementation = "eager"
+    with pytest.raises(GraphError, match="attention unit"):
+        trace_decoder(model, torch.tensor([[1, 2, 3, 4]]))
