@@ -231,6 +231,24 @@ def _magnitude_neurons(model) -> torch.Tensor:
     ])
 
 
+def render_markdown(data: dict) -> str:
+    """Markdown tables of a results JSON: depth rows by k, width rows by shape, ratios to dense."""
+    dense = next(r for r in data["rows"] if r["kind"] == "dense")
+    lines = [f"Dense: {dense['params']:,} parameters, perplexity {dense['perplexity']:.2f}.", ""]
+    for kind, title in (("depth", "Depth (layers removed)"), ("width", "Width")):
+        rows = [r for r in data["rows"] if r["kind"] == kind]
+        if not rows:
+            continue
+        lines += [f"**{title}**", "", "| shape | method | params | perplexity | x dense ppl | layers removed |",
+                  "|---|---|---:|---:|---:|---|"]
+        for r in rows:
+            removed = ", ".join(map(str, r.get("removed", []))) or "-"
+            lines.append(f"| {r['shape']} | {r['method']} | {r['params'] / 1e6:.2f} M | {r['perplexity']:.2f} | "
+                         f"{r['perplexity'] / dense['perplexity']:.2f} | {removed} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calib-windows", type=int, default=64)
@@ -245,7 +263,11 @@ def main() -> None:
     parser.add_argument("--skip-tp", action="store_true")
     parser.add_argument("--resume", action="store_true", help="reuse finished rows and cached importance in --out")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "minitron.json")
+    parser.add_argument("--report", action="store_true", help="only print the Markdown tables of --out")
     args = parser.parse_args()
+    if args.report:
+        print(render_markdown(json.loads(args.out.read_text())))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(0)
     start = time.perf_counter()
