@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from pruning_core.errors import GraphError, InvalidSparsity
 from pruning_core.graph.graph import DependencyGraph
@@ -40,7 +39,7 @@ class ChannelGroup:
     members: Mapping[Member, tuple[int, ...]]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "members", MappingProxyType(dict(self.members)))
+        object.__setattr__(self, "members", dict(self.members))  # a private copy (picklable)
 
     def node_ids(self) -> set[str]:
         return {nid for nid, _ in self.members}

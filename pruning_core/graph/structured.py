@@ -15,7 +15,6 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -76,7 +75,7 @@ class StructuredPlan:
     def __post_init__(self) -> None:
         object.__setattr__(self, "axis_edits", tuple(self.axis_edits))
         object.__setattr__(self, "layer_removals", tuple(self.layer_removals))
-        object.__setattr__(self, "config", MappingProxyType({k: int(v) for k, v in self.config.items()}))
+        object.__setattr__(self, "config", {k: int(v) for k, v in self.config.items()})  # private copy
         seen: dict[tuple[str, int], AxisEdit] = {}
         for edit in self.axis_edits:
             if seen.setdefault((edit.param, edit.dim), edit) != edit:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 from typing import Any
 
 
@@ -112,7 +111,7 @@ class GraphNode:
     attrs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "attrs", MappingProxyType(dict(self.attrs)))
+        object.__setattr__(self, "attrs", dict(self.attrs))  # a private copy (picklable)
 
     @classmethod
     def new(cls, id: str, name: str, node_type: NodeType) -> GraphNode:

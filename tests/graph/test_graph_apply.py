@@ -184,3 +184,15 @@ def test_malformed_plans_are_refused():
         AxisEdit("w", 0, 4, ())
     with pytest.raises(ValueError, match="unknown keys"):
         StructuredPlan.from_dict({"axis_edits": [], "extra": 1})
+
+
+def test_graph_and_plan_pickle(llama_and_graph):
+    """Flows hand these between tasks (Prefect may pickle results)."""
+    import pickle
+
+    _, graph = llama_and_graph
+    plan = _combined_plan(graph)
+    assert pickle.loads(pickle.dumps(plan)) == plan
+    again = pickle.loads(pickle.dumps(graph))
+    assert again.num_nodes() == graph.num_nodes() and again.num_edges() == graph.num_edges()
+    assert coupled_spaces(again, "model.embed_tokens") == coupled_spaces(graph, "model.embed_tokens")
