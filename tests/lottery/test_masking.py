@@ -9,7 +9,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pruning_core.errors import InvalidMask, InvalidPattern, InvalidSparsity, NumericalInstability, ShapeMismatch
+from pruning_core.errors import (
+    InvalidMask,
+    InvalidPattern,
+    InvalidSparsity,
+    NumericalInstability,
+    ShapeMismatch,
+)
 from pruning_core.lottery import (
     LotteryTicketConfig,
     LotteryTicketPruner,

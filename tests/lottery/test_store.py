@@ -17,8 +17,8 @@ from pruning_core.lottery import (
     TicketStore,
     WinningTicket,
     load_ticket,
+    paths,
 )
-from pruning_core.lottery import paths
 from pruning_core.vision import LeNet300100
 
 T = 30
