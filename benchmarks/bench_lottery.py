@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -55,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--torchvision", default=None, help="PYTHONPATH entry holding torchvision for open_lth")
     p.add_argument("--timing-repeats", type=int, default=3)
     p.add_argument("--skip-search", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="render lottery.md and the figure from lottery.json")
     return p.parse_args()
 
 
@@ -118,12 +121,15 @@ def run_timing(args: argparse.Namespace, train_fn: ClassifierTrainFn) -> dict[st
 
 def main() -> None:
     args = parse_args()
+    results_file = Path(args.out) / "lottery.json"
+    if args.report_only:
+        render(json.loads(results_file.read_text()), Path(args.out))
+        return
     torch.set_num_threads(args.threads)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     if args.train_subset:
         train = train.subset(args.train_subset, seed=0)
     train_fn = ClassifierTrainFn(train.images, train.labels, TrainingConfig(), test=(test.images, test.labels))
-    results_file = Path(args.out) / "lottery.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     if not args.skip_search:
         results["search"] = run_search(args, train_fn)
@@ -138,7 +144,167 @@ def main() -> None:
     results["args"] = vars(args)
     results_file.parent.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(results, indent=1))
-    print(f"wrote {results_file}; run benchmarks/report_lottery.py to render tables and the figure", flush=True)
+    render(results, Path(args.out))
+    print(f"wrote {results_file}, lottery.md and the figure", flush=True)
+
+
+# -- report ------------------------------------------------------------------------------------
+LABELS = {
+    ("init", "imp"): "IMP, rewind to init",
+    ("early:500", "imp"): "IMP, rewind to it. 500",
+    ("init", "random_reinit"): "random reinit (init mask)",
+    ("init", "random_mask"): "random mask (init)",
+    ("early:500", "random_reinit"): "random reinit (it.500 mask)",
+    ("early:500", "random_mask"): "random mask (it.500)",
+}
+
+
+def _acc(record: dict, method: str) -> float | None:
+    if method == "imp":
+        return record["metrics"].get("accuracy")
+    return record["controls"].get(method, {}).get("accuracy")
+
+
+def collect(search: dict[str, list[dict]]) -> tuple[list[int], dict, dict]:
+    """``(rounds, densities[round] -> (hidden, overall), acc[(strategy, method)][round] -> [per seed])``."""
+    acc: dict[tuple[str, str], dict[int, list[float]]] = {}
+    dens: dict[int, tuple[float, float]] = {}
+    for key, records in search.items():
+        strategy = key.rsplit("/", 1)[0]
+        for rec in records:
+            dens[rec["round"]] = (rec["layer_density"]["hidden.0.weight"], rec["density"])
+            for method in METHODS:
+                a = _acc(rec, method)
+                if a is not None:
+                    acc.setdefault((strategy, method), {}).setdefault(rec["round"], []).append(a)
+    return sorted(dens), dens, acc
+
+
+def _cell(values: list[float] | None) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    return f"{100 * mean:.2f} ± {50 * (max(values) - min(values)):.2f}" if len(values) > 1 else f"{100 * mean:.2f}"
+
+
+def _table(rounds: list[int], dens: dict, acc: dict) -> list[str]:
+    cols = [k for k in LABELS if k in acc]
+    lines = [
+        "| round | hidden density | overall density | " + " | ".join(LABELS[c] for c in cols) + " |",
+        "|---:|---:|---:|" + "---:|" * len(cols),
+    ]
+    for r in rounds:
+        cells = [_cell(acc[c].get(r)) for c in cols]
+        lines.append(f"| {r} | {dens[r][0]:.4f} | {dens[r][1]:.4f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _verdicts(rounds: list[int], dens: dict, acc: dict) -> list[str]:
+    """Goal: at <= 15% density, IMP >= dense, and IMP - control > seed-to-seed noise."""
+    out = []
+    for strategy in STRATEGIES:
+        imp = acc.get((strategy, "imp"), {})
+        dense = statistics.fmean(imp.get(0, [math.nan]))
+        for r in (r for r in rounds if r > 0 and dens[r][1] <= 0.15 and r in imp):
+            mean, spread = statistics.fmean(imp[r]), max(imp[r]) - min(imp[r])
+            words = [f"- **{LABELS[(strategy, 'imp')]}**, round {r} (density {dens[r][1]:.3f}): "
+                     f"{100 * mean:.2f}% vs dense {100 * dense:.2f}% → "
+                     f"{'matches or beats dense' if mean >= dense else 'BELOW dense'}"]
+            for control in ("random_reinit", "random_mask"):
+                c = acc.get((strategy, control), {}).get(r)
+                if not c:
+                    continue
+                margin, noise = mean - statistics.fmean(c), max(spread, max(c) - min(c))
+                verdict = "beats it by more than the noise" if margin > noise else "does NOT beat it by more than the noise"
+                words.append(f"{control}: {100 * statistics.fmean(c):.2f}% (margin {100 * margin:+.2f} pt, "
+                             f"seed-to-seed range {100 * noise:.2f} pt, {verdict})")
+            out.append("; ".join(words) + ".")
+    return out
+
+
+def _timing(results: dict) -> list[str]:
+    t, steps = results.get("timing", {}), results.get("args", {}).get("steps", 5000)
+    lines = [f"| trainer | runs | median s / {steps:,}-iteration run | × ours |", "|---|---:|---:|---:|"]
+    ours = statistics.median(t["ours"]) if t.get("ours") else math.nan
+    names = {"ours": "ours (ClassifierTrainFn, in-memory tensors, fused Adam)",
+             "open_lth_standard": "open_lth `standard_train` (DataLoader + PIL transforms, eval + checkpoints)",
+             "open_lth_loop": "open_lth `train` loop alone (DataLoader, no callbacks)"}
+    for key, label in names.items():
+        if t.get(key):
+            med = statistics.median(t[key])
+            lines.append(f"| {label} | {len(t[key])} | {med:.1f} | {med / ours:.2f} |")
+    per_run: dict[str, list[float]] = {}
+    for records in results.get("search", {}).values():
+        for rec in records:
+            per_run.setdefault("imp", []).append(rec["metrics"]["seconds"] / rec["metrics"]["steps"] * steps)
+            for c, m in rec["controls"].items():
+                per_run.setdefault(c, []).append(m["seconds"] / m["steps"] * steps)
+    if per_run:
+        lines.append("")
+        lines.append(f"Inside the search (all runs, scaled to {steps:,} iterations; the machine was shared): "
+                     + ", ".join(f"{k} median {statistics.median(v):.1f} s over {len(v)} runs" for k, v in per_run.items()))
+    return lines
+
+
+def _figure(rounds: list[int], dens: dict, acc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    styles = {"imp": "-o", "random_reinit": "--s", "random_mask": ":^"}
+    for (strategy, method), by_round in acc.items():
+        rs = [r for r in rounds if r in by_round]
+        x = [100 * dens[r][1] for r in rs]
+        y = [100 * statistics.fmean(by_round[r]) for r in rs]
+        err = [[100 * (statistics.fmean(by_round[r]) - min(by_round[r])) for r in rs],
+               [100 * (max(by_round[r]) - statistics.fmean(by_round[r])) for r in rs]]
+        ax.errorbar(x, y, yerr=err, fmt=styles[method], ms=4, capsize=2, label=LABELS[(strategy, method)],
+                    color="C0" if strategy == "init" else "C1", alpha=1.0 if method == "imp" else 0.7)
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("weights remaining (% of the pruned layers, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("LeNet-300-100 on Fashion-MNIST: IMP vs controls (mean, min/max over seeds)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(results: dict, out: Path) -> None:
+    """Write ``lottery.md`` and ``lottery_accuracy_vs_density.png`` into ``out``."""
+    rounds, dens, acc = collect(results.get("search", {}))
+    figure = out / "lottery_accuracy_vs_density.png"
+    if rounds:
+        _figure(rounds, dens, acc, figure)
+    m, a = results.get("machine", {}), results.get("args", {})
+    text = [
+        "## Lottery Ticket: LeNet-300-100 on Fashion-MNIST",
+        "",
+        f"Command: `PYTHONPATH=. python benchmarks/bench_lottery.py --open-lth /tmp/open_lth --torchvision /tmp/tv` "
+        f"(seeds {a.get('seeds')}, {a.get('steps')} iterations per run, {a.get('rounds')} rounds, "
+        f"{a.get('threads')} torch thread per process).",
+        f"Machine: {m.get('cores')}-core AMD EPYC, no GPU, torch {m.get('torch')}, Python {m.get('python')}; "
+        "shared with other engineers' jobs while it ran (load average 3-7 on 2 cores).",
+        "",
+        "Accuracy on the 10k test set (%), mean ± half the seed-to-seed range. Round 0 is the dense network.",
+        "",
+        *_table(rounds, dens, acc),
+        "",
+        f"![accuracy vs density]({figure.name})",
+        "",
+        "Goal check (tickets at ≤ 15% density):",
+        "",
+        *_verdicts(rounds, dens, acc),
+        "",
+        "Seconds per training run (5,000 iterations, batch 60, full 60k training set, test evaluation at the end):",
+        "",
+        *_timing(results),
+    ]
+    (out / "lottery.md").write_text("\n".join(text) + "\n")
 
 
 if __name__ == "__main__":

@@ -123,3 +123,19 @@ def test_imp_really_trains_lenet_on_fashion_mnist() -> None:
     assert all(c["accuracy"] > 0.6 for c in ticket.records[-1].controls.values())
     # The model left behind is the final ticket, and it evaluates to the recorded accuracy.
     assert evaluate(model, test.images, test.labels)["accuracy"] == pytest.approx(accs[-1])
+
+
+def test_imp_on_conv2_prunes_conv_kernels_at_the_paper_rates() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 1, 28, 28, generator=gen), torch.randint(0, 10, (256,), generator=gen)
+    model = Conv2(channels=(4, 4), hidden=(16, 16), generator=gen)
+    cfg = LotteryTicketConfig(
+        target_sparsity=None, prune_rate_per_round=0.2, pruning_rounds=2, global_pruning=False,
+        layer_rates=paper_layer_rates(model), training_steps=10,
+    )
+    fn = ClassifierTrainFn(x, y, TrainingConfig(batch_size=32))
+    ticket = LotteryTicketPruner(cfg).find_ticket(model, fn, progress=False)
+    conv = ticket.masks["conv.1.weight"]
+    assert conv.shape == (4, 4, 3, 3) and int(conv.sum()) == round(144 * 0.9**2)
+    assert int(ticket.masks["hidden.0.weight"].sum()) == round(16 * 784 * 0.8**2)
+    assert int(model.conv[1].weight.detach()[~conv].count_nonzero()) == 0
