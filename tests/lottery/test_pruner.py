@@ -211,3 +211,14 @@ def test_apply_ticket_seed_case_and_strategies() -> None:
     assert empty.compression_ratio() == math.inf and empty.sparsity == 1.0
     with pytest.raises(ConfigError, match="weights"):
         LotteryTicketPruner(cfg).apply_ticket(lin, ticket, weights="best")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_search_on_cuda_with_data_on_cpu(make_mlp, tiny_train_fn) -> None:
+    model = make_mlp().cuda()
+    ticket = LotteryTicketPruner(_cfg(pruning_rounds=2)).find_ticket(model, tiny_train_fn, controls=CONTROLS, progress=False)
+    assert all(m.device.type == "cuda" for m in ticket.masks.values())
+    params = dict(model.named_parameters())
+    assert all(int(params[n].detach()[~m].count_nonzero()) == 0 for n, m in ticket.masks.items())
+    assert ticket.records[-1].metrics["accuracy"] > 0.5
