@@ -185,14 +185,7 @@ class LotteryTicketPruner:
         Returns:
             The state after this round; ``model`` holds this round's trained IMP weights.
         """
-        unknown = [c for c in controls if c not in CONTROLS]
-        if unknown:
-            raise ConfigError("controls", f"unknown control(s) {unknown}; expected any of {list(CONTROLS)}")
-        if ticket.round >= self._config.pruning_rounds:
-            raise ConfigError(
-                "pruning_rounds",
-                f"the search is complete: round {ticket.round} of {self._config.pruning_rounds}",
-            )
+        self._check_runnable(ticket, controls)
         plan = self.plan_round(ticket)
         metrics = train_run(model, train_fn, plan.masks, plan.start_weights, plan.spec)
         trained = snapshot(model)
@@ -220,6 +213,15 @@ class LotteryTicketPruner:
             round=plan.round_index,
             records=(*ticket.records, record),
         )
+
+    def _check_runnable(self, ticket: WinningTicket, controls: Sequence[str]) -> None:
+        unknown = [c for c in controls if c not in CONTROLS]
+        if unknown:
+            raise ConfigError("controls", f"unknown control(s) {unknown}; expected any of {list(CONTROLS)}")
+        if ticket.round >= self._config.pruning_rounds:
+            raise ConfigError(
+                "pruning_rounds", f"the search is complete: round {ticket.round} of {self._config.pruning_rounds}"
+            )
 
     def _check_ticket(self, ticket: WinningTicket) -> None:
         if ticket.config_hash != self._config.hashname():
