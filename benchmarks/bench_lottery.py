@@ -274,6 +274,37 @@ def _figure(rounds: list[int], dens: dict, acc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+NOTES = [
+    "Notes:",
+    "",
+    "- Protocol: Adam (lr 1.2e-3), batch 60, Glorot-normal init with zero biases, 5,000 iterations per run "
+    "(the paper trains LeNet for 50k iterations on MNIST), layer-wise pruning of 20% of the remaining weights "
+    "per round for the two hidden layers and 10% for the output layer, 10 rounds. Rewinding to iteration 500 "
+    "retrains iterations 500-4,999 (4,500 steps) from the weights captured at iteration 500 of the dense run.",
+    "- Controls are trained exactly like the ticket of their round (same start iteration, data order and steps): "
+    "`random reinit` keeps the ticket's mask with fresh Glorot weights; `random mask` keeps the per-layer counts "
+    "with random positions and starts from the same (rewind) weights as the ticket.",
+    "- Each seed fixes the initialisation, the data order (shared by all runs of that seed) and the controls' "
+    "random draws. '±' is half the range over the 2 seeds, the only noise estimate 2 seeds allow.",
+    "- open_lth: facebookresearch/open_lth @ 2ce732f, checked out in /tmp and not committed. Adaptations "
+    "needed to run it here, none in its training loop: a `fashionmnist` dataset class that reads the Debian idx "
+    "files into its `ImageDataset` (same PIL + ToTensor + Normalize path as its MNIST class); torchvision 0.28.0 "
+    "installed to /tmp with `--no-deps` (its C ops cannot load against the CPU torch and are unused, so their "
+    "registration was skipped); `np.product` -> `np.prod` (removed from numpy 2); its DistributedDataParallel "
+    "subclass replaced by torch's (MRO conflict on torch 2.x; unused on CPU). It runs with its own defaults "
+    "otherwise (kaiming-normal init, `num_workers=0`, a checkpoint every epoch). 'standard' is `standard_train` "
+    "as its lottery runner calls it (test evaluation at start and end, checkpoints); 'loop' is `train.train` "
+    "with no callbacks, i.e. its DataLoader-based loop alone.",
+    "- Every process used 1 torch thread (ours and open_lth's subprocesses alike): the machine's 2 cores were "
+    "shared with other engineers' jobs, and 2 OpenMP threads per process on an oversubscribed machine slowed "
+    "small-matmul training by up to 10x in trials. Absolute seconds are therefore noisy; the ratio is measured "
+    "in the same run, alternating, with medians.",
+    "- Our trainer: data held in memory as tensors, one permutation per epoch, each batch an `index_select` of "
+    "that permutation, gradients masked and masks re-applied after every fused-Adam step (pruned weights "
+    "stay exactly zero). torch.compile is not used (see the lottery report).",
+]
+
+
 def render(results: dict, out: Path) -> None:
     """Write ``lottery.md`` and ``lottery_accuracy_vs_density.png`` into ``out``."""
     rounds, dens, acc = collect(results.get("search", {}))
@@ -300,9 +331,12 @@ def render(results: dict, out: Path) -> None:
         "",
         *_verdicts(rounds, dens, acc),
         "",
-        "Seconds per training run (5,000 iterations, batch 60, full 60k training set, test evaluation at the end):",
+        "Seconds per training run (batch 60, full 60k training set, test evaluation at the end), timed in the "
+        "same process run, alternating ours / open_lth standard / open_lth loop:",
         "",
         *_timing(results),
+        "",
+        *NOTES,
     ]
     (out / "lottery.md").write_text("\n".join(text) + "\n")
 
