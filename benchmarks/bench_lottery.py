@@ -263,6 +263,9 @@ def _figure(rounds: list[int], dens: dict, acc: dict, path: Path) -> None:
         ax.errorbar(x, y, yerr=err, fmt=styles[method], ms=4, capsize=2, label=LABELS[(strategy, method)],
                     color="C0" if strategy == "init" else "C1", alpha=1.0 if method == "imp" else 0.7)
     ax.set_xscale("log")
+    ticks = [100 * dens[r][1] for r in rounds]
+    ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], fontsize=8)
+    ax.minorticks_off()
     ax.invert_xaxis()
     ax.set_xlabel("weights remaining (% of the pruned layers, log scale)")
     ax.set_ylabel("test accuracy (%)")
