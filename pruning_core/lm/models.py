@@ -88,10 +88,10 @@ def check_model_dir(path: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def check_finite_weights(model: torch.nn.Module) -> None:
+def check_finite_weights(model: torch.nn.Module, *, method: str = "load_causal_lm") -> None:
     """Raise :class:`NumericalInstability` naming the first parameter/buffer holding NaN/Inf and its index."""
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        check_finite(tensor.detach(), method="load_causal_lm", what="weight", layer=name)
+        check_finite(tensor.detach(), method=method, what="weight", layer=name)
 
 
 def _resolve_model_path(path: str | os.PathLike[str] | None) -> Path:
@@ -149,6 +149,20 @@ def load_causal_lm(
     return model, tokenizer
 
 
+def _check_saveable(model: torch.nn.Module) -> None:
+    """Refuse models whose saved weights would not be what ``forward`` computes with."""
+    from torch.nn.utils import parametrize
+
+    wrapped = [name for name, module in model.named_modules() if parametrize.is_parametrized(module)]
+    if wrapped:
+        raise ConfigError(
+            "model",
+            f"{len(wrapped)} modules still carry parametrizations (e.g. '{wrapped[0]}'); fold the masks into "
+            "the weights first: torch.nn.utils.parametrize.remove_parametrizations(m, 'weight', leave_parametrized=True)",
+        )
+    check_finite_weights(model, method="save_pretrained_atomic")
+
+
 def save_pretrained_atomic(
     model: Any, tokenizer: Any | None, out_dir: str | os.PathLike[str], *, extra: dict[str, Any] | None = None
 ) -> Path:
@@ -166,7 +180,13 @@ def save_pretrained_atomic(
 
     Returns:
         ``out_dir`` as a Path.
+
+    Raises:
+        ConfigError: a module still carries a ``torch.nn.utils.parametrize`` parametrization
+            (masks must be folded into the weights, or the saved names would not load).
+        NumericalInstability: a weight holds NaN/Inf (names it); nothing is written.
     """
+    _check_saveable(model)
     final = Path(out_dir)
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)

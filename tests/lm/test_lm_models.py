@@ -242,3 +242,24 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     assert smollm2.default_cache_root(tmp_path / "x") == tmp_path / "x"
     monkeypatch.delenv("PRUNING_CACHE")
     assert smollm2.default_cache_root().parts[-2:] == (".cache", "pruning-pipeline")
+
+
+def test_models_with_parametrized_masks_or_nan_weights_are_not_saved(tmp_path, tiny_lm):
+    from torch.nn.utils import parametrize
+
+    model, tok = tiny_lm
+
+    class Mask(torch.nn.Module):
+        def forward(self, w):
+            return w * (w.abs() > 0.01)
+
+    lin = model.model.layers[0].mlp.up_proj
+    parametrize.register_parametrization(lin, "weight", Mask())
+    with pytest.raises(ConfigError, match="parametrizations.*'model.layers.0.mlp.up_proj'"):
+        save_pretrained_atomic(model, tok, tmp_path / "m")
+    parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[2, 7] = float("inf")
+    with pytest.raises(NumericalInstability, match=r"o_proj.weight.*Inf.*\[2, 7\]"):
+        save_pretrained_atomic(model, tok, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
