@@ -11,6 +11,7 @@ from pruning_core.lm.models import (
     check_finite_weights,
     check_model_dir,
     load_causal_lm,
+    model_fingerprint,
     resolve_device,
     save_pretrained_atomic,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "generate_text",
     "load_causal_lm",
     "load_text",
+    "model_fingerprint",
     "perplexity",
     "resolve_device",
     "save_pretrained_atomic",

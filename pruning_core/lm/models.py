@@ -10,6 +10,7 @@ that looks complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import torch
 
 from pruning_core.errors import ArtifactError, ConfigError
 from pruning_core.io.atomic import atomic_dir
-from pruning_core.io.manifest import MANIFEST_NAME, Manifest
+from pruning_core.io.manifest import MANIFEST_NAME, Manifest, checksum
 from pruning_core.io.tensors import check_safetensors
 from pruning_core.validate import check_finite
 
@@ -92,6 +93,21 @@ def check_finite_weights(model: torch.nn.Module, *, method: str = "load_causal_l
     """Raise :class:`NumericalInstability` naming the first parameter/buffer holding NaN/Inf and its index."""
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         check_finite(tensor.detach(), method=method, what="weight", layer=name)
+
+
+def model_fingerprint(path: str | os.PathLike[str]) -> str:
+    """A sha256 identifying a model directory's contents, for artifact metadata and caching keys.
+
+    It is the tree hash of :func:`pruning_core.io.manifest.checksum` (sha256 over the sorted
+    ``"<file> <sha256>"`` lines). For a directory written by :func:`save_pretrained_atomic` the
+    file hashes come from its manifest (no file is read); otherwise every file is hashed.
+    """
+    root = Path(path)
+    if (root / MANIFEST_NAME).is_file():
+        entries = Manifest(root).entries()
+        lines = [f"{e.path} {e.sha256}\n" for e in sorted(entries.values(), key=lambda e: e.path)]
+        return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+    return checksum(root)[0]
 
 
 def _resolve_model_path(path: str | os.PathLike[str] | None) -> Path:
@@ -206,6 +222,7 @@ __all__ = [
     "check_finite_weights",
     "check_model_dir",
     "load_causal_lm",
+    "model_fingerprint",
     "resolve_device",
     "save_pretrained_atomic",
 ]

@@ -263,3 +263,16 @@ def test_models_with_parametrized_masks_or_nan_weights_are_not_saved(tmp_path, t
     with pytest.raises(NumericalInstability, match=r"o_proj.weight.*Inf.*\[2, 7\]"):
         save_pretrained_atomic(model, tok, tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_fingerprint_from_manifest_equals_hashing_the_files(tmp_path, tiny_lm):
+    from pruning_core.lm.models import model_fingerprint
+
+    model, tok = tiny_lm
+    out = save_pretrained_atomic(model, tok, tmp_path / "m")
+    from_manifest = model_fingerprint(out)
+    (out / "manifest.json").unlink()
+    assert model_fingerprint(out) == from_manifest  # same tree hash, computed from the files
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    assert model_fingerprint(save_pretrained_atomic(model, tok, tmp_path / "m2")) != from_manifest
