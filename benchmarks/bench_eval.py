@@ -94,10 +94,15 @@ def bench_protocol(args: argparse.Namespace) -> None:
     for i in range(args.repeats):
         r, load = measure_perplexity(args.windows, args.length, args.batch_size), _load()
         runs.append(r)
-        print(f"run {i}: ppl {r['ppl']:.4f}, {r['seconds']:.1f} s, {r['tokens_per_s']:.0f} tok/s, load {load}", file=sys.stderr)
+        print(
+            f"run {i}: ppl {r['ppl']:.4f}, {r['seconds']:.1f} s, {r['tokens_per_s']:.0f} tok/s, load {load}",
+            file=sys.stderr,
+        )
     ppl = {round(r["ppl"], 6) for r in runs}
     sec = statistics.median(r["seconds"] for r in runs)
-    print(f"\n| protocol | batch | perplexity | seconds (median of {args.repeats}) | min / max s | tokens/s |")
+    print(
+        f"\n| protocol | batch | perplexity | seconds (median of {args.repeats}) | min / max s | tokens/s |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     print(
         f"| first {args.windows} x {args.length} tokens of Pride and Prejudice | {args.batch_size} | "
@@ -105,7 +110,9 @@ def bench_protocol(args: argparse.Namespace) -> None:
         f"{min(r['seconds'] for r in runs):.1f} / {max(r['seconds'] for r in runs):.1f} | "
         f"{args.windows * args.length / sec:.0f} |"
     )
-    print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; load average now {_load()}")
+    print(
+        f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; load average now {_load()}"
+    )
 
 
 def bench_variants(args: argparse.Namespace) -> None:
@@ -114,13 +121,23 @@ def bench_variants(args: argparse.Namespace) -> None:
     results: dict[tuple[str, int], list[float]] = {(n, b): [] for n, _, b in configs}
     for rep in range(args.repeats):
         for name, env, b in configs:  # interleaved: every variant sees the same noise
-            cmd = [sys.executable, __file__, "--worker", "--windows", str(args.variant_windows), "--batch-size", str(b)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--windows",
+                str(args.variant_windows),
+                "--batch-size",
+                str(b),
+            ]
             out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results[(name, b)].append(r["tokens_per_s"])
             print(f"rep {rep} {name} bs={b}: {r['tokens_per_s']:.0f} tok/s (load {_load()})", file=sys.stderr)
     base = statistics.median(results[(next(iter(VARIANTS)), batch_sizes[0])])
-    print(f"\n| variant | batch | tokens/s (median of {args.repeats}) | min / max | vs default, batch {batch_sizes[0]} |")
+    print(
+        f"\n| variant | batch | tokens/s (median of {args.repeats}) | min / max | vs default, batch {batch_sizes[0]} |"
+    )
     print("| --- | ---: | ---: | ---: | ---: |")
     for (name, b), v in results.items():
         med = statistics.median(v)
@@ -128,12 +145,16 @@ def bench_variants(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--convert", action="store_true", help="also time a first conversion into a temporary cache")
+    parser.add_argument(
+        "--convert", action="store_true", help="also time a first conversion into a temporary cache"
+    )
     parser.add_argument("--variants", action="store_true", help="compare OpenMP settings and batch sizes")
     parser.add_argument("--variant-windows", type=int, default=16)
     parser.add_argument("--variant-batch-sizes", default="8,16")
@@ -145,7 +166,9 @@ def main() -> None:
         return
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {_load()}\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {_load()}\n"
+    )
     if not args.skip_protocol:
         bench_protocol(args)
     if args.variants:

@@ -124,7 +124,11 @@ class Manifest:
         if not full.exists():
             return f"artifact '{name}' is missing: {full}"
         if not checksums:
-            size = full.stat().st_size if full.is_file() else sum(f.stat().st_size for f in full.rglob("*") if f.is_file())
+            size = (
+                full.stat().st_size
+                if full.is_file()
+                else sum(f.stat().st_size for f in full.rglob("*") if f.is_file())
+            )
             digest = entry.sha256
         else:
             digest, size = checksum(full)

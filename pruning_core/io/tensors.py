@@ -29,7 +29,9 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None
         return None
     bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
-        raise ConfigError("metadata", f"safetensors metadata keys and values must be str; bad keys: {bad[:5]}")
+        raise ConfigError(
+            "metadata", f"safetensors metadata keys and values must be str; bad keys: {bad[:5]}"
+        )
     return dict(metadata)
 
 

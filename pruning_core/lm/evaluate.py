@@ -41,7 +41,9 @@ def _check_windows(model: Any, windows: torch.Tensor, batch_size: int) -> None:
     vocab = model.get_input_embeddings().num_embeddings
     low, high = int(windows.min()), int(windows.max())
     if low < 0 or high >= vocab:
-        raise ConfigError("windows", f"token ids must lie in [0, {vocab - 1}] (the model's vocabulary), got [{low}, {high}]")
+        raise ConfigError(
+            "windows", f"token ids must lie in [0, {vocab - 1}] (the model's vocabulary), got [{low}, {high}]"
+        )
 
 
 def window_nll(model: Any, batch: torch.Tensor) -> torch.Tensor:
@@ -92,7 +94,14 @@ def perplexity(model: Any, windows: torch.Tensor, *, batch_size: int = 8, progre
             total += nll
     seconds = time.perf_counter() - start
     result = math.exp(total / (n * (length - 1)))
-    logger.info("perplexity %.4f on %d x %d tokens in %.1f s (%.0f tokens/s)", result, n, length, seconds, n * length / seconds)
+    logger.info(
+        "perplexity %.4f on %d x %d tokens in %.1f s (%.0f tokens/s)",
+        result,
+        n,
+        length,
+        seconds,
+        n * length / seconds,
+    )
     return result
 
 
@@ -108,7 +117,11 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
     enc = tokenizer(prompt, return_tensors="pt").to(_model_device(model))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
     )
     model.eval()
     with torch.inference_mode():

@@ -2,8 +2,10 @@
 
 Stage: inputs/outputs. :func:`load_causal_lm` validates a model directory before any long work
 (it exists, has ``config.json``, its safetensors headers are intact, no weight is missing or
-non-finite) and never touches the network: ``HF_HUB_OFFLINE=1`` is set before transformers is
-imported and every ``from_pretrained`` call passes ``local_files_only=True``.
+non-finite) and never touches the network: every ``from_pretrained`` call passes
+``local_files_only=True`` on a local directory, and ``HF_HUB_OFFLINE=1`` is set in the process
+environment before transformers is imported here (huggingface_hub reads it once, at import, so
+it covers the rest of the process only if nothing imported transformers earlier).
 :func:`save_pretrained_atomic` writes a (pruned) model so that a crash never leaves a directory
 that looks complete.
 """
@@ -32,7 +34,8 @@ DEFAULT_MODEL = "smollm2"
 
 
 def offline_transformers():
-    """Import transformers with the hub forced offline (it reads HF_HUB_OFFLINE on import)."""
+    """Import transformers after setting ``HF_HUB_OFFLINE=1`` (process-wide, deliberately: this
+    package never downloads; huggingface_hub reads the variable when it is first imported)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     import transformers
 
@@ -53,7 +56,9 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(spec)
     except (RuntimeError, TypeError) as exc:
-        raise ConfigError("device", f"{spec!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
+        raise ConfigError(
+            "device", f"{spec!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from exc
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index or 0) >= count:
@@ -83,7 +88,9 @@ def check_model_dir(path: str | os.PathLike[str]) -> list[Path]:
     files = sorted(root.glob("*.safetensors"))
     if not files:
         found = sorted(p.name for p in root.iterdir())
-        raise ArtifactError(str(root), f"no *.safetensors weights (pickle checkpoints are not loaded); files: {found}")
+        raise ArtifactError(
+            str(root), f"no *.safetensors weights (pickle checkpoints are not loaded); files: {found}"
+        )
     for f in files:
         check_safetensors(f)
     return files
@@ -100,11 +107,14 @@ def model_fingerprint(path: str | os.PathLike[str]) -> str:
 
     It is the tree hash of :func:`pruning_core.io.manifest.checksum` (sha256 over the sorted
     ``"<file> <sha256>"`` lines). For a directory written by :func:`save_pretrained_atomic` the
-    file hashes come from its manifest (no file is read); otherwise every file is hashed.
+    file hashes come from its manifest (files are only checked for presence and size);
+    otherwise every file is hashed.
     """
     root = Path(path)
     if (root / MANIFEST_NAME).is_file():
-        entries = Manifest(root).entries()
+        manifest = Manifest(root)
+        manifest.verify(checksums=False)
+        entries = manifest.entries()
         lines = [f"{e.path} {e.sha256}\n" for e in sorted(entries.values(), key=lambda e: e.path)]
         return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
     return checksum(root)[0]
@@ -161,7 +171,9 @@ def load_causal_lm(
         raise ArtifactError(str(root), f"{len(missing)} weights missing from the checkpoint: {missing[:5]}")
     check_finite_weights(model)
     model = model.to(target).eval()
-    logger.info("loaded %s (%s, %s) in %.2f s", root, model.__class__.__name__, target, time.perf_counter() - start)
+    logger.info(
+        "loaded %s (%s, %s) in %.2f s", root, model.__class__.__name__, target, time.perf_counter() - start
+    )
     return model, tokenizer
 
 

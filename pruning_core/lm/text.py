@@ -42,7 +42,9 @@ def shipped_text_path(name: str) -> Path:
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+    return (
+        gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+    )
 
 
 def _jsonl_docs(path: Path, field: str) -> list[str]:
@@ -101,7 +103,8 @@ def load_text(source: PathLike, *, field: str = "text") -> str:
     name = path.name.lower()
     if not name.endswith(_SUFFIXES):
         raise ConfigError(
-            "text", f"{path}: unsupported file type; use {', '.join(_SUFFIXES)} or one of {sorted(SHIPPED_TEXTS)}"
+            "text",
+            f"{path}: unsupported file type; use {', '.join(_SUFFIXES)} or one of {sorted(SHIPPED_TEXTS)}",
         )
     if not path.is_file():
         raise ArtifactError(str(path), "text file does not exist")
@@ -144,7 +147,9 @@ def _check_request(tokens: torch.Tensor, n: int, length: int, need: int, what: s
         )
 
 
-def calibration_windows(tokens: torch.Tensor, n: int, length: int, seed: int, *, what: str = "text") -> torch.Tensor:
+def calibration_windows(
+    tokens: torch.Tensor, n: int, length: int, seed: int, *, what: str = "text"
+) -> torch.Tensor:
     """``n`` windows of ``length`` tokens at random start positions, reproducible from ``seed``.
 
     Starts are drawn uniformly from ``[0, N - length]`` (every full window is possible),

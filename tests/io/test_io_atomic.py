@@ -95,7 +95,9 @@ def test_safe_child_refuses_escapes_and_the_root_itself(tmp_path, name):
 
 
 def test_safe_child_accepts_nested_names(tmp_path):
-    assert safe_child(tmp_path, "scores/a.b.safetensors") == (tmp_path / "scores" / "a.b.safetensors").resolve()
+    assert (
+        safe_child(tmp_path, "scores/a.b.safetensors") == (tmp_path / "scores" / "a.b.safetensors").resolve()
+    )
 
 
 def test_directory_lock_serializes_threads(tmp_path):

@@ -83,7 +83,12 @@ def test_names_and_paths_cannot_escape(tmp_path):
     # A tampered manifest that points outside is refused on verify.
     run.mkdir(exist_ok=True)
     paths.manifest(run).write_text(
-        json.dumps({"version": 1, "artifacts": {"x": {"path": "../outside.txt", "sha256": "0", "bytes": 1, "kind": "f"}}})
+        json.dumps(
+            {
+                "version": 1,
+                "artifacts": {"x": {"path": "../outside.txt", "sha256": "0", "bytes": 1, "kind": "f"}},
+            }
+        )
     )
     with pytest.raises(ArtifactError, match="inside"):
         Manifest(run).verify()
@@ -121,7 +126,10 @@ def test_paths_are_distinct_and_inside_the_run_dir(tmp_path):
     ]  # fmt: skip
     assert len(set(files)) == len(files)
     assert all(tmp_path in f.parents for f in files)
-    assert paths.layer_scores(tmp_path, "model.layers.0.mlp.up_proj").name == "model.layers.0.mlp.up_proj.safetensors"
+    assert (
+        paths.layer_scores(tmp_path, "model.layers.0.mlp.up_proj").name
+        == "model.layers.0.mlp.up_proj.safetensors"
+    )
     assert paths.round_dir(tmp_path, 3).name == "003"
 
 

@@ -58,7 +58,9 @@ def test_shapes_live_in_metadata_and_user_metadata_is_kept(tmp_path):
     assert meta["run"] == "r1"
     assert json.loads(meta[SHAPES_KEY])["shapes"] == {"a": [3, 5]}
     with pytest.raises(ConfigError, match="reserved"):
-        save_masks(tmp_path / "n.safetensors", {"a": torch.ones(1, dtype=torch.bool)}, metadata={SHAPES_KEY: "x"})
+        save_masks(
+            tmp_path / "n.safetensors", {"a": torch.ones(1, dtype=torch.bool)}, metadata={SHAPES_KEY: "x"}
+        )
 
 
 def test_load_subset(tmp_path):

@@ -11,7 +11,16 @@ from safetensors.torch import save_file
 from pruning_core.errors import ArtifactError, ConfigError, NumericalInstability
 from pruning_core.io.tensors import check_safetensors, load_tensors, read_metadata, save_tensors
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool]
+DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.uint8,
+    torch.bool,
+]
 
 
 @given(
@@ -34,7 +43,9 @@ def test_round_trip_is_exact(tmp_path_factory, shapes, dtype_idx, seed):
 
 
 def test_load_only_requested_names_in_requested_order(tmp_path):
-    path = save_tensors(tmp_path / "x.safetensors", {"a": torch.ones(2), "b": torch.zeros(3), "c": torch.arange(4)})
+    path = save_tensors(
+        tmp_path / "x.safetensors", {"a": torch.ones(2), "b": torch.zeros(3), "c": torch.arange(4)}
+    )
     back = load_tensors(path, ["c", "a"])
     assert list(back) == ["c", "a"]
     assert torch.equal(back["c"], torch.arange(4))

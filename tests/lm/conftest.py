@@ -39,7 +39,9 @@ def tiny_tokenizer():
 @pytest.fixture
 def tiny_lm(tiny_tokenizer):
     """``(model, tokenizer)``: a random 2-layer Llama whose vocabulary is the tiny tokenizer's."""
-    return make_tiny_llama(vocab_size=TINY_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2), tiny_tokenizer
+    return make_tiny_llama(
+        vocab_size=TINY_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2
+    ), tiny_tokenizer
 
 
 @pytest.fixture

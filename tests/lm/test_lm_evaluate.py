@@ -41,7 +41,9 @@ def _wanda_reference(model, windows, bs):
             lm_logits = model(inputs).logits
             shift_logits = lm_logits[:, :-1, :].contiguous()
             shift_labels = inputs[:, 1:]
-            loss = nn.CrossEntropyLoss()(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1))
+            loss = nn.CrossEntropyLoss()(
+                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1)
+            )
             nlls.append(loss.float() * seqlen * (j - i))
     return torch.exp(torch.stack(nlls).sum() / (nsamples * seqlen)).item()
 
@@ -49,7 +51,9 @@ def _wanda_reference(model, windows, bs):
 def test_perplexity_equals_prefix_by_prefix_cross_entropy(tiny_lm):
     model, _ = tiny_lm
     windows = _windows(3, 9)
-    assert perplexity(model, windows, batch_size=2, progress=False) == pytest.approx(_prefix_reference(model, windows), rel=1e-5)
+    assert perplexity(model, windows, batch_size=2, progress=False) == pytest.approx(
+        _prefix_reference(model, windows), rel=1e-5
+    )
 
 
 def test_perplexity_matches_the_wanda_reference(tiny_lm):
@@ -70,7 +74,9 @@ def test_uniform_logits_give_perplexity_equal_to_the_vocabulary_size():
     model = make_tiny_llama(vocab_size=50, tie_word_embeddings=False)
     with torch.no_grad():
         model.lm_head.weight.zero_()
-    assert perplexity(model, _windows(4, 10, vocab=50), progress=False) == pytest.approx(50.0, rel=1e-6)  # float32 cross-entropy
+    assert perplexity(model, _windows(4, 10, vocab=50), progress=False) == pytest.approx(
+        50.0, rel=1e-6
+    )  # float32 cross-entropy
 
 
 def test_out_of_vocabulary_ids_fail_before_any_forward(tiny_lm):

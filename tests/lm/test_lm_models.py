@@ -120,7 +120,9 @@ def test_nan_weight_names_the_parameter_and_index(tiny_model_dir):
     weights = load_file(f)
     weights["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
     save_file(weights, str(f), metadata={"format": "pt"})
-    with pytest.raises(NumericalInstability, match=r"'model.layers.1.mlp.down_proj.weight'.*NaN.*index \[3, 5\]") as info:
+    with pytest.raises(
+        NumericalInstability, match=r"'model.layers.1.mlp.down_proj.weight'.*NaN.*index \[3, 5\]"
+    ) as info:
         load_causal_lm(tiny_model_dir)
     assert info.value.index == (3, 5)
 
@@ -173,7 +175,9 @@ def test_auto_device_loads_on_gpu_with_the_same_perplexity(tiny_model_dir):
     gpu, _ = load_causal_lm(tiny_model_dir, device="auto")
     cpu, _ = load_causal_lm(tiny_model_dir)
     assert next(gpu.parameters()).is_cuda
-    assert perplexity(gpu, windows, progress=False) == pytest.approx(perplexity(cpu, windows, progress=False), rel=1e-4)
+    assert perplexity(gpu, windows, progress=False) == pytest.approx(
+        perplexity(cpu, windows, progress=False), rel=1e-4
+    )
 
 
 # --- the SmolLM2 cache, without the 20-40 s conversion -------------------------------------------

@@ -90,7 +90,9 @@ def test_tokenize_corpus_adds_no_special_tokens(tiny_tokenizer):
     assert tiny_tokenizer.decode(ids) == text
 
 
-@given(n_tokens=st.integers(2, 60), length=st.integers(2, 60), n=st.integers(1, 20), seed=st.integers(0, 10**6))
+@given(
+    n_tokens=st.integers(2, 60), length=st.integers(2, 60), n=st.integers(1, 20), seed=st.integers(0, 10**6)
+)
 def test_calibration_windows_are_contiguous_slices_and_reproducible(n_tokens, length, n, seed):
     tokens = torch.arange(1000, 1000 + n_tokens)  # distinct ids: a window's start is its first id - 1000
     if length > n_tokens:
@@ -124,13 +126,17 @@ def test_evaluation_windows_are_the_first_tokens_without_overlap():
 
 
 def test_too_short_text_names_the_numbers():
-    with pytest.raises(ConfigError, match=r"pride has 100 tokens, too short for 64 windows x 256 tokens \(needs 16384\)"):
+    with pytest.raises(
+        ConfigError, match=r"pride has 100 tokens, too short for 64 windows x 256 tokens \(needs 16384\)"
+    ):
         evaluation_windows(torch.arange(100), 64, 256, what="pride")
     with pytest.raises(ConfigError, match="needs 101"):
         evaluation_windows(torch.arange(100), 1, 101)
 
 
-@pytest.mark.parametrize(("n", "length", "field"), [(0, 8, "'n'"), (2, 1, "'length'"), (2.0, 8, "'n'"), (True, 8, "'n'")])
+@pytest.mark.parametrize(
+    ("n", "length", "field"), [(0, 8, "'n'"), (2, 1, "'length'"), (2.0, 8, "'n'"), (True, 8, "'n'")]
+)
 def test_bad_window_requests(n, length, field):
     with pytest.raises(ConfigError, match=field):
         calibration_windows(torch.arange(100), n, length, seed=0)
