@@ -119,6 +119,7 @@ def bench_variants(args: argparse.Namespace) -> None:
     batch_sizes = [int(b) for b in args.variant_batch_sizes.split(",")]
     configs = [(name, env, b) for b in batch_sizes for name, env in VARIANTS.items()]
     results: dict[tuple[str, int], list[float]] = {(n, b): [] for n, _, b in configs}
+    ppls: dict[tuple[str, int], set[float]] = {(n, b): set() for n, _, b in configs}
     for rep in range(args.repeats):
         for name, env, b in configs:  # interleaved: every variant sees the same noise
             cmd = [
@@ -133,15 +134,21 @@ def bench_variants(args: argparse.Namespace) -> None:
             out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results[(name, b)].append(r["tokens_per_s"])
+            ppls[(name, b)].add(round(r["ppl"], 4))
             print(f"rep {rep} {name} bs={b}: {r['tokens_per_s']:.0f} tok/s (load {_load()})", file=sys.stderr)
     base = statistics.median(results[(next(iter(VARIANTS)), batch_sizes[0])])
+    n_tok = args.variant_windows * args.length
     print(
-        f"\n| variant | batch | tokens/s (median of {args.repeats}) | min / max | vs default, batch {batch_sizes[0]} |"
+        f"\n| variant ({args.variant_windows} x {args.length} tokens) | batch | perplexity | seconds (median of "
+        f"{args.repeats}) | tokens/s | min / max tokens/s | vs default, batch {batch_sizes[0]} |"
     )
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (name, b), v in results.items():
         med = statistics.median(v)
-        print(f"| {name} | {b} | {med:.0f} | {min(v):.0f} / {max(v):.0f} | {med / base:.2f}x |")
+        ppl = ", ".join(f"{p:.4f}" for p in sorted(ppls[(name, b)]))
+        print(
+            f"| {name} | {b} | {ppl} | {n_tok / med:.1f} | {med:.0f} | {min(v):.0f} / {max(v):.0f} | {med / base:.2f}x |"
+        )
 
 
 def main() -> None:
