@@ -47,6 +47,9 @@ def test_jsonl_joins_documents_with_a_blank_line_and_skips_blank_lines(tmp_path)
     assert load_text(tmp_path / "d.jsonl") == "one\n\ntwo\nlines\n\nthree"
     (tmp_path / "e.jsonl").write_text(json.dumps({"body": "b1"}) + "\n" + json.dumps({"body": "b2"}) + "\n")
     assert load_text(tmp_path / "e.jsonl", field="body") == "b1\n\nb2"
+    with gzip.open(tmp_path / "f.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "zipped"}) + "\n")
+    assert load_text(tmp_path / "f.jsonl.gz") == "zipped"
 
 
 def test_jsonl_errors_name_the_line(tmp_path):
@@ -147,3 +150,12 @@ def test_bad_window_requests(n, length, field):
 def test_tokens_must_be_one_dimensional():
     with pytest.raises(ShapeMismatch):
         evaluation_windows(torch.arange(100).reshape(10, 10), 1, 4)
+
+
+def test_undecodable_or_corrupt_text_is_an_artifact_error(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ArtifactError, match="latin1.txt"):
+        load_text(tmp_path / "latin1.txt")
+    (tmp_path / "bad.txt.gz").write_bytes(b"not gzip")
+    with pytest.raises(ArtifactError, match="bad.txt.gz"):
+        load_text(tmp_path / "bad.txt.gz")
