@@ -165,7 +165,9 @@ def check_shape(shape: Any, fmt: str) -> tuple[int, int]:
 
 def as_index(t: Any, what: str, fmt: str) -> torch.Tensor:
     """A 1-D integer tensor (lists are converted), else InvalidMask naming ``what``."""
-    t = torch.as_tensor(t, dtype=torch.int64) if not isinstance(t, torch.Tensor) else t
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t)
+        t = t.to(torch.int64) if t.numel() == 0 else t  # [] parses as float32
     if t.dtype.is_floating_point or t.dtype in (torch.bool, torch.complex64, torch.complex128):
         raise InvalidMask(f"{what} must be an integer tensor, got {t.dtype}", name=fmt)
     if t.dim() != 1:

@@ -35,16 +35,17 @@ _SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
 def _pack(idx: torch.Tensor) -> torch.Tensor:
     """[rows, slots] values 0..3 -> [rows, ceil(slots/4)] uint8, 4 per byte, little-endian."""
     rows, slots = idx.shape
-    padded = torch.zeros(rows, -(-slots // 4) * 4, dtype=torch.uint8, device=idx.device)
+    n_bytes = -(-slots // 4)
+    padded = torch.zeros(rows, n_bytes * 4, dtype=torch.uint8, device=idx.device)
     padded[:, :slots] = idx
-    quads = padded.view(rows, -1, 4) << _SHIFTS.to(idx.device)
+    quads = padded.view(rows, n_bytes, 4) << _SHIFTS.to(idx.device)
     return quads[..., 0] | quads[..., 1] | quads[..., 2] | quads[..., 3]
 
 
 def _unpack(meta: torch.Tensor, slots: int) -> torch.Tensor:
     """Inverse of :func:`_pack`: [rows, bytes] uint8 -> [rows, slots] int64."""
     quads = (meta[..., None] >> _SHIFTS.to(meta.device)) & 3  # [rows, bytes, 4]
-    return quads.reshape(meta.shape[0], -1)[:, :slots].to(torch.int64)
+    return quads.reshape(meta.shape[0], meta.shape[1] * 4)[:, :slots].to(torch.int64)
 
 
 def _check_cols(cols: int) -> None:
@@ -176,10 +177,10 @@ class SemiStructuredTensor(SparseTensor):
 def _check_meta(meta: torch.Tensor, cols: int) -> None:
     """In-group indices strictly increase within each group; padding bits are zero."""
     rows, slots = meta.shape[0], cols // 2
-    full = ((meta[..., None] >> _SHIFTS.to(meta.device)) & 3).reshape(rows, -1)
+    full = _unpack(meta, meta.shape[1] * 4)
     if bool((full[:, slots:] != 0).any()):
         raise InvalidMask("meta has non-zero padding bits after the last slot", name="2:4")
-    pairs = full[:, :slots].reshape(rows, -1, 2)
+    pairs = full[:, :slots].reshape(rows, slots // 2, 2)
     bad = torch.nonzero(pairs[..., 0] >= pairs[..., 1])
     if bad.numel():
         r, g = (int(v) for v in bad[0])
