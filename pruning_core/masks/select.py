@@ -184,16 +184,24 @@ def keep_nm(scores: torch.Tensor, n: int, m: int, *, name: str | None = None) ->
 
 
 def _nm_pairwise(groups: torch.Tensor, n: int) -> torch.Tensor:
-    """Keep iff rank < n, rank_i = #{j: s_j > s_i or (s_j == s_i and j < i)}; [G, m] -> [G, m]."""
-    m = groups.shape[1]
+    """Keep iff rank < n, rank_i = #{j: s_j > s_i or (s_j == s_i and j < i)}; [G, m] -> [G, m].
+
+    With ``c_ij = s_j > s_i`` for i < j (j beats i; at equal scores the lower index i wins):
+    ``rank_j = j - sum_{i<j} c_ij + sum_{k>j} c_jk``. That is M*(M-1)/2 whole-column
+    comparisons and two in-place uint8 updates each - no loop over groups.
+    """
+    num_groups, m = groups.shape
     cols = groups.unbind(dim=1)  # m strided views of shape [G]
-    beaten = [torch.zeros(groups.shape[0], dtype=torch.uint8, device=groups.device) for _ in range(m)]
-    for i in range(m):  # M*(M-1)/2 whole-column comparisons, not a loop over groups
+    rank = [torch.full((num_groups,), j, dtype=torch.uint8, device=groups.device) for j in range(m)]
+    for i in range(m):
         for j in range(i + 1, m):
-            j_wins = cols[j] > cols[i]  # at equal scores the lower index i wins
-            beaten[i] += j_wins
-            beaten[j] += ~j_wins
-    return torch.stack([b < n for b in beaten], dim=1)
+            j_wins = torch.gt(cols[j], cols[i]).view(torch.uint8)  # bool -> 0/1 bytes, no copy
+            rank[i] += j_wins
+            rank[j] -= j_wins
+    keep = torch.empty(groups.shape, dtype=torch.bool, device=groups.device)
+    for j in range(m):
+        torch.lt(rank[j], n, out=keep[:, j])
+    return keep
 
 
 def _nm_sorted(groups: torch.Tensor, n: int) -> torch.Tensor:
