@@ -48,8 +48,14 @@ def cases(scores: torch.Tensor, rows: int) -> dict[str, tuple[Callable, Callable
             lambda: generate_unstructured_mask(mat, 0.5, scope=MaskScope.ROW).tensor,
             lambda: sort_baseline(mat, half),
         ),
-        "2:4": (lambda: generate_nm_mask(mat, 2, 4).tensor, lambda: sort_baseline(scores.view(-1, 4), 2).view(mat.shape)),
-        "4:8": (lambda: generate_nm_mask(mat, 4, 8).tensor, lambda: sort_baseline(scores.view(-1, 8), 4).view(mat.shape)),
+        "2:4": (
+            lambda: generate_nm_mask(mat, 2, 4).tensor,
+            lambda: sort_baseline(scores.view(-1, 4), 2).view(mat.shape),
+        ),
+        "4:8": (
+            lambda: generate_nm_mask(mat, 4, 8).tensor,
+            lambda: sort_baseline(scores.view(-1, 8), 4).view(mat.shape),
+        ),
     }
 
 

@@ -54,7 +54,9 @@ def peak_extra_mb(fn: Callable[[], torch.Tensor]) -> float:
     return (peak - before) / 1024
 
 
-def methods(weight: torch.Tensor, x: torch.Tensor, sparsity: float) -> dict[str, tuple[Callable, int, torch.Tensor]]:
+def methods(
+    weight: torch.Tensor, x: torch.Tensor, sparsity: float
+) -> dict[str, tuple[Callable, int, torch.Tensor]]:
     """name -> (call, stored bytes, the masked dense weight it represents)."""
     scores = weight.abs()
     unstructured = generate_unstructured_mask(scores, sparsity)

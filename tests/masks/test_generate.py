@@ -96,7 +96,10 @@ def test_row_scope_prunes_each_row_separately() -> None:
     scores = T([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]])
     assert kept(generate_unstructured_mask(scores, 0.5, scope=MaskScope.ROW)) == [[0, 0, 1, 1], [0, 0, 1, 1]]
     assert kept(generate_unstructured_mask(scores, 0.5, scope="layer")) == [[0, 0, 0, 0], [1, 1, 1, 1]]
-    assert kept(generate_unstructured_mask(scores, 0.5, scope=MaskScope.GLOBAL)) == [[0, 0, 0, 0], [1, 1, 1, 1]]
+    assert kept(generate_unstructured_mask(scores, 0.5, scope=MaskScope.GLOBAL)) == [
+        [0, 0, 0, 0],
+        [1, 1, 1, 1],
+    ]
 
 
 def test_unknown_scope_and_dim_are_config_errors() -> None:
@@ -149,7 +152,9 @@ def test_nm_pinned() -> None:
 
 
 def test_nm_ties_keep_the_lower_index_in_each_group() -> None:
-    assert kept(generate_nm_mask(T([[1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0]]), 2, 4)) == [[1, 1, 0, 0, 0, 1, 1, 0]]
+    assert kept(generate_nm_mask(T([[1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0]]), 2, 4)) == [
+        [1, 1, 0, 0, 0, 1, 1, 0]
+    ]
     assert kept(generate_nm_mask(T([[3.0] * 16]), 4, 16)) == [[1] * 4 + [0] * 12]  # sort path (m > 8)
 
 
@@ -211,7 +216,12 @@ def test_rank3_error_names_the_layer() -> None:
 
 
 def test_row_pinned() -> None:
-    assert kept(generate_row_mask(T([[1.0, 1], [2, 2], [3, 3], [4, 4]]), 0.5)) == [[0, 0], [0, 0], [1, 1], [1, 1]]
+    assert kept(generate_row_mask(T([[1.0, 1], [2, 2], [3, 3], [4, 4]]), 0.5)) == [
+        [0, 0],
+        [0, 0],
+        [1, 1],
+        [1, 1],
+    ]
     assert kept(generate_row_mask(T([[1.0, 1], [10, 10]]), 0.5)) == [[0, 0], [1, 1]]
     assert generate_row_mask(torch.ones(2, 2), 0.5).pattern == Row()
 
@@ -253,8 +263,14 @@ def test_group_reductions(reduce: str, expected: list[list[int]]) -> None:
 # ----------------------------------------------------------------------------- dispatch
 @pytest.mark.parametrize(
     ("pattern", "sparsity", "expected"),
-    [(Unstructured(), 0.5, Unstructured()), ("2:4", None, NM(2, 4)), (NM(2, 4), 0.5, NM(2, 4)),
-     ("block:2x2", 0.5, Block(2, 2)), (Row(), 0.5, Row()), ("column", 0.25, Column())],
+    [
+        (Unstructured(), 0.5, Unstructured()),
+        ("2:4", None, NM(2, 4)),
+        (NM(2, 4), 0.5, NM(2, 4)),
+        ("block:2x2", 0.5, Block(2, 2)),
+        (Row(), 0.5, Row()),
+        ("column", 0.25, Column()),
+    ],
 )
 def test_generate_mask_dispatch(pattern, sparsity, expected) -> None:
     assert generate_mask(BLOCK_4x4, pattern, sparsity).pattern == expected

@@ -31,7 +31,9 @@ SPARSITY = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), st.floats(0.0
 
 
 @st.composite
-def matrices(draw, max_rows: int = 6, max_cols: int = 12, col_step: int = 1, row_step: int = 1) -> torch.Tensor:
+def matrices(
+    draw, max_rows: int = 6, max_cols: int = 12, col_step: int = 1, row_step: int = 1
+) -> torch.Tensor:
     rows = row_step * draw(st.integers(1, max_rows))
     cols = col_step * draw(st.integers(1, max_cols))
     values = draw(st.lists(VALUE, min_size=rows * cols, max_size=rows * cols))
@@ -123,7 +125,9 @@ def test_global_prunes_exactly_floor_total(layers, sparsity) -> None:
     assert torch.equal(keep, reference_keep(flat, flat.shape[1] - num_to_prune(total, sparsity)))
 
 
-@given(matrices(max_rows=4, max_cols=4, row_step=2, col_step=3), SPARSITY, st.sampled_from(["sum", "max", "l2"]))
+@given(
+    matrices(max_rows=4, max_cols=4, row_step=2, col_step=3), SPARSITY, st.sampled_from(["sum", "max", "l2"])
+)
 def test_block_exact_count_and_separation(scores, sparsity, reduce) -> None:
     mask = generate_block_mask(scores, 2, 3, sparsity, reduce=reduce)
     Block(2, 3).validate(mask.tensor)
