@@ -54,7 +54,9 @@ class SparsityMask:
 
     __slots__ = ("_mask", "_name", "_nnz", "_pattern")
 
-    def __init__(self, mask: Any, pattern: SparsityPattern = _UNSTRUCTURED, *, name: str | None = None) -> None:
+    def __init__(
+        self, mask: Any, pattern: SparsityPattern = _UNSTRUCTURED, *, name: str | None = None
+    ) -> None:
         if not isinstance(pattern, SparsityPattern):
             raise TypeError(f"pattern must be a SparsityPattern, got {type(pattern).__name__}")
         tensor = _to_bool(mask, name)
