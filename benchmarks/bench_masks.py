@@ -76,7 +76,10 @@ def main() -> None:
     parser.add_argument("--baseline-repeats", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=None, help="subset of case names")
     parser.add_argument("--markdown", default=None, help="append the result table to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     n = 1 << args.log2n
     scores = torch.rand(n, generator=torch.Generator().manual_seed(0))

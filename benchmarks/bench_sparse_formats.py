@@ -115,7 +115,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--markdown", default=None, help="append the result table to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     header = (
         f"x = [in, {args.batch}] float32; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"median of {args.repeats} round-robin rounds"

@@ -289,3 +289,25 @@ def test_generate_mask_argument_errors() -> None:
         generate_mask(BLOCK_4x4, Block(2, 2), 0.5, scope=MaskScope.ROW)
     with pytest.raises(InvalidPattern):
         generate_mask(BLOCK_4x4, NM(5, 4), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int32])
+def test_other_score_dtypes_select_like_float32(dtype: torch.dtype) -> None:
+    scores = torch.arange(64).remainder(7).reshape(4, 16)
+    for make in (
+        lambda s: generate_unstructured_mask(s, 0.4, scope=MaskScope.ROW),
+        lambda s: generate_nm_mask(s, 2, 4),
+        lambda s: generate_block_mask(s, 2, 4, 0.5),
+    ):
+        assert make(scores.to(dtype)) == make(scores.float())
+
+
+def test_inputs_are_not_modified() -> None:
+    scores = torch.rand(8, 8, generator=torch.Generator().manual_seed(0))
+    before = scores.clone()
+    generate_unstructured_mask(scores, 0.5)
+    generate_unstructured_mask(scores, 0.5, scope=MaskScope.ROW)
+    generate_nm_mask(scores, 2, 4)
+    generate_block_mask(scores, 2, 2, 0.5)
+    generate_global_masks({"a": scores}, 0.5)
+    assert torch.equal(scores, before)

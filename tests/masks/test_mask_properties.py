@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from pruning_core.masks import (
     NM,
     Block,
+    Column,
     MaskScope,
+    Row,
     generate_block_mask,
     generate_column_mask,
     generate_global_masks,
@@ -146,8 +148,10 @@ def test_block_exact_count_and_separation(scores, sparsity, reduce) -> None:
 
 @given(matrices(), SPARSITY)
 def test_rows_and_columns_exact_count(scores, sparsity) -> None:
-    rows = generate_row_mask(scores, sparsity).tensor[:, 0]
-    cols = generate_column_mask(scores, sparsity).tensor[0]
+    row_mask, col_mask = generate_row_mask(scores, sparsity), generate_column_mask(scores, sparsity)
+    Row().validate(row_mask.tensor)
+    Column().validate(col_mask.tensor)
+    rows, cols = row_mask.tensor[:, 0], col_mask.tensor[0]
     assert int((~rows).sum()) == num_to_prune(scores.shape[0], sparsity)
     assert int((~cols).sum()) == num_to_prune(scores.shape[1], sparsity)
     assert torch.equal(rows[None], reference_keep(scores.double().sum(1)[None], int(rows.sum())))
