@@ -109,12 +109,32 @@ def test_unknown_scope_and_dim_are_config_errors() -> None:
         keep_topk(torch.ones(2, 2), 0.5, dim=0)
 
 
-def test_large_flat_selection_matches_sort_reference() -> None:
-    # 2^21 scores take the sampled-threshold path; ties from rounding to 1/64 exercise the tie step.
+@pytest.mark.parametrize(
+    ("kind", "sparsity"),
+    [
+        ("continuous", 0.37),
+        ("grid64", 0.37),
+        ("grid4096", 0.5),
+        ("grid4", 0.45),  # bracket wider than n/8: full kthvalue fallback
+        ("half_zeros", 0.3),  # threshold 0 shared by half the scores: lo == hi shortcut
+        ("half_zeros", 0.7),
+    ],
+)
+def test_large_flat_selection_matches_sort_reference(kind: str, sparsity: float) -> None:
+    # 2^21 scores take the sampled-threshold path (bracket, lo == hi shortcut, or fallback);
+    # grids and runs of zeros create heavy ties at the threshold.
     g = torch.Generator().manual_seed(3)
-    scores = torch.round(torch.rand(1 << 21, generator=g) * 64) / 64
-    keep = keep_topk(scores, 0.37)
-    order = torch.sort(scores, descending=True, stable=True).indices[: scores.numel() - int(0.37 * (1 << 21))]
+    u = torch.rand(1 << 21, generator=g)
+    scores = {
+        "continuous": u,
+        "grid64": torch.round(u * 64) / 64,
+        "grid4096": torch.round(u * 4096) / 4096,
+        "grid4": torch.round(u * 4) / 4,
+        "half_zeros": torch.where(torch.rand(1 << 21, generator=g) < 0.5, 0.0, u),
+    }[kind]
+    keep = keep_topk(scores, sparsity)
+    n_keep = scores.numel() - int(sparsity * (1 << 21))
+    order = torch.sort(scores, descending=True, stable=True).indices[:n_keep]
     assert torch.equal(keep, torch.zeros_like(keep).index_fill_(0, order, True))
 
 
