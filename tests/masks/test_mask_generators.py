@@ -115,7 +115,7 @@ def test_unknown_scope_and_dim_are_config_errors() -> None:
         ("continuous", 0.37),
         ("grid64", 0.37),
         ("grid4096", 0.5),
-        ("grid4", 0.45),  # bracket wider than n/8: full kthvalue fallback
+        ("grid4", 0.375),  # bracket wider than n/8: full kthvalue fallback
         ("half_zeros", 0.3),  # threshold 0 shared by half the scores: lo == hi shortcut
         ("half_zeros", 0.7),
     ],
