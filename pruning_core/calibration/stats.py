@@ -1,0 +1,334 @@
+"""Per-layer activation statistics and the calibration context that holds them.
+
+Stage: calibration. :class:`ActivationStats` keeps *exact* running sums over every calibration
+token seen by one layer's input (float64 ``Σx²``, ``Σ|x|``, a token count and, for SparseGPT,
+``XᵀX``). Sums, not running means, so the result does not depend on how the tokens were split
+into batches, two collections can be merged exactly (:meth:`ActivationStats.merge`), and the
+derived statistics (RMS, Wanda's ``‖X_j‖₂``, the Hessian ``XᵀX / n``) are computed once at the end.
+
+Precision: each batch's partial sums are reduced in float64 (``Σx²``, ``Σ|x|``) and added into
+float64 accumulators. The per-batch product ``XᵀX`` is computed in ``xtx_dtype`` (float32 by
+default: a float64 matmul costs 1.5-3x more on this CPU, and the float32 product of one batch
+has a relative error of about 1e-6, far below what SparseGPT's 1% damping tolerates) and added
+into a float64 sum. See benchmarks/results/scoring.md for the measurements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from pruning_core.errors import ConfigError, MissingActivationStats, NumericalInstability, ShapeMismatch
+from pruning_core.validate import check_finite
+
+if TYPE_CHECKING:
+    from pruning_core.calibration.gradients import GradientStats
+
+ACCUM_DTYPE = torch.float64
+
+
+class ActivationStats:
+    """Exact running sums over the input tokens of one layer.
+
+    Attributes:
+        in_features: number of input channels ``D``.
+        sum_sq: ``Σ_t x_tj²`` per channel, float64 ``[D]``.
+        sum_abs: ``Σ_t |x_tj|`` per channel, float64 ``[D]``.
+        count: number of tokens accumulated.
+        xtx: ``Σ_t x_t x_tᵀ``, float64 ``[D, D]``, or None when the Hessian is not tracked.
+        name: the layer name, used in error messages.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        hessian: bool = False,
+        name: str | None = None,
+        device: torch.device | str | None = None,
+        xtx_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features <= 0:
+            raise ConfigError("in_features", f"must be a positive integer, got {in_features!r}")
+        self.in_features = in_features
+        self.name = name
+        self.xtx_dtype = xtx_dtype
+        self.count = 0
+        self.sum_sq = torch.zeros(in_features, dtype=ACCUM_DTYPE, device=device)
+        self.sum_abs = torch.zeros(in_features, dtype=ACCUM_DTYPE, device=device)
+        self.xtx: torch.Tensor | None = (
+            torch.zeros(in_features, in_features, dtype=ACCUM_DTYPE, device=device) if hessian else None
+        )
+
+    # ----------------------------------------------------------------------------- accumulation
+    def _flatten(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., D]`` -> ``[tokens, D]``; ShapeMismatch naming the layer on a wrong last dim."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ShapeMismatch(
+                [-1, self.in_features], list(x.shape), name=self.name,
+                reason=f"activations must be [..., {self.in_features}]",
+            )
+        return x.reshape(-1, self.in_features)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the tokens of ``x`` (shape ``[..., in_features]``, e.g. ``[B, T, D]``).
+
+        All leading dimensions are flattened into tokens. An input with no tokens is a no-op.
+
+        Raises:
+            ShapeMismatch: the last dimension is not ``in_features``.
+            NumericalInstability: ``x`` holds NaN/Inf (names the layer and the first bad index).
+        """
+        tokens = self._flatten(x)
+        if tokens.shape[0] == 0:
+            return
+        self.add_partial(*batch_partials(tokens, hessian=self.xtx is not None, xtx_dtype=self.xtx_dtype),
+                         source=x)
+
+    def add_partial(
+        self,
+        sum_sq: torch.Tensor,
+        sum_abs: torch.Tensor,
+        count: int,
+        xtx: torch.Tensor | None = None,
+        *,
+        source: torch.Tensor | None = None,
+    ) -> None:
+        """Add one batch's precomputed partial sums (see :func:`batch_partials`).
+
+        Used by the hook collector to compute the partial sums once for several layers that read
+        the very same input tensor. ``source`` (the raw batch) is only used to locate the first
+        bad element when the partial sums are not finite.
+        """
+        if not (bool(torch.isfinite(sum_sq).all()) and bool(torch.isfinite(sum_abs).all())):
+            # float64 sums of finite float32/bf16/fp16 values cannot overflow: the input has NaN/Inf.
+            check_finite(source if source is not None else sum_sq, method="calibration",
+                         what="activation", layer=self.name)
+            raise NumericalInstability("calibration", "non-finite activation sums", layer=self.name)
+        self.sum_sq += sum_sq.to(self.sum_sq.device, ACCUM_DTYPE)
+        self.sum_abs += sum_abs.to(self.sum_abs.device, ACCUM_DTYPE)
+        self.count += int(count)
+        if self.xtx is not None:
+            if xtx is None:
+                raise ConfigError("xtx", f"layer '{self.name}' tracks XᵀX but the batch brought none")
+            self.xtx += xtx.to(self.xtx.device, ACCUM_DTYPE)
+
+    def merge(self, other: ActivationStats) -> ActivationStats:
+        """Return a new ActivationStats holding the exact sum of ``self`` and ``other``."""
+        if other.in_features != self.in_features:
+            raise ShapeMismatch([self.in_features], [other.in_features], name=self.name,
+                                reason="cannot merge statistics of different widths")
+        if (self.xtx is None) != (other.xtx is None):
+            raise ConfigError("xtx", f"layer '{self.name}': cannot merge statistics with and without XᵀX")
+        xtx = None if self.xtx is None or other.xtx is None else self.xtx + other.xtx.to(self.xtx.device)
+        return ActivationStats.from_arrays(
+            self.sum_sq + other.sum_sq.to(self.sum_sq.device),
+            self.sum_abs + other.sum_abs.to(self.sum_abs.device),
+            self.count + other.count, xtx, name=self.name,
+        )
+
+    # ----------------------------------------------------------------------------- derived values
+    def _mean(self, total: torch.Tensor) -> torch.Tensor:
+        return total / self.count if self.count else torch.zeros_like(total)
+
+    @property
+    def squared_mean(self) -> torch.Tensor:
+        """``E[x²]`` per channel, float64 ``[D]`` (zeros before any token)."""
+        return self._mean(self.sum_sq)
+
+    @property
+    def rms(self) -> torch.Tensor:
+        """Root mean square ``sqrt(E[x²])`` per channel, float64 ``[D]``."""
+        return self.squared_mean.sqrt()
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """``E[|x|]`` per channel, float64 ``[D]``."""
+        return self._mean(self.sum_abs)
+
+    @property
+    def input_norms(self) -> torch.Tensor:
+        """``‖X_j‖₂ = sqrt(Σ_t x_tj²)`` over all tokens, float64 ``[D]`` (Wanda's activation norm)."""
+        return self.sum_sq.sqrt()
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        """``XᵀX / count``, float64 ``[D, D]``, or None if XᵀX is not tracked.
+
+        The SparseGPT reference uses ``2/n · XᵀX``; with relative damping the solver is invariant
+        to this scale, so the plain mean is used.
+        """
+        if self.xtx is None:
+            return None
+        return self._mean(self.xtx)
+
+    @property
+    def has_hessian(self) -> bool:
+        return self.xtx is not None
+
+    # ----------------------------------------------------------------------------- (de)serialization
+    @classmethod
+    def from_arrays(
+        cls,
+        sum_sq: torch.Tensor,
+        sum_abs: torch.Tensor,
+        count: int,
+        xtx: torch.Tensor | None = None,
+        *,
+        name: str | None = None,
+    ) -> ActivationStats:
+        """Rebuild statistics from stored sums (inverse of :meth:`to_arrays`); validates shapes and values."""
+        sum_sq = torch.as_tensor(sum_sq).to(ACCUM_DTYPE)
+        sum_abs = torch.as_tensor(sum_abs).to(ACCUM_DTYPE)
+        if sum_sq.dim() != 1 or sum_abs.shape != sum_sq.shape:
+            raise ShapeMismatch(list(sum_sq.shape), list(sum_abs.shape), name=name,
+                                reason="sum_sq and sum_abs must be equal-length vectors")
+        if int(count) < 0:
+            raise ConfigError("count", f"layer '{name}': token count must be >= 0, got {count}")
+        stats = cls(sum_sq.shape[0], name=name, device=sum_sq.device)
+        for what, t in (("sum_sq", sum_sq), ("sum_abs", sum_abs)):
+            check_finite(t, method="calibration", what=what, layer=name)
+            if bool((t < 0).any()):
+                raise NumericalInstability("calibration", f"negative value in {what}", layer=name)
+        stats.sum_sq, stats.sum_abs, stats.count = sum_sq.clone(), sum_abs.clone(), int(count)
+        if xtx is not None:
+            xtx = torch.as_tensor(xtx).to(ACCUM_DTYPE)
+            if list(xtx.shape) != [stats.in_features] * 2:
+                raise ShapeMismatch([stats.in_features] * 2, list(xtx.shape), name=name, reason="XᵀX")
+            check_finite(xtx, method="calibration", what="XᵀX", layer=name)
+            stats.xtx = xtx.clone()
+        return stats
+
+    def to_arrays(self) -> dict[str, torch.Tensor | int | None]:
+        """The raw sums: ``{"sum_sq", "sum_abs", "count", "xtx"}`` (xtx may be None)."""
+        return {"sum_sq": self.sum_sq, "sum_abs": self.sum_abs, "count": self.count, "xtx": self.xtx}
+
+    def to(self, device: torch.device | str) -> ActivationStats:
+        """A copy on ``device``."""
+        return ActivationStats.from_arrays(
+            self.sum_sq.to(device), self.sum_abs.to(device), self.count,
+            None if self.xtx is None else self.xtx.to(device), name=self.name,
+        )
+
+    def __repr__(self) -> str:
+        return (f"ActivationStats(name={self.name!r}, in_features={self.in_features}, count={self.count}, "
+                f"hessian={self.xtx is not None})")
+
+
+def batch_partials(
+    tokens: torch.Tensor, *, hessian: bool, xtx_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+    """Partial sums of one batch of tokens ``[N, D]``: ``(Σx², Σ|x|, N, XᵀX or None)``.
+
+    ``Σx²`` and ``Σ|x|`` are reduced in float64; ``XᵀX`` is computed in ``xtx_dtype``.
+    """
+    x64 = tokens.detach().to(ACCUM_DTYPE)
+    sum_sq = x64.square().sum(dim=0)
+    sum_abs = x64.abs().sum(dim=0)
+    xtx = None
+    if hessian:
+        xh = tokens.detach().to(xtx_dtype)
+        xtx = xh.T @ xh  # (D, D)
+    return sum_sq, sum_abs, tokens.shape[0], xtx
+
+
+class CalibrationContext:
+    """Per-layer calibration statistics by layer name, plus the sample count and dataset name.
+
+    Also holds per-layer gradient statistics (:class:`~pruning_core.calibration.gradients.GradientStats`)
+    for first-order Taylor importance.
+    """
+
+    def __init__(self, dataset: str = "") -> None:
+        self.dataset = dataset
+        self.num_samples = 0
+        self.activation_stats: dict[str, ActivationStats] = {}
+        self.gradient_stats: dict[str, GradientStats] = {}
+
+    def add_layer_stats(self, name: str, stats: ActivationStats) -> None:
+        """Insert (or replace) the statistics of layer ``name``."""
+        if stats.name is None:
+            stats.name = name
+        self.activation_stats[name] = stats
+
+    def get_stats(self, name: str) -> ActivationStats | None:
+        return self.activation_stats.get(name)
+
+    def require_stats(self, name: str) -> ActivationStats:
+        """The statistics of ``name``; MissingActivationStats (listing the available layers) if absent."""
+        stats = self.activation_stats.get(name)
+        if stats is None:
+            raise MissingActivationStats(name, available=self.layer_names())
+        return stats
+
+    def has_stats(self, name: str) -> bool:
+        return name in self.activation_stats
+
+    def layer_names(self) -> list[str]:
+        """Names of the layers with activation statistics, in insertion order."""
+        return list(self.activation_stats)
+
+    def add_gradient_stats(self, name: str, grads: GradientStats) -> None:
+        """Insert (or replace) the accumulated gradients of layer ``name``."""
+        self.gradient_stats[name] = grads
+
+    def require_gradients(self, name: str) -> GradientStats:
+        """The gradients of ``name``; MissingActivationStats (listing the layers that have them) if absent."""
+        grads = self.gradient_stats.get(name)
+        if grads is None:
+            raise MissingActivationStats(name, available=list(self.gradient_stats))
+        return grads
+
+    def has_gradients(self, name: str) -> bool:
+        return name in self.gradient_stats
+
+    def increment_samples(self, n: int) -> None:
+        """Add ``n`` calibration samples (sequences) to :attr:`num_samples`."""
+        if n < 0:
+            raise ConfigError("num_samples", f"cannot add a negative number of samples ({n})")
+        self.num_samples += int(n)
+
+    def merge(self, other: CalibrationContext) -> CalibrationContext:
+        """A new context with the exact sum of both (layers present in one only are copied)."""
+        out = CalibrationContext(self.dataset or other.dataset)
+        out.num_samples = self.num_samples + other.num_samples
+        for name in dict.fromkeys([*self.layer_names(), *other.layer_names()]):
+            a, b = self.get_stats(name), other.get_stats(name)
+            if a is not None and b is not None:
+                out.add_layer_stats(name, a.merge(b))
+            else:
+                only = a if a is not None else b
+                assert only is not None
+                out.add_layer_stats(name, only.to(only.sum_sq.device))  # a copy
+        for name in dict.fromkeys([*self.gradient_stats, *other.gradient_stats]):
+            ga, gb = self.gradient_stats.get(name), other.gradient_stats.get(name)
+            if ga is not None and gb is not None:
+                out.add_gradient_stats(name, ga.merge(gb))
+            else:
+                only_g = ga if ga is not None else gb
+                assert only_g is not None
+                out.add_gradient_stats(name, only_g.copy())
+        return out
+
+    def __iter__(self) -> Iterator[tuple[str, ActivationStats]]:
+        return iter(self.activation_stats.items())
+
+    def __len__(self) -> int:
+        return len(self.activation_stats)
+
+    def __repr__(self) -> str:
+        return (f"CalibrationContext(dataset={self.dataset!r}, num_samples={self.num_samples}, "
+                f"layers={len(self.activation_stats)}, gradients={len(self.gradient_stats)})")
+
+
+def merge_contexts(contexts: Iterable[CalibrationContext]) -> CalibrationContext:
+    """Exact sum of several contexts (e.g. one per worker)."""
+    result = CalibrationContext()
+    for ctx in contexts:
+        result = result.merge(ctx)
+    return result
+
+
+__all__ = ["ACCUM_DTYPE", "ActivationStats", "CalibrationContext", "batch_partials", "merge_contexts"]
