@@ -162,7 +162,7 @@ def _accumulate_batch(model: nn.Module, batch: Batch, loss_fn: LossFn, weights: 
         if loss.dim() != 0:
             raise ShapeMismatch([], list(loss.shape), name="loss", reason="loss_fn must return a scalar")
         if not bool(torch.isfinite(loss)):
-            raise NumericalInstability("taylor", f"calibration loss is {float(loss)}")
+            raise NumericalInstability("taylor", f"calibration loss is {float(loss.detach())}")
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
     for (_name, g_stats), w, g in zip(stats.items(), weights, grads, strict=True):
         g_stats.update(torch.zeros_like(w) if g is None else g)
