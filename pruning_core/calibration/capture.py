@@ -121,9 +121,13 @@ def batch_size_of(batch: Batch) -> int:
     """Number of sequences in a batch: dim 0 of the token tensor (or of ``input_ids`` / the first tensor)."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else 1
-    tensor = batch.get("input_ids")
+    if isinstance(batch, Mapping):
+        tensor = batch.get("input_ids")
+        values: Iterable[Any] = batch.values()
+    else:  # e.g. an (inputs, targets) tuple for a custom loss_fn
+        tensor, values = None, batch if isinstance(batch, tuple | list) else ()
     if not isinstance(tensor, torch.Tensor):
-        tensor = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+        tensor = next((v for v in values if isinstance(v, torch.Tensor)), None)
     return int(tensor.shape[0]) if tensor is not None and tensor.dim() else 1
 
 

@@ -121,7 +121,7 @@ def require_layer_stats(
     """
     if context is None:
         raise CalibrationRequired(method, layer=layer_name)
-    if not layer_name:
+    if layer_name is None:
         raise CalibrationRequired(method)
     stats = context.require_stats(layer_name)
     if stats.count == 0:

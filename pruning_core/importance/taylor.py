@@ -68,7 +68,7 @@ class TaylorImportance:
     ) -> ImportanceScores:
         """Scores of ``module``'s weight; MissingActivationStats if the layer has no gradients."""
         name = layer_name or self.layer_name
-        if context is None or not name:
+        if context is None or name is None:
             raise CalibrationRequired(self.name, layer=name)
         grads = context.require_gradients(name)
         if grads.num_batches == 0:

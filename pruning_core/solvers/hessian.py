@@ -83,7 +83,9 @@ def inverse_hessian(
     diag[dead] = 1.0  # 1. dead inputs: H_jj = 1 (their weights are zeroed by the solver)
     mean_diag = float(diag.mean())
     lam = percdamp * mean_diag  # 2. dampening λ = percdamp · mean(diag H)
+    tried = lam
     for attempt in range(max_retries + 1):
+        tried = lam
         result = _try_factor(H, lam, upper)
         if result is not None:
             if attempt:
@@ -91,7 +93,7 @@ def inverse_hessian(
             return InverseHessian(result[0], result[1], dead, lam, attempt)
         lam = max(lam * growth, 1e-8 * mean_diag, 1e-12)
     raise NumericalInstability(
-        method, f"Hessian is not positive definite even with damping λ={lam / growth:.3g} "
+        method, f"Hessian is not positive definite even with damping λ={tried:.3g} "
                 f"after {max_retries} retries (percdamp={percdamp})", layer=name)
 
 
