@@ -87,50 +87,59 @@ def _obs_prune(
 
     ``U`` is the upper Cholesky factor of ``H⁻¹``: row ``U[i, i:]`` / ``U[i, i]`` is the OBS update
     direction for column i once columns ``< i`` are fixed, and ``U[i, i]²`` the matching ``[H⁻¹]_ii``.
+    The loop works on the transpose ``Wt = Wᵀ`` (in, out) so that a column of W is a contiguous row.
     """
     rows, cols = W.shape
+    Wt = W.T.contiguous()  # (in, out)
     keep = torch.ones_like(W, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):  # loop over column blocks B = [i1, i2)
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()  # (rows, count): block weights, updated as columns are fixed
+        W1 = Wt[i1:i2]  # (count, rows) view: block weights, updated as columns are fixed
         Q1 = torch.zeros_like(W1)  # pruned/updated block result
         Err1 = torch.zeros_like(W1)  # scaled errors (w - q) / U_ii for the lazy update
         U1 = U[i1:i2, i1:i2]
         d1 = torch.diagonal(U1)  # (count,)
         F1 = None if forced is None else forced[:, i1:i2]
         if nm is None:
-            # adaptive mask selection: once per block, w² / [U_jj]² over the whole block
+            # adaptive mask selection: once per block, w² / [U_jj]² over the whole (rows, count) block
             k = num_to_prune(rows * count, sparsity)
-            prune1 = _select_lowest(W1.square() / d1.square()[None, :], k, F1)
+            prune1 = _select_lowest(W1.T.square() / d1.square()[None, :], k, F1).T.contiguous()
         else:
-            prune1 = torch.zeros_like(W1, dtype=torch.bool)
+            prune1 = torch.zeros_like(W1, dtype=torch.bool)  # (count, rows)
         for i in range(count):  # column-by-column OBS within the block
             if nm is not None and i % nm[1] == 0:
                 # N:M selection every m columns, on the weights updated so far
                 g = slice(i, i + nm[1])
-                scores = W1[:, g].square() / d1[g].square()[None, :]
-                prune1[:, g] = _select_nm(scores, nm[0], None if F1 is None else F1[:, g])
-            w = W1[:, i]
-            q = w.masked_fill(prune1[:, i], 0.0)  # pruned weights go to 0, kept ones stay
-            Q1[:, i] = q
+                scores = W1[g].T.square() / d1[g].square()[None, :]  # (rows, m)
+                prune1[g] = _select_nm(scores, nm[0], None if F1 is None else F1[:, g]).T
+            w = W1[i]
+            q = w.masked_fill(prune1[i], 0.0)  # pruned weights go to 0, kept ones stay
+            Q1[i] = q
             err = (w - q) / U1[i, i]  # OBS: δ = -(w_p / [H⁻¹]_pp) · H⁻¹_{p,:} in Cholesky form
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # update the rest of the block
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        keep[:, i1:i2] = ~prune1
-        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)  # lazy batched update of later columns
+            W1[i:].addr_(U1[i, i:], err, alpha=-1.0)  # update the rest of the block
+            Err1[i] = err
+        Wt[i1:i2] = Q1
+        keep[:, i1:i2] = ~prune1.T
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)  # lazy batched update of later columns
+    W.copy_(Wt.T)
     return keep
 
 
 def _select_lowest(scores: torch.Tensor, k: int, forced: torch.Tensor | None) -> torch.Tensor:
-    """Bool prune mask: the ``k`` lowest scores (plus every forced one); ties keep the lower index."""
+    """Bool prune mask: the ``k`` lowest scores (plus every forced one); ties keep the lower
+    (row-major) index. O(n) with ``kthvalue`` instead of a full stable sort."""
     flat = scores.reshape(-1)
     if forced is not None:
         flat = flat.masked_fill(forced.reshape(-1), float("-inf"))
-    order = torch.argsort(flat, descending=True, stable=True)  # best first; ties: lower index first
     prune = torch.zeros_like(flat, dtype=torch.bool)
-    prune[order[flat.numel() - k:]] = True
+    if k > 0:
+        v = flat.kthvalue(k).values  # the k-th smallest score
+        prune = flat < v
+        ties = flat == v
+        extra = k - int(prune.sum())  # how many of the tied scores must go: the highest indices
+        from_end = ties.flip(0).cumsum(0).flip(0)  # rank of each tie counted from the end
+        prune |= ties & (from_end <= extra)
     if forced is not None:
         prune |= forced.reshape(-1)
     return prune.reshape(scores.shape)

@@ -1,0 +1,114 @@
+"""SparseGPT solver speed and agreement with the authors' reference code, on real SmolLM2 layers.
+
+For layer 15 of SmolLM2-135M, gate_proj (weight 1536x576) and down_proj (weight 576x1536), the
+Hessian XᵀX of 2048 calibration rows (8 windows x 256 tokens of Emma, seed 0) is collected, then
+``sparsegpt_prune`` and a transcription of IST-DASLab/sparsegpt ``fasterprune``
+(tests/solvers/reference_fasterprune.py) prune the same weight with the same H, interleaved,
+``--repeats`` times each. Reported: median seconds, the ratio, and agreement of the outputs:
+
+- nominal: both at the same sparsity (the reference prunes one weight more per block, plus ties);
+- count-matched: ours asked for the reference's count per block (int(numel·s)+1), which must
+  reproduce the reference's weights up to float32 rounding.
+
+Usage: python benchmarks/bench_sparsegpt.py [--repeats 5] [--threads N] [--synthetic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pruning_core.calibration import collect_activation_stats  # noqa: E402
+from pruning_core.masks.pattern import NM  # noqa: E402
+from pruning_core.metrics import reconstruction_error  # noqa: E402
+from pruning_core.solvers import sparsegpt_prune  # noqa: E402
+from tests.solvers.reference_fasterprune import reference_fasterprune  # noqa: E402
+
+LAYERS = ("model.layers.15.mlp.gate_proj", "model.layers.15.mlp.down_proj")
+
+
+def real_problems() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    from benchmarks._smollm2 import emma_windows, load_smollm2
+
+    model, tok = load_smollm2()
+    ids = emma_windows(tok, 8, 256, seed=0)
+    inner = [n.removeprefix("model.") for n in LAYERS]  # run model.model: no lm_head needed
+    ctx = collect_activation_stats(model.model, [ids[i:i + 2] for i in range(0, 8, 2)], layers=inner,
+                                   hessian=True, progress=False)
+    return {n: (model.get_submodule(n).weight.detach().clone(), ctx.require_stats(i).xtx.float())
+            for n, i in zip(LAYERS, inner, strict=True)}
+
+
+def synthetic_problems() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, (rows, cols) in zip(LAYERS, [(1536, 576), (576, 1536)], strict=True):
+        X = torch.randn(2048, cols // 4, generator=g) @ torch.randn(cols // 4, cols, generator=g)
+        X += 0.3 * torch.randn(2048, cols, generator=g)
+        out[name] = (torch.randn(rows, cols, generator=g) * 0.05, X.T @ X)
+    return out
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def bench(name: str, W: torch.Tensor, H: torch.Tensor, pattern, repeats: int) -> str:
+    nm = pattern is not None
+    ref_args = (0.5, 2, 4) if nm else (0.5, 0, 0)
+    ours_t, ref_t = [], []
+    for _ in range(repeats):  # interleave, to share the machine's noise
+        t, (ours, keep) = timed(lambda: sparsegpt_prune(W, H, 0.5, pattern=pattern), 1)
+        ours_t.append(t)
+        t, ref = timed(lambda: reference_fasterprune(W, H, *ref_args), 1)
+        ref_t.append(t)
+    to, tr = statistics.median(ours_t), statistics.median(ref_t)
+    mask_agree = float((keep == (ref != 0)).float().mean())
+    rel = float((ours - ref).norm() / ref.norm())
+    err_o, err_r = reconstruction_error(W, ours, H), reconstruction_error(W, ref, H)
+    if not nm:  # blocksize 64 divides both widths, so every block has the same numel
+        numel = W.shape[0] * 64
+        adj, _ = sparsegpt_prune(W, H, (int(numel * 0.5) + 1) / numel, blocksize=64)
+        ref64 = reference_fasterprune(W, H, 0.5, blocksize=64)
+        matched = f"{float((adj - ref64).abs().max()):.1e}"
+    else:
+        matched = f"{float((ours - ref).abs().max()):.1e}"
+    shape = "x".join(map(str, W.shape))
+    pat = "2:4" if nm else "50%"
+    return (f"| {name.split('.')[-1]} {shape} | {pat} | {to:.3f} | {tr:.3f} | {to / tr:.2f} | "
+            f"{mask_agree:.5f} | {rel:.1e} | {matched} | {err_o:.4f} / {err_r:.4f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--synthetic", action="store_true", help="random correlated inputs instead of SmolLM2")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    problems = synthetic_problems() if args.synthetic else real_problems()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
+    print("| layer (weight) | pattern | ours s | reference s | ours/ref | mask agreement | rel. weight diff |"
+          " max abs diff, count-matched | rel. output error ours / ref |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (W, H) in problems.items():
+        for pattern in (None, NM(2, 4)):
+            print(bench(name, W, H, pattern, args.repeats), flush=True)
+
+
+if __name__ == "__main__":
+    main()
