@@ -7,6 +7,7 @@ block) procedure of the Wanda and SparseGPT references.
 """
 
 from pruning_core.calibration.capture import collect_activation_stats, select_linear_layers
+from pruning_core.calibration.context import CalibrationContext, merge_contexts
 from pruning_core.calibration.gradients import GradientStats, causal_lm_loss, collect_gradients
 from pruning_core.calibration.sequential import (
     BlockInputs,
@@ -15,7 +16,7 @@ from pruning_core.calibration.sequential import (
     find_decoder_blocks,
     run_block,
 )
-from pruning_core.calibration.stats import ActivationStats, CalibrationContext, merge_contexts
+from pruning_core.calibration.stats import ActivationStats
 
 __all__ = [
     "ActivationStats",

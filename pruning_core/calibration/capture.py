@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruning_core.calibration.stats import ActivationStats, CalibrationContext, batch_partials
+from pruning_core.calibration.context import CalibrationContext
+from pruning_core.calibration.stats import ActivationStats, batch_partials
 from pruning_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from pruning_core.calibration.capture import (
     model_device,
     select_linear_layers,
 )
-from pruning_core.calibration.stats import CalibrationContext
+from pruning_core.calibration.context import CalibrationContext
 from pruning_core.errors import ConfigError, NumericalInstability, ShapeMismatch
 from pruning_core.validate import check_finite
 

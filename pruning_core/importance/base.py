@@ -13,7 +13,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from pruning_core.calibration.stats import ActivationStats, CalibrationContext
+from pruning_core.calibration.context import CalibrationContext
+from pruning_core.calibration.stats import ActivationStats
 from pruning_core.errors import CalibrationRequired, NoParameters
 from pruning_core.validate import check_finite, check_rank
 

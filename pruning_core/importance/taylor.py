@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pruning_core.calibration.stats import CalibrationContext
+from pruning_core.calibration.context import CalibrationContext
 from pruning_core.errors import CalibrationRequired, ConfigError, ShapeMismatch
 from pruning_core.importance.base import SCORE_DTYPE, ImportanceScores, module_weight
 from pruning_core.validate import check_finite

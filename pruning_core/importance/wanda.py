@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruning_core.calibration.stats import CalibrationContext
+from pruning_core.calibration.context import CalibrationContext
 from pruning_core.errors import NumericalInstability, ShapeMismatch
 from pruning_core.importance.base import (
     SCORE_DTYPE,

@@ -28,7 +28,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pruning_core.calibration.stats import ActivationStats, CalibrationContext
+from pruning_core.calibration.context import CalibrationContext
+from pruning_core.calibration.stats import ActivationStats
 from pruning_core.errors import ArtifactError, ConfigError, MissingActivationStats
 from pruning_core.io.atomic import atomic_path
 

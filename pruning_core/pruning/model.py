@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruning_core.calibration.stats import CalibrationContext
+from pruning_core.calibration.context import CalibrationContext
 from pruning_core.errors import ConfigError, InvalidMask, NoParameters
 from pruning_core.masks import (
     NM,

@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from pruning_core.calibration.stats import CalibrationContext
+from pruning_core.calibration.context import CalibrationContext
 from pruning_core.errors import CalibrationRequired, ConfigError, NoParameters
 from pruning_core.importance import (
     Importance,

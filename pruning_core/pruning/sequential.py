@@ -17,13 +17,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pruning_core.calibration.capture import Batch
+from pruning_core.calibration.context import CalibrationContext
 from pruning_core.calibration.sequential import (
     calibrate_block,
     capture_block_inputs,
     find_decoder_blocks,
     run_block,
 )
-from pruning_core.calibration.stats import CalibrationContext
 from pruning_core.errors import ConfigError
 from pruning_core.masks import MaskScope, SparsityPattern
 from pruning_core.pruning.model import LayerFilter, prune_module
