@@ -4,7 +4,8 @@ For layer 15 of SmolLM2-135M, gate_proj (weight 1536x576) and down_proj (weight 
 Hessian XᵀX of 2048 calibration rows (8 windows x 256 tokens of Emma, seed 0) is collected, then
 ``sparsegpt_prune`` and a transcription of IST-DASLab/sparsegpt ``fasterprune``
 (tests/solvers/reference_fasterprune.py) prune the same weight with the same H, interleaved,
-``--repeats`` times each. Reported: median seconds, the ratio, and agreement of the outputs:
+``--repeats`` times each. Reported: median wall and CPU (process) seconds and their ratios, and
+agreement of the outputs:
 
 - nominal: both at the same sparsity (the reference prunes one weight more per block, plus ties);
 - count-matched: ours asked for the reference's count per block (int(numel·s)+1), which must
@@ -56,25 +57,26 @@ def synthetic_problems() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
+def timed(fn) -> tuple[float, float, object]:
+    """``(wall seconds, CPU seconds, result)`` of one call."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - t0, time.process_time() - c0, result
 
 
 def bench(name: str, W: torch.Tensor, H: torch.Tensor, pattern, repeats: int) -> str:
     nm = pattern is not None
     ref_args = (0.5, 2, 4) if nm else (0.5, 0, 0)
-    ours_t, ref_t = [], []
+    ours_t, ref_t, ours_c, ref_c = [], [], [], []
     for _ in range(repeats):  # interleave, to share the machine's noise
-        t, (ours, keep) = timed(lambda: sparsegpt_prune(W, H, 0.5, pattern=pattern), 1)
+        t, c, (ours, keep) = timed(lambda: sparsegpt_prune(W, H, 0.5, pattern=pattern))
         ours_t.append(t)
-        t, ref = timed(lambda: reference_fasterprune(W, H, *ref_args), 1)
+        ours_c.append(c)
+        t, c, ref = timed(lambda: reference_fasterprune(W, H, *ref_args))
         ref_t.append(t)
+        ref_c.append(c)
     to, tr = statistics.median(ours_t), statistics.median(ref_t)
+    co, cr = statistics.median(ours_c), statistics.median(ref_c)
     mask_agree = float((keep == (ref != 0)).float().mean())
     rel = float((ours - ref).norm() / ref.norm())
     err_o, err_r = reconstruction_error(W, ours, H), reconstruction_error(W, ref, H)
@@ -88,6 +90,7 @@ def bench(name: str, W: torch.Tensor, H: torch.Tensor, pattern, repeats: int) ->
     shape = "x".join(map(str, W.shape))
     pat = "2:4" if nm else "50%"
     return (f"| {name.split('.')[-1]} {shape} | {pat} | {to:.3f} | {tr:.3f} | {to / tr:.2f} | "
+            f"{co:.3f} | {cr:.3f} | {co / cr:.2f} | "
             f"{mask_agree:.5f} | {rel:.1e} | {matched} | {err_o:.4f} / {err_r:.4f} |")
 
 
@@ -102,9 +105,9 @@ def main() -> None:
     torch.manual_seed(0)
     problems = synthetic_problems() if args.synthetic else real_problems()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
-    print("| layer (weight) | pattern | ours s | reference s | ours/ref | mask agreement | rel. weight diff |"
-          " max abs diff, count-matched | rel. output error ours / ref |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| layer (weight) | pattern | ours wall s | ref wall s | ratio | ours CPU s | ref CPU s | ratio |"
+          " mask agreement | rel. weight diff | max abs diff, count-matched | rel. output error ours / ref |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (W, H) in problems.items():
         for pattern in (None, NM(2, 4)):
             print(bench(name, W, H, pattern, args.repeats), flush=True)

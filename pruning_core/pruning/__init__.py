@@ -12,6 +12,7 @@ from pruning_core.pruning.pruners import (
     Pruner,
     SparseGPTPruner,
     WandaPruner,
+    prune_weight,
 )
 from pruning_core.pruning.result import PruningResult, sparse_format_for, sparse_savings_bytes
 from pruning_core.pruning.sequential import prune_sequential
@@ -26,6 +27,7 @@ __all__ = [
     "output_head_names",
     "prune_module",
     "prune_sequential",
+    "prune_weight",
     "sparse_format_for",
     "sparse_savings_bytes",
     "target_layers",

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pruning_core.calibration.context import CalibrationContext
+from pruning_core.calibration.stats import ActivationStats
 from pruning_core.errors import CalibrationRequired, ConfigError, NoParameters
 from pruning_core.importance import (
     Importance,
@@ -269,4 +270,52 @@ class SparseGPTPruner:
         return final
 
 
-__all__ = ["ImportancePruner", "MagnitudePruner", "Pruner", "SparseGPTPruner", "WandaPruner", "select_mask"]
+class _WeightHolder(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+
+
+def prune_weight(
+    pruner: Pruner,
+    weight: torch.Tensor,
+    sparsity: float | None,
+    pattern: SparsityPattern,
+    stats: ActivationStats | CalibrationContext | None = None,
+    *,
+    name: str = "layer",
+    scope: MaskScope | None = None,
+    mask: SparsityMask | None = None,
+) -> tuple[torch.Tensor, SparsityMask]:
+    """Prune one weight tensor out of place (tensor in, tensor out: for per-layer flow tasks).
+
+    Args:
+        pruner: any :class:`Pruner`.
+        weight: ``[out, in]`` weight (not modified).
+        sparsity, pattern, scope, mask: as :meth:`Pruner.prune_layer`.
+        stats: the layer's :class:`ActivationStats` (e.g. from ``io.stats.load_layer_stats``), or
+            a context that holds them under ``name``.
+        name: the layer name (in errors, and the key looked up in a context).
+
+    Returns:
+        ``(pruned weight, keep mask)``.
+    """
+    if isinstance(stats, ActivationStats):
+        context: CalibrationContext | None = CalibrationContext()
+        context.add_layer_stats(name, stats)
+    else:
+        context = stats
+    holder = _WeightHolder(weight)
+    final = pruner.prune_layer(holder, sparsity, pattern, context, name=name, scope=scope, mask=mask)
+    return holder.weight.detach(), final
+
+
+__all__ = [
+    "ImportancePruner",
+    "MagnitudePruner",
+    "Pruner",
+    "SparseGPTPruner",
+    "WandaPruner",
+    "prune_weight",
+    "select_mask",
+]

@@ -19,6 +19,7 @@ from pruning_core.pruning import (
     PruningResult,
     SparseGPTPruner,
     WandaPruner,
+    prune_weight,
     sparse_savings_bytes,
 )
 from pruning_core.sparse import SparseFormat, sparsify
@@ -186,3 +187,18 @@ def test_sparsegpt_pruner_errors():
                                       scope=MaskScope.ROW)
     with pytest.raises(InvalidSparsity):
         SparseGPTPruner().prune_layer(lin, 1.0, Unstructured(), _hessian_ctx("fc", 8), name="fc")
+
+
+# ---------------------------------------------------------------- prune_weight (per-layer tasks)
+def test_prune_weight_is_out_of_place_and_equals_prune_layer():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 8, bias=False)
+    original = lin.weight.detach().clone()
+    ctx = _hessian_ctx("fc", 32)
+    new, mask = prune_weight(SparseGPTPruner(blocksize=16), lin.weight, 0.5, NM(2, 4), ctx.require_stats("fc"),
+                             name="fc")
+    assert torch.equal(lin.weight, original)  # the input is untouched
+    SparseGPTPruner(blocksize=16).prune_layer(lin, 0.5, NM(2, 4), ctx, name="fc")
+    assert torch.equal(new, lin.weight.detach()) and mask.num_zeros == 128
+    new_m, mask_m = prune_weight(MagnitudePruner(), original, 0.25, Unstructured())
+    assert mask_m.num_zeros == 64 and bool((new_m[~mask_m.tensor] == 0).all())
