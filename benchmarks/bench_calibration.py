@@ -6,11 +6,13 @@ full model (211 nn.Linear layers hooked, lm_head included), interleaving the var
 plain forward (on a shared, oversubscribed machine the CPU time of a 1-thread run is the stable
 measure of the work done; wall time includes waiting for a core):
 
-- plain: ``model(ids)`` under ``torch.no_grad()``;
+- plain: ``model(ids, use_cache=False)`` under ``torch.no_grad()`` (the call the collector makes);
 - stats: ``collect_activation_stats(model, batches)`` (Σx², Σ|x| per layer);
 - stats, no sharing: the same with the shared-input cache disabled (q/k/v and gate/up each
   recompute their partial sums);
-- hessian f32 / f64: ``hessian=True`` with the per-batch XᵀX product in float32 / float64.
+- stats, f64 partial sums: each batch's Σx², Σ|x| reduced in float64 instead of float32;
+- hessian f32 / f64: ``hessian=True`` with the per-batch partial sums and XᵀX in float32 /
+  float64 (and f32 without sharing).
 
 It also checks that the shared and unshared statistics are identical.
 
@@ -36,15 +38,15 @@ from pruning_core.calibration import capture, collect_activation_stats  # noqa: 
 def plain(model, batches):
     with torch.no_grad():
         for b in batches:
-            model(b)
+            model(b, use_cache=False)  # as collect_activation_stats calls it
 
 
-def no_sharing(model, batches):
+def no_sharing(model, batches, **kwargs):
     original = capture._PartialsCache.get
     capture._PartialsCache.get = lambda self, x, tokens: capture.batch_partials(  # type: ignore[method-assign]
-        tokens, hessian=self.hessian, xtx_dtype=self.xtx_dtype)
+        tokens, hessian=self.hessian, batch_dtype=self.batch_dtype)
     try:
-        return collect_activation_stats(model, batches, progress=False)
+        return collect_activation_stats(model, batches, progress=False, **kwargs)
     finally:
         capture._PartialsCache.get = original  # type: ignore[method-assign]
 
@@ -67,8 +69,11 @@ def main() -> None:
         "stats (no hessian)": lambda: collect_activation_stats(model, batches, progress=False),
         "stats, no sharing": lambda: no_sharing(model, batches),
         "stats + hessian (XᵀX f32)": lambda: collect_activation_stats(model, batches, hessian=True, progress=False),
+        "stats + hessian (XᵀX f32), no sharing": lambda: no_sharing(model, batches, hessian=True),
+        "stats, f64 partial sums": lambda: collect_activation_stats(
+            model, batches, progress=False, batch_dtype=torch.float64),
         "stats + hessian (XᵀX f64)": lambda: collect_activation_stats(
-            model, batches, hessian=True, progress=False, xtx_dtype=torch.float64),
+            model, batches, hessian=True, progress=False, batch_dtype=torch.float64),
     }
     plain(model, batches[:1])  # warm-up
     times: dict[str, list[float]] = {k: [] for k in variants}

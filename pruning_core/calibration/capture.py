@@ -15,6 +15,7 @@ changes). Each layer still owns its statistics object.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -64,8 +65,8 @@ def select_linear_layers(model: nn.Module, layers: LayerSelection = None) -> dic
 class _PartialsCache:
     """Partial sums of the most recent input tensor, reused while the same tensor comes back."""
 
-    def __init__(self, hessian: bool, xtx_dtype: torch.dtype) -> None:
-        self.hessian, self.xtx_dtype = hessian, xtx_dtype
+    def __init__(self, hessian: bool, batch_dtype: torch.dtype) -> None:
+        self.hessian, self.batch_dtype = hessian, batch_dtype
         self.hits = 0
         self.clear()
 
@@ -79,7 +80,7 @@ class _PartialsCache:
             self.hits += 1
             return self._partials
         self._x, self._version = x, x._version
-        self._partials = batch_partials(tokens, hessian=self.hessian, xtx_dtype=self.xtx_dtype)
+        self._partials = batch_partials(tokens, hessian=self.hessian, batch_dtype=self.batch_dtype)
         return self._partials
 
 
@@ -88,17 +89,17 @@ def attach_stat_hooks(
     context: CalibrationContext,
     *,
     hessian: bool,
-    xtx_dtype: torch.dtype,
+    batch_dtype: torch.dtype,
 ) -> tuple[list[torch.utils.hooks.RemovableHandle], _PartialsCache]:
     """Create a stats accumulator per module in ``context`` and register the hooks that fill them.
 
     The caller must remove the returned handles (``finally``) and clear the cache.
     """
-    cache = _PartialsCache(hessian, xtx_dtype)
+    cache = _PartialsCache(hessian, batch_dtype)
     handles = []
     for name, module in modules.items():
         stats = ActivationStats(module.in_features, hessian=hessian, name=name,
-                                device=module.weight.device, xtx_dtype=xtx_dtype)
+                                device=module.weight.device, batch_dtype=batch_dtype)
         context.add_layer_stats(name, stats)
 
         def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _out: Any,
@@ -132,12 +133,24 @@ def batch_size_of(batch: Batch) -> int:
     return int(tensor.shape[0]) if tensor is not None and tensor.dim() else 1
 
 
+def _takes_use_cache(model: nn.Module) -> bool:
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def run_batch(model: nn.Module, batch: Batch, device: torch.device) -> Any:
-    """Call ``model`` on a token tensor (positional) or a dict of keyword arguments, on ``device``."""
+    """Call ``model`` on a token tensor (positional) or a dict of keyword arguments, on ``device``.
+
+    Models whose ``forward`` takes ``use_cache`` get ``use_cache=False`` (no KV cache is built
+    during calibration) unless the batch sets it.
+    """
+    extra = {"use_cache": False} if _takes_use_cache(model) else {}
     if isinstance(batch, torch.Tensor):
-        return model(batch.to(device))
+        return model(batch.to(device), **extra)
     kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return model(**kwargs)
+    return model(**{**extra, **kwargs})
 
 
 def collect_activation_stats(
@@ -148,7 +161,7 @@ def collect_activation_stats(
     hessian: bool = False,
     dataset: str = "",
     progress: bool = True,
-    xtx_dtype: torch.dtype = torch.float32,
+    batch_dtype: torch.dtype = torch.float32,
     context: CalibrationContext | None = None,
 ) -> CalibrationContext:
     """Run ``batches`` through ``model`` and collect input statistics of its Linear layers.
@@ -160,7 +173,7 @@ def collect_activation_stats(
         hessian: also accumulate ``XᵀX`` ``[in, in]`` per layer (for SparseGPT).
         dataset: name recorded in the context.
         progress: show a tqdm bar.
-        xtx_dtype: dtype of each batch's ``XᵀX`` product (summed in float64).
+        batch_dtype: dtype of each batch's partial sums and ``XᵀX`` (added into float64 sums).
         context: an existing context to add the layers to (its stats for these layers are replaced).
 
     Returns:
@@ -171,7 +184,7 @@ def collect_activation_stats(
     ctx = context if context is not None else CalibrationContext(dataset)
     device = model_device(model)
     was_training = model.training
-    handles, cache = attach_stat_hooks(modules, ctx, hessian=hessian, xtx_dtype=xtx_dtype)
+    handles, cache = attach_stat_hooks(modules, ctx, hessian=hessian, batch_dtype=batch_dtype)
     try:
         model.eval()
         with torch.no_grad():

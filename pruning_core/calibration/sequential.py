@@ -205,7 +205,7 @@ def calibrate_block(
     hessian: bool = False,
     prefix: str = "",
     layers: LayerSelection = None,
-    xtx_dtype: torch.dtype = torch.float32,
+    batch_dtype: torch.dtype = torch.float32,
     dataset: str = "",
 ) -> CalibrationContext:
     """Statistics of ``block``'s Linear layers on ``inputs`` (names are ``prefix + name in block``).
@@ -215,7 +215,7 @@ def calibrate_block(
     modules = select_linear_layers(block, layers)
     named = {f"{prefix}{name}": m for name, m in modules.items()}
     ctx = CalibrationContext(dataset)
-    handles, cache = attach_stat_hooks(named, ctx, hessian=hessian, xtx_dtype=xtx_dtype)
+    handles, cache = attach_stat_hooks(named, ctx, hessian=hessian, batch_dtype=batch_dtype)
     was_training = block.training
     try:
         block.eval()

@@ -6,11 +6,11 @@ token seen by one layer's input (float64 ``Σx²``, ``Σ|x|``, a token count and
 into batches, two collections can be merged exactly (:meth:`ActivationStats.merge`), and the
 derived statistics (RMS, Wanda's ``‖X_j‖₂``, the Hessian ``XᵀX / n``) are computed once at the end.
 
-Precision: each batch's partial sums are reduced in float64 (``Σx²``, ``Σ|x|``) and added into
-float64 accumulators. The per-batch product ``XᵀX`` is computed in ``xtx_dtype`` (float32 by
-default: a float64 matmul costs 1.5-3x more on this CPU, and the float32 product of one batch
-has a relative error of about 1e-6, far below what SparseGPT's 1% damping tolerates) and added
-into a float64 sum. See benchmarks/results/scoring.md for the measurements.
+Precision: the running sums are float64. Each batch's partial sums (``Σx²``, ``Σ|x|`` and the
+product ``XᵀX``) are computed in ``batch_dtype``: float32 by default (torch reduces with pairwise
+summation, so a batch's partial sum has a relative error of about 1e-7; a float64 pass costs
+2.5-3x more per hook and a float64 ``XᵀX`` about 15% more forward time on this CPU, see
+benchmarks/results/scoring.md), or float64 for bit-for-bit split invariance up to float64 rounding.
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ class ActivationStats:
         hessian: bool = False,
         name: str | None = None,
         device: torch.device | str | None = None,
-        xtx_dtype: torch.dtype = torch.float32,
+        batch_dtype: torch.dtype = torch.float32,
     ) -> None:
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features <= 0:
             raise ConfigError("in_features", f"must be a positive integer, got {in_features!r}")
         self.in_features = in_features
         self.name = name
-        self.xtx_dtype = xtx_dtype
+        self.batch_dtype = batch_dtype
         self.count = 0
         self.sum_sq = torch.zeros(in_features, dtype=ACCUM_DTYPE, device=device)
         self.sum_abs = torch.zeros(in_features, dtype=ACCUM_DTYPE, device=device)
@@ -80,7 +80,7 @@ class ActivationStats:
         tokens = self._flatten(x)
         if tokens.shape[0] == 0:
             return
-        self.add_partial(*batch_partials(tokens, hessian=self.xtx is not None, xtx_dtype=self.xtx_dtype),
+        self.add_partial(*batch_partials(tokens, hessian=self.xtx is not None, batch_dtype=self.batch_dtype),
                          source=x)
 
     def add_partial(
@@ -98,12 +98,14 @@ class ActivationStats:
         the very same input tensor. ``source`` (the raw batch) is only used to locate the first
         bad element when the partial sums are not finite.
         """
-        if not math.isfinite(float(sum_sq.sum())):
-            # One reduction checks everything: Σx² (float64) of finite float32/bf16/fp16 values
-            # cannot overflow, and a NaN/Inf anywhere in the batch makes it non-finite.
+        if not math.isfinite(float(sum_sq.sum(dtype=ACCUM_DTYPE))):
+            # One reduction checks everything: a NaN/Inf anywhere in the batch makes Σx²
+            # non-finite. (So does a float32 Σx² overflowing, for |x| > ~1e19: reported below.)
             check_finite(source if source is not None else sum_sq, method="calibration",
                          what="activation", layer=self.name)
-            raise NumericalInstability("calibration", "non-finite activation sums", layer=self.name)
+            raise NumericalInstability(
+                "calibration", f"activation sums overflow {self.batch_dtype} (|x| too large for it); "
+                               "collect with batch_dtype=torch.float64", layer=self.name)
         self.sum_sq += sum_sq.to(self.sum_sq.device, ACCUM_DTYPE)
         self.sum_abs += sum_abs.to(self.sum_abs.device, ACCUM_DTYPE)
         self.count += int(count)
@@ -215,19 +217,16 @@ class ActivationStats:
 
 
 def batch_partials(
-    tokens: torch.Tensor, *, hessian: bool, xtx_dtype: torch.dtype = torch.float32
+    tokens: torch.Tensor, *, hessian: bool, batch_dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
     """Partial sums of one batch of tokens ``[N, D]``: ``(Σx², Σ|x|, N, XᵀX or None)``.
 
-    ``Σx²`` and ``Σ|x|`` are reduced in float64; ``XᵀX`` is computed in ``xtx_dtype``.
+    Computed in ``batch_dtype`` (the caller adds them into float64 running sums).
     """
-    x64 = tokens.detach().to(ACCUM_DTYPE)
-    sum_sq = x64.square().sum(dim=0)
-    sum_abs = x64.abs().sum(dim=0)
-    xtx = None
-    if hessian:
-        xh = tokens.detach().to(xtx_dtype)
-        xtx = xh.T @ xh  # (D, D)
+    x = tokens.detach().to(batch_dtype)
+    sum_sq = x.square().sum(dim=0)
+    sum_abs = x.abs().sum(dim=0)
+    xtx = x.T @ x if hessian else None  # (D, D)
     return sum_sq, sum_abs, tokens.shape[0], xtx
 
 

@@ -125,9 +125,12 @@ def test_bad_in_features():
         ActivationStats(0)
 
 
-def test_float64_sums_do_not_overflow_for_large_float32():
-    s = ActivationStats(1)
-    s.update(torch.full((4, 1), 3e38))  # x² overflows float32, not float64
+def test_huge_activations_need_float64_partials():
+    x = torch.full((4, 1), 3e38)  # finite, but x² overflows float32
+    with pytest.raises(NumericalInstability, match="batch_dtype=torch.float64"):
+        ActivationStats(1, name="big").update(x)
+    s = ActivationStats(1, batch_dtype=torch.float64)
+    s.update(x)
     assert math.isfinite(float(s.sum_sq[0]))
 
 
@@ -135,14 +138,14 @@ def test_float64_sums_do_not_overflow_for_large_float32():
 def test_merge_is_exact_sum():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(7, 3, generator=g), torch.randn(5, 3, generator=g)
-    sa, sb, sab = ActivationStats(3, hessian=True), ActivationStats(3, hessian=True), ActivationStats(3, hessian=True)
+    sa, sb, sab = (ActivationStats(3, hessian=True, batch_dtype=torch.float64) for _ in range(3))
     sa.update(a)
     sb.update(b)
     sab.update(torch.cat([a, b]))
     m = sa.merge(sb)
     assert m.count == 12
     torch.testing.assert_close(m.sum_sq, sab.sum_sq, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(m.xtx, sab.xtx, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(m.xtx, sab.xtx, rtol=1e-12, atol=1e-12)
     assert sa.count == 7  # merge does not mutate
 
 
@@ -190,23 +193,39 @@ def test_context_merge():
 
 
 # ---------------------------------------------------------------- property: batch split invariance
-@given(
-    x=arrays(np.float32, st.tuples(st.integers(1, 24), st.integers(1, 6)),
-             elements=st.floats(-100, 100, width=32)),
-    cuts=st.lists(st.integers(0, 24), max_size=5),
-)
-def test_statistics_do_not_depend_on_batch_split(x, cuts):
-    t = torch.from_numpy(x)
-    whole = ActivationStats(t.shape[1], hessian=True)
+def _split_update(t: torch.Tensor, cuts: list[int], dtype: torch.dtype) -> tuple[ActivationStats, ActivationStats]:
+    whole = ActivationStats(t.shape[1], hessian=True, batch_dtype=dtype)
     whole.update(t)
-    split = ActivationStats(t.shape[1], hessian=True)
+    split = ActivationStats(t.shape[1], hessian=True, batch_dtype=dtype)
     bounds = sorted({0, t.shape[0], *(c for c in cuts if c <= t.shape[0])})
     for lo, hi in zip(bounds, bounds[1:], strict=False):
         split.update(t[lo:hi].reshape(1, hi - lo, -1))  # also as [B, T, D]
+    return whole, split
+
+
+_activations = arrays(np.float32, st.tuples(st.integers(1, 24), st.integers(1, 6)),
+                      elements=st.floats(-100, 100, width=32))
+_cuts = st.lists(st.integers(0, 24), max_size=5)
+
+
+@given(x=_activations, cuts=_cuts)
+def test_statistics_do_not_depend_on_batch_split(x, cuts):
+    t = torch.from_numpy(x)
+    whole, split = _split_update(t, cuts, torch.float64)
     assert split.count == whole.count
-    # Σx², Σ|x| are reduced in float64: equal up to float64 rounding.
+    # float64 partial sums: equal up to float64 rounding.
     torch.testing.assert_close(split.sum_sq, whole.sum_sq, rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(split.sum_abs, whole.sum_abs, rtol=1e-12, atol=1e-9)
-    # XᵀX per batch is a float32 product: equal up to float32 rounding of each batch.
-    scale = float((t.double() ** 2).sum()) + 1.0
+    torch.testing.assert_close(split.xtx, whole.xtx, rtol=1e-12, atol=1e-9)
+
+
+@given(x=_activations, cuts=_cuts)
+def test_float32_partials_are_split_invariant_to_float32_rounding(x, cuts):
+    t = torch.from_numpy(x)
+    whole, split = _split_update(t, cuts, torch.float32)
+    exact = (t.double() ** 2).sum(0)
+    scale = float(exact.sum()) + 1.0
+    torch.testing.assert_close(split.sum_sq, whole.sum_sq, rtol=1e-6, atol=1e-7 * scale)
+    torch.testing.assert_close(split.sum_sq, exact, rtol=1e-6, atol=1e-7 * scale)
+    torch.testing.assert_close(split.sum_abs, t.double().abs().sum(0), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(split.xtx, whole.xtx, rtol=1e-5, atol=1e-6 * scale)
