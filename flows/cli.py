@@ -1,0 +1,76 @@
+"""The ``prune`` command line: run and validate compression jobs described by YAML configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from flows.runtime import configure_environment
+
+EPILOG = """\
+examples:
+  prune run configs/default.yaml                 Wanda 50% on the shipped SmolLM2-135M
+  prune run configs/sparsegpt-2of4.yaml --output-dir runs/sgpt
+  prune validate configs/wanda-50.yaml           check a config without running it
+
+A run writes DIR/summary.json (default DIR: runs/<name>-<config hash>) and logs one MLflow run
+(default store: sqlite:///./mlflow.db; set MLFLOW_TRACKING_URI for a server). Prefect runs the
+flow on its ephemeral local server unless PREFECT_API_URL points at a server. Running the same
+config again resumes the job where it stopped.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prune",
+        description="Compress neural networks: one-shot LLM pruning (magnitude, Wanda, SparseGPT), "
+        "Minitron depth/width search, Lottery Ticket rounds. Jobs run as Prefect flows tracked in MLflow.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the job a YAML config describes",
+                         description="Run the job a YAML config describes (job: oneshot | minitron | lottery).")
+    run.add_argument("config", type=Path, help="YAML job config (see configs/)")
+    run.add_argument("--output-dir", type=Path, default=None, help="where artifacts and summary.json go")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    check = sub.add_parser("validate", help="validate a config and print it with defaults filled in")
+    check.add_argument("config", type=Path)
+    return parser
+
+
+def _run(config_path: Path, output_dir: Path | None) -> dict:
+    from flows.config import load_config
+    from flows.jobs import run_job
+
+    job = load_config(config_path)
+    return run_job(job, output_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_environment()
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pruning_core.errors import PruningError
+
+    try:
+        if args.command == "validate":
+            from flows.config import load_config
+
+            job = load_config(args.config)
+            sys.stdout.write(json.dumps(job.model_dump(mode="json"), indent=2) + f"\njob hash: {job.job_hash()}\n")
+            return 0
+        summary = _run(args.config, args.output_dir)
+    except PruningError as e:
+        sys.stderr.write(f"prune: error: {e}\n")
+        return 2
+    sys.stdout.write(json.dumps({k: summary[k] for k in summary if k != "layers"}, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

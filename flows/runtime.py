@@ -1,0 +1,62 @@
+"""Process-level setup for flow runs: offline/telemetry defaults, task runners, output dirs.
+
+``configure_environment`` must run before Prefect or MLflow is imported (both read their
+settings at import time); the ``prune`` CLI calls it first thing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flows.config import JobBase, RunnerConfig
+
+ENV_DEFAULTS = {
+    # Prefect's ephemeral server needs ~20 s to migrate a fresh database; the default timeout is 20 s.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "pruning_core",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    # MLflow's own HTTP retries default to 7 with backoff factor 2 (minutes of waiting); ours take over.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def configure_environment() -> None:
+    """Set offline and no-telemetry defaults without overriding anything the user exported."""
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def make_task_runner(runner: RunnerConfig):  # -> prefect TaskRunner
+    """Threads (default), a temporary local Dask cluster, or an existing Dask scheduler."""
+    if runner.kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=runner.max_workers)
+    from prefect_dask import DaskTaskRunner
+
+    if runner.kind == "dask":
+        return DaskTaskRunner(address=runner.address)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": runner.n_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )
+
+
+def default_output_dir(job: JobBase) -> Path:
+    """``runs/<name>-<job hash>``: jobs with different configs never share a directory."""
+    return Path("runs") / f"{job.name or job.job}-{job.job_hash()}"  # type: ignore[attr-defined]

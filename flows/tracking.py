@@ -1,0 +1,204 @@
+"""MLflow tracking adapter: the only place in the project that talks to MLflow.
+
+Every call names its run explicitly (``run_id``), so it works from any thread or process;
+transient failures (connection refused, timeouts, HTTP 5xx) are retried with exponential
+backoff and then raised as :class:`~pruning_core.errors.ServiceUnavailable`; nothing is
+dropped silently. Runs are found again by their ``job_hash`` tag, so a job that is run again
+resumes its MLflow run instead of creating a duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pruning_core.errors import ServiceUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_DB = "mlflow.db"
+JOB_TAG = "pruning.job_hash"
+KIND_TAG = "pruning.job_kind"
+ROLE_TAG = "pruning.role"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The configured URI, else $MLFLOW_TRACKING_URI, else SQLite in the working directory."""
+    chosen = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return chosen or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def _is_transient(exc: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, ConnectionError | TimeoutError | urllib.error.URLError):
+        return True
+    if isinstance(exc, MlflowException):
+        text = str(exc).lower()
+        markers = ("connection", "max retries", "timed out", "temporarily", "503", "502", "504", "database is locked")
+        return any(m in text for m in markers)
+    import requests
+
+    return isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout)
+
+
+class Tracker:
+    """Thin, retrying wrapper around :class:`mlflow.MlflowClient` for one experiment."""
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "pruning", *,
+                 retries: int = 4, backoff_s: float = 0.5) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.experiment_id = self._call("create experiment", self._experiment_id, experiment)
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - classified just below
+                if not _is_transient(exc):
+                    raise
+                if attempt == self.retries:
+                    raise ServiceUnavailable(
+                        "MLflow", self.tracking_uri, f"{what} failed after {self.retries + 1} attempts: {exc}"
+                    ) from exc
+                log.warning("MLflow %s failed (%s); retrying in %.1f s", what, type(exc).__name__, delay)
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.tracking_uri.startswith("sqlite:///"):
+            # Keep artifacts beside the database instead of in whatever directory we run from.
+            db = Path(self.tracking_uri.removeprefix("sqlite:///"))
+            location = (db.parent / "mlartifacts").resolve().as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    @staticmethod
+    def check_available(tracking_uri: str | None = None, timeout_s: float = 5.0) -> None:
+        """Fail fast, before any long work, if an HTTP tracking server does not answer /health."""
+        uri = resolve_tracking_uri(tracking_uri)
+        if not uri.startswith(("http://", "https://")):
+            return
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:  # noqa: S310
+                if resp.status != 200:
+                    raise ServiceUnavailable("MLflow", uri, f"/health answered HTTP {resp.status}")
+        except (urllib.error.URLError, OSError) as exc:
+            raise ServiceUnavailable("MLflow", uri, f"/health did not answer: {exc}") from exc
+
+    # -- runs -----------------------------------------------------------------------------
+    def find_run(self, tags: Mapping[str, str]) -> str | None:
+        """The newest run carrying all ``tags``, if any."""
+        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self._call("search runs", self.client.search_runs, [self.experiment_id], flt,
+                          max_results=1, order_by=["attributes.start_time DESC"])
+        return runs[0].info.run_id if runs else None
+
+    def start_run(self, tags: Mapping[str, str], *, run_name: str | None = None,
+                  parent_run_id: str | None = None) -> tuple[str, bool]:
+        """Resume the run with these identity ``tags`` or create it; returns (run_id, resumed)."""
+        identity = dict(tags)
+        if parent_run_id:
+            identity["mlflow.parentRunId"] = parent_run_id
+        existing = self.find_run(identity)
+        if existing:
+            self._call("resume run", self.client.update_run, existing, status="RUNNING")
+            return existing, True
+        run = self._call("create run", self.client.create_run, self.experiment_id, tags=identity, run_name=run_name)
+        return run.info.run_id, False
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self._call("end run", self.client.set_terminated, run_id, status)
+
+    def child_runs(self, parent_run_id: str) -> list[Any]:
+        flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+        return list(self._call("search child runs", self.client.search_runs, [self.experiment_id], flt))
+
+    # -- logging --------------------------------------------------------------------------
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log params once; on a resumed run, params already logged are skipped."""
+        from mlflow.entities import Param
+
+        logged = self._call("get run", self.client.get_run, run_id).data.params
+        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged]
+        for i in range(0, len(new), 100):
+            self._call("log params", self.client.log_batch, run_id, params=new[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log finite metrics; a NaN/Inf value is logged as a tag note instead of polluting charts."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        good = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if math.isfinite(float(v))]
+        bad = {f"nonfinite.{k}": str(v) for k, v in metrics.items() if not math.isfinite(float(v))}
+        if good:
+            self._call("log metrics", self.client.log_batch, run_id, metrics=good)
+        if bad:
+            log.warning("not logging non-finite metrics %s", bad)
+            self.set_tags(run_id, bad)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self._call("set tags", self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def has_artifact(self, run_id: str, artifact_file: str) -> bool:
+        folder, _, _ = artifact_file.rpartition("/")
+        listing = self._call("list artifacts", self.client.list_artifacts, run_id, folder or None)
+        return any(f.path == artifact_file for f in listing)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call("log artifact", self.client.log_artifact, run_id, str(path), artifact_path)
+
+    def log_artifacts(self, run_id: str, directory: str | Path, artifact_path: str | None = None) -> None:
+        self._call("log artifacts", self.client.log_artifacts, run_id, str(directory), artifact_path)
+
+    def log_dict(self, run_id: str, data: Mapping[str, Any], artifact_file: str) -> None:
+        self._call("log dict", self.client.log_dict, run_id, dict(data), artifact_file)
+
+    def log_table(self, run_id: str, rows: Iterable[Mapping[str, Any]], artifact_file: str) -> None:
+        """Log a table once (MLflow appends to an existing table file, which would duplicate rows on resume)."""
+        rows = list(rows)
+        if not rows or self.has_artifact(run_id, artifact_file):
+            return
+        columns = {k: [r.get(k) for r in rows] for k in rows[0]}
+        self._call("log table", self.client.log_table, run_id, columns, artifact_file)
+
+    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
+        self._call("log figure", self.client.log_figure, run_id, figure, artifact_file)
+
+    def run_url(self, run_id: str) -> str:
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{self.tracking_uri} (experiment {self.experiment_id}, run {run_id})"
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts into dotted keys (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
