@@ -8,9 +8,10 @@ derived statistics (RMS, Wanda's ``‖X_j‖₂``, the Hessian ``XᵀX / n``) ar
 
 Precision: the running sums are float64. Each batch's partial sums (``Σx²``, ``Σ|x|`` and the
 product ``XᵀX``) are computed in ``batch_dtype``: float32 by default (torch reduces with pairwise
-summation, so a batch's partial sum has a relative error of about 1e-7; a float64 pass costs
-2.5-3x more per hook and a float64 ``XᵀX`` about 15% more forward time on this CPU, see
-benchmarks/results/scoring.md), or float64 for bit-for-bit split invariance up to float64 rounding.
+summation, so a batch's partial sum has a relative error of about 1e-7), or float64 for split
+invariance up to float64 rounding. Measured on SmolLM2 (benchmarks/results/scoring.md): float64
+partial sums raise the hook overhead from +5.5% to +7.9% of a forward pass, and a float64 ``XᵀX``
+costs +63% of a forward pass for a relative difference of 2e-7.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ActivationStats:
         count: number of tokens accumulated.
         xtx: ``Σ_t x_t x_tᵀ``, float64 ``[D, D]``, or None when the Hessian is not tracked.
         name: the layer name, used in error messages.
+        batch_dtype: dtype of each batch's partial sums (see the module docstring).
     """
 
     def __init__(
