@@ -26,11 +26,12 @@ def test_new_stats_are_zero():
 def test_single_token_update():
     # Seed: update with [1,4]-shaped [3,4] -> count 1, norms [3,4]. Here a token is a row of
     # [..., D]; input_norms is ‖X_j‖₂ = sqrt(Σx²) = [3, 4] for that one token.
-    s = ActivationStats(2)
-    s.update(torch.tensor([[3.0, 4.0]]))
-    assert s.count == 1
-    assert s.input_norms.tolist() == [3.0, 4.0]
-    assert s.mean_abs.tolist() == [3.0, 4.0]
+    for x in (torch.tensor([[3.0, 4.0]]), torch.tensor([3.0, 4.0])):  # [1, D] and a 1-D token
+        s = ActivationStats(2)
+        s.update(x)
+        assert s.count == 1
+        assert s.input_norms.tolist() == [3.0, 4.0]
+        assert s.mean_abs.tolist() == [3.0, 4.0]
 
 
 def test_seed_batches_give_exact_rms():
