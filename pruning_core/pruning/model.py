@@ -78,11 +78,11 @@ def prune_module(
     model: nn.Module,
     pruner: Pruner,
     sparsity: float | None,
-    pattern: SparsityPattern | None = None,
+    pattern: SparsityPattern | str | None = None,
     context: CalibrationContext | None = None,
     *,
     filter_fn: LayerFilter | None = None,
-    scope: MaskScope | None = None,
+    scope: MaskScope | str | None = None,
     prefix: str = "",
     masks: Mapping[str, SparsityMask] | None = None,
     measure_memory: bool = True,
@@ -94,11 +94,11 @@ def prune_module(
         model: any torch module (a whole model or one decoder block).
         pruner: e.g. ``MagnitudePruner()``, ``WandaPruner()``, ``SparseGPTPruner()``.
         sparsity: target fraction (None allowed for N:M, which fixes it at ``1 - n/m``).
-        pattern: sparsity pattern (default unstructured).
+        pattern: sparsity pattern (default unstructured), or its text form (``"2:4"``).
         context: calibration statistics by layer name (Wanda, SparseGPT, Taylor).
         filter_fn: ``(name, module) -> bool`` over the ``nn.Linear`` layers; default all but the head.
-        scope: LAYER, ROW or GLOBAL for unstructured masks; None = the pruner's default
-            (ROW for Wanda, LAYER otherwise).
+        scope: LAYER, ROW or GLOBAL (or ``"layer"``, ...) for unstructured masks; None = the
+            pruner's default (ROW for Wanda, LAYER otherwise).
         prefix: prepended to layer names (to match the context when ``model`` is one block).
         masks: earlier masks by layer name; new masks are ANDed with them (default: the
             weights' current zeros).
@@ -109,7 +109,7 @@ def prune_module(
         The :class:`PruningResult` with per-layer sparsity, masks, memory saved and, where the
         context has ``XᵀX``, per-layer relative output reconstruction errors.
     """
-    pattern = Unstructured() if pattern is None else pattern
+    pattern, scope = parse_pattern_scope(pattern, scope)
     chosen = scope if scope is not None else pruner.default_scope
     layers = target_layers(model, filter_fn, prefix=prefix)
     originals = _originals(layers, context)
@@ -132,6 +132,22 @@ def prune_module(
     _check_postcondition(result, layers, sparsity, pattern, chosen, pruner, had_prior=prior_pruned > 0)
     logger.info("%s: %d layers, achieved sparsity %.4f", pruner.name, len(layers), result.achieved_sparsity)
     return result
+
+
+def parse_pattern_scope(pattern: SparsityPattern | str | None,
+                        scope: MaskScope | str | None) -> tuple[SparsityPattern, MaskScope | None]:
+    """Accept the text forms (``"2:4"``, ``"row"``) of a pattern and a scope."""
+    if pattern is None:
+        pattern = Unstructured()
+    elif isinstance(pattern, str):
+        pattern = SparsityPattern.parse(pattern)
+    if isinstance(scope, str):
+        try:
+            scope = MaskScope(scope.lower())
+        except ValueError:
+            allowed = ", ".join(s.value for s in MaskScope)
+            raise ConfigError("scope", f"must be one of {allowed}; got {scope!r}") from None
+    return pattern, scope
 
 
 def _originals(layers: Mapping[str, nn.Module], context: CalibrationContext | None) -> dict[str, torch.Tensor]:
@@ -197,4 +213,4 @@ def _check_postcondition(result: PruningResult, layers: Mapping[str, nn.Module],
                           f"{expected:.1f} (at most {slack} fewer by rounding) for sparsity {target} with {pattern}")
 
 
-__all__ = ["output_head_names", "prune_module", "target_layers"]
+__all__ = ["output_head_names", "parse_pattern_scope", "prune_module", "target_layers"]

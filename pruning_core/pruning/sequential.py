@@ -26,7 +26,7 @@ from pruning_core.calibration.sequential import (
 )
 from pruning_core.errors import ConfigError
 from pruning_core.masks import MaskScope, SparsityPattern
-from pruning_core.pruning.model import LayerFilter, prune_module
+from pruning_core.pruning.model import LayerFilter, parse_pattern_scope, prune_module
 from pruning_core.pruning.pruners import Pruner
 from pruning_core.pruning.result import PruningResult
 
@@ -38,9 +38,9 @@ def prune_sequential(
     batches: Iterable[Batch],
     pruner: Pruner,
     sparsity: float | None,
-    pattern: SparsityPattern | None = None,
+    pattern: SparsityPattern | str | None = None,
     *,
-    scope: MaskScope | None = None,
+    scope: MaskScope | str | None = None,
     filter_fn: LayerFilter | None = None,
     dataset: str = "",
     measure_memory: bool = True,
@@ -58,6 +58,7 @@ def prune_sequential(
     Returns:
         The merged :class:`PruningResult` over all blocks.
     """
+    pattern, scope = parse_pattern_scope(pattern, scope)
     if scope is MaskScope.GLOBAL:
         raise ConfigError("scope", "GLOBAL scope needs every layer at once; use prune_module, not prune_sequential")
     path, blocks = find_decoder_blocks(model)

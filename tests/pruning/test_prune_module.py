@@ -167,3 +167,12 @@ def test_sequential_differs_from_one_pass_after_block_0():
     b1 = "model.layers.1.self_attn.q_proj"
     assert torch.equal(seq_result.masks[b0].tensor, one_result.masks[b0].tensor)  # same inputs for block 0
     assert not torch.equal(seq.get_submodule(b1).weight, one.get_submodule(b1).weight)  # pruned inputs later
+
+
+def test_text_forms_of_pattern_and_scope(tiny_llama):
+    result = prune_module(tiny_llama, MagnitudePruner(), None, "2:4", measure_memory=False)
+    assert all(m.pattern == NM(2, 4) for m in result.masks.values())
+    with pytest.raises(ConfigError, match="scope"):
+        prune_module(tiny_llama, MagnitudePruner(), 0.5, scope="everywhere")
+    assert prune_module(make_tiny_llama(), MagnitudePruner(), 0.5, scope="global",
+                        measure_memory=False).parameters_pruned == 36864
