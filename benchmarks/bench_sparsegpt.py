@@ -11,7 +11,12 @@ agreement of the outputs:
 - count-matched: ours asked for the reference's count per block (int(numel·s)+1), which must
   reproduce the reference's weights up to float32 rounding.
 
-Usage: python benchmarks/bench_sparsegpt.py [--repeats 5] [--threads N] [--synthetic]
+With ``--perplexity`` it instead runs a small end-to-end quality check on SmolLM2: calibration
+16 windows x 128 tokens of Emma (seed 0), perplexity on the first 16 x 256 tokens of Pride and
+Prejudice, for dense, magnitude, Wanda (one pass and sequential) and SparseGPT (sequential) at
+50% and 2:4. (The full protocol of issue 4 is the flows' benchmark.)
+
+Usage: python benchmarks/bench_sparsegpt.py [--repeats 5] [--threads N] [--synthetic] [--perplexity]
 """
 
 from __future__ import annotations
@@ -94,14 +99,67 @@ def bench(name: str, W: torch.Tensor, H: torch.Tensor, pattern, repeats: int) ->
             f"{mask_agree:.5f} | {rel:.1e} | {matched} | {err_o:.4f} / {err_r:.4f} |")
 
 
+def perplexity(model, tok, n: int = 16, length: int = 256) -> float:
+    import gzip
+    import math
+
+    from benchmarks._smollm2 import REPO
+
+    with gzip.open(REPO / "data" / "text" / "pride_and_prejudice.txt.gz", "rt", encoding="utf-8") as f:
+        ids = torch.tensor(tok(f.read()[:200_000])["input_ids"][: n * length]).view(n, length)
+    nll = 0.0
+    with torch.no_grad():
+        for b in ids.split(4):
+            nll += model(b, labels=b, use_cache=False).loss.item() * b.shape[0]
+    return math.exp(nll / n)
+
+
+def perplexity_check() -> None:
+    from benchmarks._smollm2 import emma_windows, load_smollm2
+    from pruning_core.pruning import (
+        MagnitudePruner,
+        SparseGPTPruner,
+        WandaPruner,
+        prune_module,
+        prune_sequential,
+    )
+
+    _, tok = load_smollm2()
+    batches = list(emma_windows(tok, 16, 128, seed=0).split(4))
+    runs = {
+        "dense": None,
+        "magnitude 50% (one pass)": lambda m: prune_module(m, MagnitudePruner(), 0.5),
+        "wanda 50% (one pass)": lambda m: prune_module(
+            m, WandaPruner(), 0.5, None, collect_activation_stats(m, batches, progress=False)),
+        "wanda 50% (sequential)": lambda m: prune_sequential(m, batches, WandaPruner(), 0.5, progress=False),
+        "sparsegpt 50% (sequential)": lambda m: prune_sequential(m, batches, SparseGPTPruner(), 0.5, progress=False),
+        "wanda 2:4 (sequential)": lambda m: prune_sequential(m, batches, WandaPruner(), None, NM(2, 4), progress=False),
+        "sparsegpt 2:4 (sequential)": lambda m: prune_sequential(
+            m, batches, SparseGPTPruner(), None, NM(2, 4), progress=False),
+    }
+    print("| model | perplexity | achieved sparsity | pruning s (wall) |")
+    print("|---|---|---|---|")
+    for label, fn in runs.items():
+        model, _ = load_smollm2()
+        t0 = time.perf_counter()
+        result = fn(model) if fn else None
+        seconds = time.perf_counter() - t0
+        sparsity = result.achieved_sparsity if result else 0.0
+        print(f"| {label} | {perplexity(model, tok):.2f} | {sparsity:.4f} | {seconds:.1f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--synthetic", action="store_true", help="random correlated inputs instead of SmolLM2")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--perplexity", action="store_true", help="end-to-end perplexity check instead")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.perplexity:
+        perplexity_check()
+        return
     torch.manual_seed(0)
     problems = synthetic_problems() if args.synthetic else real_problems()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
