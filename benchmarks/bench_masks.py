@@ -8,7 +8,9 @@ same mask (the baseline is the exactness reference too).
 
     python benchmarks/bench_masks.py [--log2n 26] [--repeats 5] [--markdown OUT.md]
 
-The machine is shared: the 1-minute load average is printed before and after each case.
+The machine is shared: the 1-minute load average is printed before and after each case, and
+the median CPU seconds of this process (``time.process_time``, all threads) are reported next to
+the wall-clock medians; with ``--threads 1`` the CPU time approximates an unloaded core.
 """
 
 from __future__ import annotations
@@ -48,18 +50,26 @@ def cases(scores: torch.Tensor, rows: int) -> dict[str, tuple[Callable, Callable
             lambda: generate_unstructured_mask(mat, 0.5, scope=MaskScope.ROW).tensor,
             lambda: sort_baseline(mat, half),
         ),
-        "2:4": (lambda: generate_nm_mask(mat, 2, 4).tensor, lambda: sort_baseline(scores.view(-1, 4), 2).view(mat.shape)),
-        "4:8": (lambda: generate_nm_mask(mat, 4, 8).tensor, lambda: sort_baseline(scores.view(-1, 8), 4).view(mat.shape)),
+        "2:4": (
+            lambda: generate_nm_mask(mat, 2, 4).tensor,
+            lambda: sort_baseline(scores.view(-1, 4), 2).view(mat.shape),
+        ),
+        "4:8": (
+            lambda: generate_nm_mask(mat, 4, 8).tensor,
+            lambda: sort_baseline(scores.view(-1, 8), 4).view(mat.shape),
+        ),
     }
 
 
-def timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, list[float], torch.Tensor]:
-    times, out = [], None
+def timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, float, list[float], torch.Tensor]:
+    """Median wall seconds, median CPU seconds (this process, all threads), all wall times, output."""
+    wall, cpu, out = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        c0, w0 = time.process_time(), time.perf_counter()
         out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, out
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu), wall, out
 
 
 def main() -> None:
@@ -70,7 +80,10 @@ def main() -> None:
     parser.add_argument("--baseline-repeats", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=None, help="subset of case names")
     parser.add_argument("--markdown", default=None, help="append the result table to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     n = 1 << args.log2n
     scores = torch.rand(n, generator=torch.Generator().manual_seed(0))
@@ -80,22 +93,24 @@ def main() -> None:
     )
     print(header)
     lines = [
-        "| case | ours median s | ours M elem/s | sort baseline median s | baseline M elem/s | speedup | target M/s | load avg (before→after) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| case | ours median s | ours M elem/s | sort baseline median s | baseline M elem/s | speedup "
+        "| ours CPU s | baseline CPU s | target M/s | load avg (before→after) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, (ours, baseline) in cases(scores, args.rows).items():
         if args.only and name not in args.only:
             continue
         load0 = os.getloadavg()[0]
         ours(), baseline()  # warm up
-        t_ours, all_ours, keep = timed(ours, args.repeats)
-        t_base, all_base, ref = timed(baseline, args.baseline_repeats)
+        t_ours, cpu_ours, all_ours, keep = timed(ours, args.repeats)
+        t_base, cpu_base, all_base, ref = timed(baseline, args.baseline_repeats)
         assert torch.equal(keep, ref), f"{name}: mask differs from the sort baseline"
         load1 = os.getloadavg()[0]
         target = TARGETS[name]
         row = (
             f"| {name} | {t_ours:.3f} | {n / t_ours / 1e6:.0f} | {t_base:.3f} | {n / t_base / 1e6:.0f} | "
-            f"{t_base / t_ours:.1f}x | {target if target else '-'} | {load0:.1f}→{load1:.1f} |"
+            f"{t_base / t_ours:.1f}x | {cpu_ours:.3f} | {cpu_base:.3f} | {target if target else '-'} | "
+            f"{load0:.1f}→{load1:.1f} |"
         )
         lines.append(row)
         print(row, "ours:", [round(t, 3) for t in all_ours], "baseline:", [round(t, 3) for t in all_base])

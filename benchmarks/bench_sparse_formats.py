@@ -10,7 +10,9 @@ multiplied with a dense activation batch ``x[in, batch]``:
   and, labelled "decompress+dense", ``to_dense() @ x`` - not a sparse kernel.
 
 Times are medians over --repeats rounds; the methods run round-robin inside each round so that
-load drift on the shared machine hits all of them alike. Memory: ``nbytes`` of every stored
+load drift on the shared machine hits all of them alike. "CPU ms" is the median CPU time of this
+process (``time.process_time``, all threads): with ``--threads 1`` it approximates an unloaded
+core. Memory: ``nbytes`` of every stored
 array versus the dense weight, and the peak-RSS increase of ONE call over the RSS before it
 (Linux: ``malloc_trim(0)``, then reset the high-water mark through ``/proc/self/clear_refs``
 and read ``VmHWM``; this includes the output tensor).
@@ -54,7 +56,9 @@ def peak_extra_mb(fn: Callable[[], torch.Tensor]) -> float:
     return (peak - before) / 1024
 
 
-def methods(weight: torch.Tensor, x: torch.Tensor, sparsity: float) -> dict[str, tuple[Callable, int, torch.Tensor]]:
+def methods(
+    weight: torch.Tensor, x: torch.Tensor, sparsity: float
+) -> dict[str, tuple[Callable, int, torch.Tensor]]:
     """name -> (call, stored bytes, the masked dense weight it represents)."""
     scores = weight.abs()
     unstructured = generate_unstructured_mask(scores, sparsity)
@@ -86,12 +90,14 @@ def bench(shape: tuple[int, int], sparsity: float, batch: int, repeats: int) -> 
     for name, (fn, _, dense_w) in cands.items():  # warm-up and exactness check
         torch.testing.assert_close(fn(), dense_w @ x, rtol=1e-3, atol=1e-3, msg=name)
     times: dict[str, list[float]] = {name: [] for name in cands}
+    cpu: dict[str, list[float]] = {name: [] for name in cands}
     load0 = os.getloadavg()[0]
     for _ in range(repeats):
         for name, (fn, _, _) in cands.items():
-            start = time.perf_counter()
+            c0, w0 = time.process_time(), time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
     load1 = os.getloadavg()[0]
     dense_t = statistics.median(times["dense (torch.matmul)"])
     dense_bytes = shape[0] * shape[1] * 4
@@ -100,6 +106,7 @@ def bench(shape: tuple[int, int], sparsity: float, batch: int, repeats: int) -> 
         t = statistics.median(times[name])
         rows.append(
             f"| {shape[0]}x{shape[1]} | {sparsity:.0%} | {name} | {t * 1e3:.2f} | {dense_t / t:.2f}x | "
+            f"{statistics.median(cpu[name]) * 1e3:.2f} | "
             f"{nbytes / 2**20:.2f} | {nbytes / dense_bytes:.3f} | {peak_extra_mb(fn):.1f} | {load0:.1f}→{load1:.1f} |"
         )
         print(rows[-1], [round(v * 1e3, 2) for v in times[name]], flush=True)
@@ -113,15 +120,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--markdown", default=None, help="append the result table to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     header = (
         f"x = [in, {args.batch}] float32; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"median of {args.repeats} round-robin rounds"
     )
     print(header)
     lines = [
-        "| weight | sparsity | method | median ms | speedup vs dense | stored MB | bytes / dense | peak extra MB | load avg |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| weight | sparsity | method | median ms | speedup vs dense | CPU ms | stored MB | bytes / dense "
+        "| peak extra MB | load avg |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for text in args.shapes:
         shape = tuple(int(v) for v in text.split("x"))

@@ -148,7 +148,9 @@ def generate_mask(
     if isinstance(pattern, Unstructured):
         return generate_unstructured_mask(scores, _required(sparsity, pattern, name), scope=scope, name=name)
     if scope is not MaskScope.LAYER:
-        raise InvalidPattern(f"scope={scope.value} applies to unstructured masks only, not {pattern}", name=name)
+        raise InvalidPattern(
+            f"scope={scope.value} applies to unstructured masks only, not {pattern}", name=name
+        )
     if isinstance(pattern, NM):
         _check_nm_sparsity(pattern, sparsity, name)
         return generate_nm_mask(scores, pattern.n, pattern.m, name=name)

@@ -15,6 +15,7 @@ from pruning_core.errors import InvalidMask, ShapeMismatch
 from pruning_core.masks.pattern import NM, SparsityPattern, Unstructured
 
 _BINARY_TOL = 1e-6
+_UNSTRUCTURED = Unstructured()  # patterns are frozen value objects, safe as a default
 
 
 def _to_bool(mask: Any, name: str | None) -> torch.Tensor:
@@ -53,8 +54,9 @@ class SparsityMask:
 
     __slots__ = ("_mask", "_name", "_nnz", "_pattern")
 
-    def __init__(self, mask: Any, pattern: SparsityPattern | None = None, *, name: str | None = None) -> None:
-        pattern = Unstructured() if pattern is None else pattern
+    def __init__(
+        self, mask: Any, pattern: SparsityPattern = _UNSTRUCTURED, *, name: str | None = None
+    ) -> None:
         if not isinstance(pattern, SparsityPattern):
             raise TypeError(f"pattern must be a SparsityPattern, got {type(pattern).__name__}")
         tensor = _to_bool(mask, name)

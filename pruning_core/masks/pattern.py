@@ -138,8 +138,9 @@ class NM(SparsityPattern):
         if over.numel():
             g = int(over[0, 0])
             per_row = max(width // self.m, 1)
+            first = g % per_row * self.m
             raise InvalidPattern(
-                f"group {g} (row {g // per_row}, columns {g % per_row * self.m}..{g % per_row * self.m + self.m - 1})"
+                f"group {g} (row {g // per_row}, columns {first}..{first + self.m - 1})"
                 f" has {int(kept[g])} kept elements, expected at most {self.n} (N:M = {self.n}:{self.m})",
                 name=name,
             )

@@ -2,8 +2,9 @@
 
 Stage: masks (low level). Every function takes importance scores (higher = more important) and
 returns a bool tensor shaped like the scores, ``True`` = keep. The ``generate_*`` functions in
-:mod:`pruning_core.masks.generate` wrap these in validated :class:`SparsityMask` objects; the
-structured (block/row/column) variants live in :mod:`pruning_core.masks.structured`.
+:mod:`pruning_core.masks.generate` wrap these in validated :class:`SparsityMask` objects. The
+structured variants (:func:`keep_blocks`, :func:`keep_rows`, :func:`keep_columns`) rank whole
+groups by a reduced group score (:func:`group_scores`).
 
 Exactness: a comparison group of ``L`` scores loses exactly ``k = floor(L * s)`` elements
 (:func:`pruning_core.validate.num_to_prune`), and every kept score is >= every pruned score of

@@ -139,7 +139,9 @@ def check_dense(dense: torch.Tensor, fmt: str) -> None:
     if not isinstance(dense, torch.Tensor):
         raise TypeError(f"{fmt}: dense must be a torch.Tensor, got {type(dense).__name__}")
     if dense.dim() != 2:
-        raise ShapeMismatch([0, 0], list(dense.shape), name=fmt, reason=f"needs a 2-D tensor, got {dense.dim()}-D")
+        raise ShapeMismatch(
+            [0, 0], list(dense.shape), name=fmt, reason=f"needs a 2-D tensor, got {dense.dim()}-D"
+        )
 
 
 def keep_of(dense: torch.Tensor, mask: Any, fmt: str) -> torch.Tensor:
@@ -157,7 +159,9 @@ def check_shape(shape: Any, fmt: str) -> tuple[int, int]:
     try:
         rows, cols = (int(v) for v in shape)
     except (TypeError, ValueError):
-        raise ShapeMismatch("(rows, cols)", [], name=fmt, reason=f"shape must be 2 integers, got {shape!r}") from None
+        raise ShapeMismatch(
+            "(rows, cols)", [], name=fmt, reason=f"shape must be 2 integers, got {shape!r}"
+        ) from None
     if rows < 0 or cols < 0:
         raise ShapeMismatch("(rows, cols) >= 0", [rows, cols], name=fmt, reason="negative dimension")
     return rows, cols

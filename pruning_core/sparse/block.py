@@ -54,7 +54,9 @@ class BlockSparseTensor(SparseTensor):
 
     format = SparseFormat.BLOCK
 
-    def __init__(self, blocks: Any, block_rows: Any, block_cols: Any, shape: Any, *, nnz: int | None = None) -> None:
+    def __init__(
+        self, blocks: Any, block_rows: Any, block_cols: Any, shape: Any, *, nnz: int | None = None
+    ) -> None:
         rows, cols = check_shape(shape, "Block")
         blocks = as_values(blocks, "Block", dim=3)
         nb, bh, bw = blocks.shape
@@ -63,7 +65,9 @@ class BlockSparseTensor(SparseTensor):
         br = as_index(block_rows, "block_rows", "Block").to(torch.int64)
         bc = as_index(block_cols, "block_cols", "Block").to(torch.int64)
         if not br.numel() == bc.numel() == nb:
-            raise InvalidMask(f"{nb} blocks but {br.numel()} block rows and {bc.numel()} block cols", name="Block")
+            raise InvalidMask(
+                f"{nb} blocks but {br.numel()} block rows and {bc.numel()} block cols", name="Block"
+            )
         check_range(br, grid[0], "block_rows", "Block")
         check_range(bc, grid[1], "block_cols", "Block")
         order = torch.argsort(br * grid[1] + bc, stable=True)
@@ -78,7 +82,9 @@ class BlockSparseTensor(SparseTensor):
         idx = index_dtype(*grid, nb + 1)
         self._init(blocks, br.to(idx), bc.to(idx), (rows, cols), nnz)
 
-    def _init(self, blocks: torch.Tensor, br: torch.Tensor, bc: torch.Tensor, shape: tuple[int, int], nnz: int) -> None:
+    def _init(
+        self, blocks: torch.Tensor, br: torch.Tensor, bc: torch.Tensor, shape: tuple[int, int], nnz: int
+    ) -> None:
         self._blocks, self._br, self._bc, self._shape, self._nnz = blocks, br, bc, shape, nnz
         bh, bw = blocks.shape[1:]
         self._grid = (-(-shape[0] // bh), -(-shape[1] // bw))
@@ -86,7 +92,12 @@ class BlockSparseTensor(SparseTensor):
 
     @classmethod
     def from_dense(
-        cls, dense: torch.Tensor, mask: Any = None, *, block_size: tuple[int, int] | None = None, **kwargs: Any
+        cls,
+        dense: torch.Tensor,
+        mask: Any = None,
+        *,
+        block_size: tuple[int, int] | None = None,
+        **kwargs: Any,
     ) -> BlockSparseTensor:
         """Store every ``block_size`` tile of ``dense`` that holds a non-zero (or a kept position).
 
@@ -104,8 +115,13 @@ class BlockSparseTensor(SparseTensor):
         br, bc = torch.nonzero(stored, as_tuple=True)  # block-row-major
         obj = cls.__new__(cls)
         idx = index_dtype(*grid, br.numel() + 1)
-        obj._init(tiles[br, bc].contiguous(), br.to(idx), bc.to(idx), (dense.shape[0], dense.shape[1]),
-                  int(torch.count_nonzero(keep)))
+        obj._init(
+            tiles[br, bc].contiguous(),
+            br.to(idx),
+            bc.to(idx),
+            (dense.shape[0], dense.shape[1]),
+            int(torch.count_nonzero(keep)),
+        )
         return obj
 
     @property
@@ -166,7 +182,9 @@ class BlockSparseTensor(SparseTensor):
         bh, bw = self.block_size
         if self._shape[0] % bh or self._shape[1] % bw:
             raise ShapeMismatch(
-                f"multiples of the {bh}x{bw} block", list(self._shape), name="Block",
+                f"multiples of the {bh}x{bw} block",
+                list(self._shape),
+                name="Block",
                 reason="torch's BSR layout cannot represent a padded shape; use to_dense() or pad first",
             )
         return self._padded_bsr()

@@ -53,12 +53,16 @@ class CSRTensor(SparseTensor):
         idx = index_dtype(rows, cols, nnz)
         self._init(values, col_indices.to(idx), row_ptrs.to(idx), (rows, cols))
 
-    def _init(self, values: torch.Tensor, cols: torch.Tensor, ptrs: torch.Tensor, shape: tuple[int, int]) -> None:
+    def _init(
+        self, values: torch.Tensor, cols: torch.Tensor, ptrs: torch.Tensor, shape: tuple[int, int]
+    ) -> None:
         self._values, self._cols, self._ptrs, self._shape = values, cols, ptrs, shape
         self._torch: torch.Tensor | None = None
 
     @classmethod
-    def _trusted(cls, values: torch.Tensor, cols: torch.Tensor, ptrs: torch.Tensor, shape: tuple[int, int]) -> CSRTensor:
+    def _trusted(
+        cls, values: torch.Tensor, cols: torch.Tensor, ptrs: torch.Tensor, shape: tuple[int, int]
+    ) -> CSRTensor:
         obj = cls.__new__(cls)
         obj._init(values, cols, ptrs, shape)
         return obj
@@ -120,7 +124,12 @@ class CSRTensor(SparseTensor):
         """A ``torch.sparse_csr`` tensor sharing this tensor's arrays."""
         if self._torch is None:
             self._torch = quiet_sparse(
-                torch.sparse_csr_tensor, self._ptrs, self._cols, self._values, self._shape, check_invariants=False
+                torch.sparse_csr_tensor,
+                self._ptrs,
+                self._cols,
+                self._values,
+                self._shape,
+                check_invariants=False,
             )
         return self._torch
 
@@ -129,14 +138,18 @@ class CSRTensor(SparseTensor):
         return a @ x
 
     def to_coo(self) -> COOTensor:
-        return COOTensor._trusted(self._values, self.row_indices().to(self._cols.dtype), self._cols, self._shape)
+        return COOTensor._trusted(
+            self._values, self.row_indices().to(self._cols.dtype), self._cols, self._shape
+        )
 
 
 def _check_row_ptrs(ptrs: torch.Tensor, rows: int, nnz: int) -> None:
     if ptrs.numel() != rows + 1:
         raise InvalidMask(f"row_ptrs has length {ptrs.numel()}, expected rows + 1 = {rows + 1}", name="CSR")
     if int(ptrs[0]) != 0 or int(ptrs[-1]) != nnz:
-        raise InvalidMask(f"row_ptrs must start at 0 and end at nnz={nnz}, got {int(ptrs[0])}..{int(ptrs[-1])}", name="CSR")
+        raise InvalidMask(
+            f"row_ptrs must start at 0 and end at nnz={nnz}, got {int(ptrs[0])}..{int(ptrs[-1])}", name="CSR"
+        )
     drop = torch.nonzero(ptrs[1:] < ptrs[:-1])
     if drop.numel():
         r = int(drop[0, 0])
@@ -189,12 +202,16 @@ class COOTensor(SparseTensor):
         idx = index_dtype(rows, cols, values.numel())
         self._init(values, r.to(idx), c.to(idx), (rows, cols))
 
-    def _init(self, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> None:
+    def _init(
+        self, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]
+    ) -> None:
         self._values, self._rows, self._cols, self._shape = values, rows, cols, shape
         self._torch: torch.Tensor | None = None
 
     @classmethod
-    def _trusted(cls, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> COOTensor:
+    def _trusted(
+        cls, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]
+    ) -> COOTensor:
         obj = cls.__new__(cls)
         obj._init(values, rows, cols, shape)
         return obj

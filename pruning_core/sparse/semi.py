@@ -72,8 +72,12 @@ class SemiStructuredTensor(SparseTensor):
         if tuple(values.shape) != (rows, cols // 2):
             raise ShapeMismatch([rows, cols // 2], list(values.shape), name="2:4 values")
         if meta.dtype != torch.uint8 or tuple(meta.shape) != (rows, -(-cols // 8)):
-            raise ShapeMismatch([rows, -(-cols // 8)], list(meta.shape), name="2:4 meta",
-                                reason=f"needs uint8 of this shape, got {meta.dtype}")
+            raise ShapeMismatch(
+                [rows, -(-cols // 8)],
+                list(meta.shape),
+                name="2:4 meta",
+                reason=f"needs uint8 of this shape, got {meta.dtype}",
+            )
         _check_meta(meta, cols)
         nnz = int(torch.count_nonzero(values)) if nnz is None else int(nnz)
         if not 0 <= nnz <= values.numel():
@@ -98,15 +102,21 @@ class SemiStructuredTensor(SparseTensor):
         NM(2, 4).validate(keep, name="2:4")
         groups = keep.reshape(-1, 4)  # [G, 4]
         # Two slots per group: kept positions first, then the lowest unused ones (unique priorities).
-        priority = groups.to(torch.float32) * 4 + torch.arange(3, -1, -1, dtype=torch.float32, device=dense.device)
+        priority = groups.to(torch.float32) * 4 + torch.arange(
+            3, -1, -1, dtype=torch.float32, device=dense.device
+        )
         chosen = keep_nm(priority, 2, 4)  # exactly 2 per group
         idx = (torch.nonzero(chosen.reshape(-1), as_tuple=True)[0] % 4).view(-1, 2)  # ascending in group
         slot_keep = groups.gather(1, idx)
         vals = dense.reshape(-1, 4).gather(1, idx)
         vals = torch.where(slot_keep, vals, torch.zeros((), dtype=dense.dtype, device=dense.device))
         obj = cls.__new__(cls)
-        obj._init(vals.reshape(rows, cols // 2), _pack(idx.reshape(rows, cols // 2).to(torch.uint8)),
-                  (rows, cols), int(torch.count_nonzero(keep)))
+        obj._init(
+            vals.reshape(rows, cols // 2),
+            _pack(idx.reshape(rows, cols // 2).to(torch.uint8)),
+            (rows, cols),
+            int(torch.count_nonzero(keep)),
+        )
         return obj
 
     @property
@@ -149,7 +159,11 @@ class SemiStructuredTensor(SparseTensor):
             col = (self.indices() + base).to(idx).reshape(-1)
             crow = torch.arange(rows + 1, device=self.device) * (cols // 2)
             self._torch = quiet_sparse(
-                torch.sparse_csr_tensor, crow.to(idx), col, self._values.reshape(-1), self._shape,
+                torch.sparse_csr_tensor,
+                crow.to(idx),
+                col,
+                self._values.reshape(-1),
+                self._shape,
                 check_invariants=False,
             )
         return self._torch

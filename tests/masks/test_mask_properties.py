@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from pruning_core.masks import (
     NM,
     Block,
+    Column,
     MaskScope,
+    Row,
     generate_block_mask,
     generate_column_mask,
     generate_global_masks,
@@ -31,7 +33,9 @@ SPARSITY = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), st.floats(0.0
 
 
 @st.composite
-def matrices(draw, max_rows: int = 6, max_cols: int = 12, col_step: int = 1, row_step: int = 1) -> torch.Tensor:
+def matrices(
+    draw, max_rows: int = 6, max_cols: int = 12, col_step: int = 1, row_step: int = 1
+) -> torch.Tensor:
     rows = row_step * draw(st.integers(1, max_rows))
     cols = col_step * draw(st.integers(1, max_cols))
     values = draw(st.lists(VALUE, min_size=rows * cols, max_size=rows * cols))
@@ -123,7 +127,9 @@ def test_global_prunes_exactly_floor_total(layers, sparsity) -> None:
     assert torch.equal(keep, reference_keep(flat, flat.shape[1] - num_to_prune(total, sparsity)))
 
 
-@given(matrices(max_rows=4, max_cols=4, row_step=2, col_step=3), SPARSITY, st.sampled_from(["sum", "max", "l2"]))
+@given(
+    matrices(max_rows=4, max_cols=4, row_step=2, col_step=3), SPARSITY, st.sampled_from(["sum", "max", "l2"])
+)
 def test_block_exact_count_and_separation(scores, sparsity, reduce) -> None:
     mask = generate_block_mask(scores, 2, 3, sparsity, reduce=reduce)
     Block(2, 3).validate(mask.tensor)
@@ -142,8 +148,10 @@ def test_block_exact_count_and_separation(scores, sparsity, reduce) -> None:
 
 @given(matrices(), SPARSITY)
 def test_rows_and_columns_exact_count(scores, sparsity) -> None:
-    rows = generate_row_mask(scores, sparsity).tensor[:, 0]
-    cols = generate_column_mask(scores, sparsity).tensor[0]
+    row_mask, col_mask = generate_row_mask(scores, sparsity), generate_column_mask(scores, sparsity)
+    Row().validate(row_mask.tensor)
+    Column().validate(col_mask.tensor)
+    rows, cols = row_mask.tensor[:, 0], col_mask.tensor[0]
     assert int((~rows).sum()) == num_to_prune(scores.shape[0], sparsity)
     assert int((~cols).sum()) == num_to_prune(scores.shape[1], sparsity)
     assert torch.equal(rows[None], reference_keep(scores.double().sum(1)[None], int(rows.sum())))

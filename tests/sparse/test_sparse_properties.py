@@ -25,8 +25,12 @@ def dense_and_mask(draw, max_rows: int = 9, max_cols: int = 11, col_step: int = 
     rows = draw(st.integers(0, max_rows))
     cols = col_step * draw(st.integers(0 if col_step == 1 else 1, max_cols))
     n = rows * cols
-    dense = torch.tensor(draw(st.lists(VALUE, min_size=n, max_size=n)), dtype=torch.float32).reshape(rows, cols)
-    mask = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool).reshape(rows, cols)
+    dense = torch.tensor(draw(st.lists(VALUE, min_size=n, max_size=n)), dtype=torch.float32).reshape(
+        rows, cols
+    )
+    mask = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool).reshape(
+        rows, cols
+    )
     return dense, mask
 
 
@@ -87,12 +91,16 @@ def test_semi_structured_accepts_any_at_most_2_of_4_mask(data) -> None:
 def test_constructors_accept_their_own_arrays(data) -> None:
     dense, mask = data
     csr = CSRTensor.from_dense(dense, mask)
-    assert torch.equal(CSRTensor(csr.values, csr.col_indices, csr.row_ptrs, csr.shape).to_dense(), csr.to_dense())
+    assert torch.equal(
+        CSRTensor(csr.values, csr.col_indices, csr.row_ptrs, csr.shape).to_dense(), csr.to_dense()
+    )
     coo = COOTensor.from_dense(dense, mask)
     perm = torch.randperm(coo.nnz, generator=torch.Generator().manual_seed(0))  # any entry order
     shuffled = COOTensor(coo.values[perm], coo.row_indices[perm], coo.col_indices[perm], coo.shape)
     assert torch.equal(shuffled.to_dense(), coo.to_dense())
-    assert torch.equal(coo.to_csr().to_dense(), csr.to_dense()) and torch.equal(csr.to_coo().to_dense(), coo.to_dense())
+    assert torch.equal(coo.to_csr().to_dense(), csr.to_dense()) and torch.equal(
+        csr.to_coo().to_dense(), coo.to_dense()
+    )
     blk = BlockSparseTensor.from_dense(dense, mask, block_size=(2, 3))
     again = BlockSparseTensor(blk.values, blk.block_rows, blk.block_cols, blk.shape, nnz=blk.nnz)
     assert torch.equal(again.to_dense(), blk.to_dense())

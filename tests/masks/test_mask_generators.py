@@ -96,7 +96,10 @@ def test_row_scope_prunes_each_row_separately() -> None:
     scores = T([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]])
     assert kept(generate_unstructured_mask(scores, 0.5, scope=MaskScope.ROW)) == [[0, 0, 1, 1], [0, 0, 1, 1]]
     assert kept(generate_unstructured_mask(scores, 0.5, scope="layer")) == [[0, 0, 0, 0], [1, 1, 1, 1]]
-    assert kept(generate_unstructured_mask(scores, 0.5, scope=MaskScope.GLOBAL)) == [[0, 0, 0, 0], [1, 1, 1, 1]]
+    assert kept(generate_unstructured_mask(scores, 0.5, scope=MaskScope.GLOBAL)) == [
+        [0, 0, 0, 0],
+        [1, 1, 1, 1],
+    ]
 
 
 def test_unknown_scope_and_dim_are_config_errors() -> None:
@@ -106,12 +109,32 @@ def test_unknown_scope_and_dim_are_config_errors() -> None:
         keep_topk(torch.ones(2, 2), 0.5, dim=0)
 
 
-def test_large_flat_selection_matches_sort_reference() -> None:
-    # 2^21 scores take the sampled-threshold path; ties from rounding to 1/64 exercise the tie step.
+@pytest.mark.parametrize(
+    ("kind", "sparsity"),
+    [
+        ("continuous", 0.37),
+        ("grid64", 0.37),
+        ("grid4096", 0.5),
+        ("grid4", 0.375),  # bracket wider than n/8: full kthvalue fallback
+        ("half_zeros", 0.3),  # threshold 0 shared by half the scores: lo == hi shortcut
+        ("half_zeros", 0.7),
+    ],
+)
+def test_large_flat_selection_matches_sort_reference(kind: str, sparsity: float) -> None:
+    # 2^21 scores take the sampled-threshold path (bracket, lo == hi shortcut, or fallback);
+    # grids and runs of zeros create heavy ties at the threshold.
     g = torch.Generator().manual_seed(3)
-    scores = torch.round(torch.rand(1 << 21, generator=g) * 64) / 64
-    keep = keep_topk(scores, 0.37)
-    order = torch.sort(scores, descending=True, stable=True).indices[: scores.numel() - int(0.37 * (1 << 21))]
+    u = torch.rand(1 << 21, generator=g)
+    scores = {
+        "continuous": u,
+        "grid64": torch.round(u * 64) / 64,
+        "grid4096": torch.round(u * 4096) / 4096,
+        "grid4": torch.round(u * 4) / 4,
+        "half_zeros": torch.where(torch.rand(1 << 21, generator=g) < 0.5, 0.0, u),
+    }[kind]
+    keep = keep_topk(scores, sparsity)
+    n_keep = scores.numel() - int(sparsity * (1 << 21))
+    order = torch.sort(scores, descending=True, stable=True).indices[:n_keep]
     assert torch.equal(keep, torch.zeros_like(keep).index_fill_(0, order, True))
 
 
@@ -149,7 +172,9 @@ def test_nm_pinned() -> None:
 
 
 def test_nm_ties_keep_the_lower_index_in_each_group() -> None:
-    assert kept(generate_nm_mask(T([[1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0]]), 2, 4)) == [[1, 1, 0, 0, 0, 1, 1, 0]]
+    assert kept(generate_nm_mask(T([[1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0]]), 2, 4)) == [
+        [1, 1, 0, 0, 0, 1, 1, 0]
+    ]
     assert kept(generate_nm_mask(T([[3.0] * 16]), 4, 16)) == [[1] * 4 + [0] * 12]  # sort path (m > 8)
 
 
@@ -211,7 +236,12 @@ def test_rank3_error_names_the_layer() -> None:
 
 
 def test_row_pinned() -> None:
-    assert kept(generate_row_mask(T([[1.0, 1], [2, 2], [3, 3], [4, 4]]), 0.5)) == [[0, 0], [0, 0], [1, 1], [1, 1]]
+    assert kept(generate_row_mask(T([[1.0, 1], [2, 2], [3, 3], [4, 4]]), 0.5)) == [
+        [0, 0],
+        [0, 0],
+        [1, 1],
+        [1, 1],
+    ]
     assert kept(generate_row_mask(T([[1.0, 1], [10, 10]]), 0.5)) == [[0, 0], [1, 1]]
     assert generate_row_mask(torch.ones(2, 2), 0.5).pattern == Row()
 
@@ -253,8 +283,14 @@ def test_group_reductions(reduce: str, expected: list[list[int]]) -> None:
 # ----------------------------------------------------------------------------- dispatch
 @pytest.mark.parametrize(
     ("pattern", "sparsity", "expected"),
-    [(Unstructured(), 0.5, Unstructured()), ("2:4", None, NM(2, 4)), (NM(2, 4), 0.5, NM(2, 4)),
-     ("block:2x2", 0.5, Block(2, 2)), (Row(), 0.5, Row()), ("column", 0.25, Column())],
+    [
+        (Unstructured(), 0.5, Unstructured()),
+        ("2:4", None, NM(2, 4)),
+        (NM(2, 4), 0.5, NM(2, 4)),
+        ("block:2x2", 0.5, Block(2, 2)),
+        (Row(), 0.5, Row()),
+        ("column", 0.25, Column()),
+    ],
 )
 def test_generate_mask_dispatch(pattern, sparsity, expected) -> None:
     assert generate_mask(BLOCK_4x4, pattern, sparsity).pattern == expected
@@ -273,3 +309,25 @@ def test_generate_mask_argument_errors() -> None:
         generate_mask(BLOCK_4x4, Block(2, 2), 0.5, scope=MaskScope.ROW)
     with pytest.raises(InvalidPattern):
         generate_mask(BLOCK_4x4, NM(5, 4), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int32])
+def test_other_score_dtypes_select_like_float32(dtype: torch.dtype) -> None:
+    scores = torch.arange(64).remainder(7).reshape(4, 16)
+    for make in (
+        lambda s: generate_unstructured_mask(s, 0.4, scope=MaskScope.ROW),
+        lambda s: generate_nm_mask(s, 2, 4),
+        lambda s: generate_block_mask(s, 2, 4, 0.5),
+    ):
+        assert make(scores.to(dtype)) == make(scores.float())
+
+
+def test_inputs_are_not_modified() -> None:
+    scores = torch.rand(8, 8, generator=torch.Generator().manual_seed(0))
+    before = scores.clone()
+    generate_unstructured_mask(scores, 0.5)
+    generate_unstructured_mask(scores, 0.5, scope=MaskScope.ROW)
+    generate_nm_mask(scores, 2, 4)
+    generate_block_mask(scores, 2, 2, 0.5)
+    generate_global_masks({"a": scores}, 0.5)
+    assert torch.equal(scores, before)

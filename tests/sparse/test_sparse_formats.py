@@ -296,7 +296,10 @@ def test_to_torch_layouts(fmt: SparseFormat) -> None:
     dense = torch.arange(16.0).reshape(4, 4) * (torch.arange(16).reshape(4, 4) % 3 == 0)
     t = sparsify(dense, None, fmt, **({"block_size": (2, 2)} if fmt is SparseFormat.BLOCK else {}))
     native = t.to_torch()
-    assert native.layout == {"csr": torch.sparse_csr, "coo": torch.sparse_coo, "block": torch.sparse_bsr}[fmt.value]
+    assert (
+        native.layout
+        == {"csr": torch.sparse_csr, "coo": torch.sparse_coo, "block": torch.sparse_bsr}[fmt.value]
+    )
     assert torch.equal(native.to_dense(), dense)
 
 

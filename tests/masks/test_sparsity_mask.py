@@ -15,8 +15,18 @@ from pruning_core.masks import NM, Block, Column, Row, SparsityMask, SparsityPat
 # ----------------------------------------------------------------------------- patterns
 @pytest.mark.parametrize(
     ("pattern", "valid"),
-    [(NM(2, 4), True), (NM(4, 4), True), (NM(0, 4), True), (NM(5, 4), False), (NM(1, 0), False),
-     (Block(2, 2), True), (Block(0, 2), False), (Block(2, 0), False), (Row(), True), (Column(), True)],
+    [
+        (NM(2, 4), True),
+        (NM(4, 4), True),
+        (NM(0, 4), True),
+        (NM(5, 4), False),
+        (NM(1, 0), False),
+        (Block(2, 2), True),
+        (Block(0, 2), False),
+        (Block(2, 0), False),
+        (Row(), True),
+        (Column(), True),
+    ],
 )
 def test_pattern_is_valid(pattern: SparsityPattern, valid: bool) -> None:
     assert pattern.is_valid() is valid
@@ -67,7 +77,9 @@ def test_structured_patterns_reject_1d_masks(pattern: SparsityPattern) -> None:
         (Column(), torch.tensor([[1, 0], [1, 1]], dtype=torch.bool), "column 1"),
     ],
 )
-def test_structured_patterns_reject_non_uniform(pattern: SparsityPattern, mask: torch.Tensor, match: str) -> None:
+def test_structured_patterns_reject_non_uniform(
+    pattern: SparsityPattern, mask: torch.Tensor, match: str
+) -> None:
     with pytest.raises(InvalidPattern, match=match):
         pattern.validate(mask)
 
@@ -80,7 +92,13 @@ def test_patterns_accept_empty_masks(pattern: SparsityPattern) -> None:
 
 @pytest.mark.parametrize(
     ("text", "pattern"),
-    [("unstructured", Unstructured()), ("2:4", NM(2, 4)), ("block:4x8", Block(4, 8)), ("row", Row()), ("Column", Column())],
+    [
+        ("unstructured", Unstructured()),
+        ("2:4", NM(2, 4)),
+        ("block:4x8", Block(4, 8)),
+        ("row", Row()),
+        ("Column", Column()),
+    ],
 )
 def test_parse(text: str, pattern: SparsityPattern) -> None:
     assert SparsityPattern.parse(text) == pattern
