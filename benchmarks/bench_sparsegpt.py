@@ -103,9 +103,9 @@ def perplexity(model, tok, n: int = 16, length: int = 256) -> float:
     import gzip
     import math
 
-    from benchmarks._smollm2 import REPO
+    from benchmarks._smollm2 import shipped_text_path
 
-    with gzip.open(REPO / "data" / "text" / "pride_and_prejudice.txt.gz", "rt", encoding="utf-8") as f:
+    with gzip.open(shipped_text_path("pride_and_prejudice"), "rt", encoding="utf-8") as f:
         ids = torch.tensor(tok(f.read()[:200_000])["input_ids"][: n * length]).view(n, length)
     nll = 0.0
     with torch.no_grad():

@@ -38,6 +38,7 @@ from pruning_core.masks import (
     Row,
     SparsityMask,
     SparsityPattern,
+    Unstructured,
     generate_block_mask,
     generate_column_mask,
     generate_mask,
@@ -263,7 +264,7 @@ class SparseGPTPruner:
         new_weight, keep = sparsegpt_prune(weight.detach(), hessian, sparsity, pattern=pattern,
                                            blocksize=self.blocksize, percdamp=self.percdamp, name=name,
                                            mask=prior.tensor, dtype=self.dtype)
-        final = SparsityMask(keep, pattern if isinstance(pattern, NM) else None, name=name)
+        final = SparsityMask(keep, pattern if isinstance(pattern, NM) else Unstructured(), name=name)
         with torch.no_grad():
             weight.copy_(new_weight)
         check_finite(weight, method="sparsegpt", what="pruned weight", layer=name)
