@@ -1,0 +1,102 @@
+"""Quality and sparsity measurements of pruned layers.
+
+Stage: evaluation. :func:`reconstruction_error` is the relative output error of a pruned linear
+layer on the calibration inputs, computed exactly from ``XᵀX`` without the tokens:
+``‖(W - Ŵ)Xᵀ‖_F² = tr(ΔW XᵀX ΔWᵀ)`` for tokens ``X [N, in]`` and ``ΔW = W - Ŵ [out, in]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pruning_core.calibration.stats import ActivationStats
+from pruning_core.errors import CalibrationRequired, ShapeMismatch
+from pruning_core.validate import check_finite
+
+
+def output_sq_error(delta: torch.Tensor, xtx: torch.Tensor) -> float:
+    """``tr(Δ XᵀX Δᵀ) = Σ_t ‖Δ x_t‖²`` in float64, for ``Δ [out, in]`` and ``XᵀX [in, in]``."""
+    d = delta.detach().to(torch.float64)
+    return float(((d @ xtx.to(d.device, torch.float64)) * d).sum())
+
+
+def reconstruction_error(
+    weight: torch.Tensor,
+    new_weight: torch.Tensor,
+    stats_or_xtx: ActivationStats | torch.Tensor,
+    *,
+    name: str | None = None,
+) -> float:
+    """Relative output error ``‖(W - Ŵ)Xᵀ‖_F / ‖W Xᵀ‖_F`` over the calibration tokens.
+
+    Args:
+        weight: original ``[out, in]`` weight.
+        new_weight: pruned (and possibly updated) ``[out, in]`` weight.
+        stats_or_xtx: the layer's :class:`ActivationStats` (collected with ``hessian=True``) or
+            an ``XᵀX`` ``[in, in]`` tensor (any positive scale: the ratio does not depend on it).
+
+    Returns:
+        The ratio (0.0 when both norms are 0; ``inf`` when only ``‖WXᵀ‖`` is 0).
+
+    Raises:
+        ShapeMismatch: shapes disagree. CalibrationRequired: stats without ``XᵀX``.
+        NumericalInstability: NaN/Inf in the inputs.
+    """
+    xtx = stats_or_xtx.xtx if isinstance(stats_or_xtx, ActivationStats) else stats_or_xtx
+    if xtx is None:
+        raise CalibrationRequired("reconstruction_error (statistics collected without hessian=True)", layer=name)
+    if weight.shape != new_weight.shape or weight.dim() != 2:
+        raise ShapeMismatch(list(weight.shape), list(new_weight.shape), name=name, reason="weights")
+    if list(xtx.shape) != [weight.shape[1]] * 2:
+        raise ShapeMismatch([weight.shape[1]] * 2, list(xtx.shape), name=name, reason="XᵀX")
+    for what, t in (("weight", weight), ("new weight", new_weight), ("XᵀX", xtx)):
+        check_finite(t, method="reconstruction_error", what=what, layer=name)
+    err = output_sq_error(weight.to(torch.float64) - new_weight.to(weight.device, torch.float64), xtx)
+    ref = output_sq_error(weight, xtx)
+    if ref <= 0.0:
+        return 0.0 if err <= 0.0 else math.inf
+    return math.sqrt(max(err, 0.0) / ref)
+
+
+def tensor_sparsity(tensor: torch.Tensor) -> float:
+    """Fraction of exact zeros (0.0 for an empty tensor)."""
+    n = tensor.numel()
+    return float((tensor == 0).sum()) / n if n else 0.0
+
+
+def mask_sparsity(mask: torch.Tensor) -> float:
+    """Fraction of False (pruned) entries of a keep mask (0.0 for an empty mask)."""
+    n = mask.numel()
+    return float((~mask.bool()).sum()) / n if n else 0.0
+
+
+def layer_sparsity(model: nn.Module, names: list[str] | None = None) -> dict[str, float]:
+    """Fraction of zero weights per ``nn.Linear`` (all of them, or the named ones), by name."""
+    out: dict[str, float] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and (names is None or name in names):
+            out[name] = tensor_sparsity(module.weight.detach())
+    return out
+
+
+def overall_sparsity(model: nn.Module, names: list[str] | None = None) -> float:
+    """Fraction of zero weights over the selected ``nn.Linear`` weights together."""
+    zeros = total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and (names is None or name in names):
+            zeros += int((module.weight == 0).sum())
+            total += module.weight.numel()
+    return zeros / total if total else 0.0
+
+
+__all__ = [
+    "layer_sparsity",
+    "mask_sparsity",
+    "output_sq_error",
+    "overall_sparsity",
+    "reconstruction_error",
+    "tensor_sparsity",
+]
