@@ -8,10 +8,13 @@ layer on the calibration inputs, computed exactly from ``XᵀX`` without the tok
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from pruning_core.calibration.capture import Batch
 from pruning_core.calibration.stats import ActivationStats
 from pruning_core.errors import CalibrationRequired, ShapeMismatch
 from pruning_core.validate import check_finite
@@ -61,6 +64,61 @@ def reconstruction_error(
     return math.sqrt(max(err, 0.0) / ref)
 
 
+def layer_output_errors(
+    model: nn.Module,
+    new_weights: Mapping[str, torch.Tensor],
+    batches: Iterable[Batch],
+    *,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Relative output error ``‖X(W - Ŵ)ᵀ‖_F / ‖XWᵀ‖_F`` of each layer on the inputs it sees in ``model``.
+
+    Runs ``batches`` through ``model`` (unchanged; hooks removed afterwards) and, at every layer
+    named in ``new_weights``, compares its weight ``W`` with the pruned ``Ŵ`` on the actual
+    inputs ``X`` of all tokens: the tokenwise counterpart of :func:`reconstruction_error`, for
+    jobs that collected no ``XᵀX``.
+
+    Args:
+        model: the dense model (its Linear weights are ``W``).
+        new_weights: layer name -> pruned ``[out, in]`` weight ``Ŵ``.
+        batches: token tensors ``[B, T]`` or dicts of model keyword arguments.
+
+    Returns:
+        layer name -> relative error (0.0 if both norms are 0, ``inf`` if only ``‖XWᵀ‖`` is).
+    """
+    from pruning_core.calibration.capture import run_batch
+
+    modules = {name: model.get_submodule(name) for name in new_weights}
+    sums = {name: [0.0, 0.0] for name in modules}  # [‖XΔᵀ‖², ‖XWᵀ‖²]
+    deltas = {}
+    for name, module in modules.items():
+        new = new_weights[name].to(module.weight.device, module.weight.dtype)
+        if new.shape != module.weight.shape:
+            raise ShapeMismatch(list(module.weight.shape), list(new.shape), name=name, reason="pruned weight")
+        deltas[name] = module.weight.detach() - new
+
+    def hook(name: str):
+        def accumulate(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1])
+            y = output.reshape(-1, output.shape[-1])
+            if getattr(module, "bias", None) is not None:
+                y = y - module.bias
+            sums[name][0] += float((x @ deltas[name].T).double().square().sum())
+            sums[name][1] += float(y.double().square().sum())
+        return accumulate
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(list(batches), desc="layer errors", disable=not progress):
+                run_batch(model, batch, device)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (math.sqrt(e / r) if r > 0 else (0.0 if e <= 0 else math.inf)) for n, (e, r) in sums.items()}
+
+
 def tensor_sparsity(tensor: torch.Tensor) -> float:
     """Fraction of exact zeros (0.0 for an empty tensor)."""
     n = tensor.numel()
@@ -93,6 +151,7 @@ def overall_sparsity(model: nn.Module, names: list[str] | None = None) -> float:
 
 
 __all__ = [
+    "layer_output_errors",
     "layer_sparsity",
     "mask_sparsity",
     "output_sq_error",
