@@ -9,6 +9,7 @@ does not change the identity of existing jobs (open_lth's hashname idea).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -167,12 +168,18 @@ class OneShotJob(JobBase):
         return self.scope or ("row" if self.method == "wanda" else "layer")
 
 
-JOB_KINDS: dict[str, type[JobBase]] = {"oneshot": OneShotJob}
+# job kind -> "module:ConfigModel", imported on first use so a config only loads its own flow's code.
+JOB_KINDS: dict[str, str] = {
+    "oneshot": "flows.config:OneShotJob",
+    "minitron": "flows.minitron:MinitronJob",
+    "lottery": "flows.lottery:LotteryJob",
+}
 
 
-def register_job_kind(kind: str, model: type[JobBase]) -> None:
-    """Add a job kind (minitron, lottery) so that ``load_config`` dispatches on the ``job`` key."""
-    JOB_KINDS[kind] = model
+def job_model(kind: str) -> type[JobBase]:
+    """The config model of a job kind."""
+    module, _, attr = JOB_KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -195,7 +202,7 @@ def parse_config(data: Any, source: str = "<config>") -> JobBase:
     if kind not in JOB_KINDS:
         raise ConfigError("job", f"{source}: unknown job kind {kind!r}; allowed: {', '.join(sorted(JOB_KINDS))}")
     try:
-        return JOB_KINDS[kind].model_validate(data)
+        return job_model(kind).model_validate(data)
     except ValidationError as e:
         first_err = e.errors()[0]
         first = ".".join(str(p) for p in first_err["loc"]) or first_err["msg"].removeprefix("Value error, ").split(":")[0]

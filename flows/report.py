@@ -1,0 +1,54 @@
+"""Figures and tables for MLflow and Prefect: what people would rather look at than read."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and workers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def layer_figure(layers: Sequence[Mapping[str, Any]], title: str):
+    """Per-layer sparsity (bars) and relative output reconstruction error (line) in model order."""
+    plt = _pyplot()
+    names = [str(r["name"]) for r in layers]
+    sparsity = [float(r["sparsity"]) for r in layers]
+    error = [r.get("reconstruction_error") for r in layers]
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.06 * len(names)), 4.5), constrained_layout=True)
+    xs = range(len(names))
+    ax.bar(xs, sparsity, color="tab:blue", alpha=0.6, label="sparsity")
+    ax.set_ylabel("sparsity")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("layer (model order)")
+    if any(e is not None for e in error):
+        ax2 = ax.twinx()
+        ax2.plot(xs, [float("nan") if e is None else float(e) for e in error], color="tab:red", lw=1.2,
+                 marker=".", label="relative reconstruction error")
+        ax2.set_ylabel("relative output error ||WX - W'X|| / ||WX||")
+        ax2.set_ylim(bottom=0)
+        ax2.legend(loc="upper right")
+    step = max(1, len(names) // 30)
+    ax.set_xticks(list(xs)[::step], [n.removeprefix("model.") for n in names][::step], rotation=90, fontsize=6)
+    ax.legend(loc="upper left")
+    ax.set_title(title)
+    return fig
+
+
+def ranking_figure(rows: Sequence[Mapping[str, Any]], x: str, y: str, label: str, title: str):
+    """Scatter of candidates (e.g. parameters vs loss), the chosen one highlighted."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    ax.scatter([r[x] for r in rows], [r[y] for r in rows], c="tab:blue")
+    for r in rows:
+        ax.annotate(str(r[label]), (r[x], r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    return fig
