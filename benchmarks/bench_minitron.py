@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import json
 import logging
-import math
 import os
 import platform
 import time
@@ -34,6 +32,15 @@ from pathlib import Path
 import torch
 
 from pruning_core.graph import apply_plan_, build_dependency_graph
+from pruning_core.lm import (
+    calibration_windows,
+    evaluation_windows,
+    load_causal_lm,
+    load_text,
+    shipped_text_path,
+    tokenize_corpus,
+)
+from pruning_core.lm import perplexity as lm_perplexity
 from pruning_core.minitron import (
     Architecture,
     bi_iterative,
@@ -48,39 +55,22 @@ from pruning_core.minitron import (
 from pruning_core.minitron.width_scores import WidthScores
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("SMOLLM2_DIR", "/work/cache/smollm2"))
+MODEL_DIR = Path(os.environ.get("SMOLLM2_DIR", "/work/cache/smollm2"))  # else pruning_core.lm converts the wheel
 log = logging.getLogger("bench_minitron")
 
 
 # --------------------------------------------------------------------------- data and evaluation
 def load_model_and_tokens(calib: int, evaluation: int, length: int):
-    """Model, calibration windows [calib, length], evaluation windows [evaluation, length]."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
-
-    def tokens(name: str) -> torch.Tensor:
-        text = gzip.open(REPO / "data" / "text" / f"{name}.txt.gz", "rt", encoding="utf-8").read()
-        return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-    emma, pride = tokens("emma"), tokens("pride_and_prejudice")
-    starts = torch.randint(0, emma.numel() - length + 1, (calib,), generator=torch.Generator().manual_seed(0))
-    calib_windows = emma[starts[:, None] + torch.arange(length)]
-    eval_windows = pride[: evaluation * length].reshape(evaluation, length)
-    return model, calib_windows, eval_windows
+    """Model, calibration windows [calib, length] (Emma, seed 0), evaluation windows [evaluation,
+    length] (first tokens of Pride and Prejudice), through ``pruning_core.lm``."""
+    model, tok = load_causal_lm(str(MODEL_DIR) if MODEL_DIR.is_dir() else None)
+    emma = tokenize_corpus(tok, load_text(shipped_text_path("emma")))
+    pride = tokenize_corpus(tok, load_text(shipped_text_path("pride_and_prejudice")))
+    return model, calibration_windows(emma, calib, length, seed=0), evaluation_windows(pride, evaluation, length)
 
 
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 8) -> float:
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for lo in range(0, len(windows), batch):
-            ids = windows[lo : lo + batch]
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            total += float(torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
-            count += ids[:, 1:].numel()
-    return math.exp(total / count)
+def perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
+    return lm_perplexity(model, windows, batch_size=8, progress=False)
 
 
 def num_params(model: torch.nn.Module) -> int:
