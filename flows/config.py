@@ -54,6 +54,9 @@ class EvaluationConfig(StrictModel):
     num_windows: PositiveInt = 64
     window_length: PositiveInt = 256
     batch_size: PositiveInt = 8
+    error_windows: PositiveInt = Field(
+        8, description="calibration windows on which each layer's output reconstruction error is measured"
+    )
 
 
 class SparseGPTConfig(StrictModel):
@@ -152,6 +155,11 @@ class OneShotJob(JobBase):
             raise ValueError(f"scope: applies to unstructured masks only, not pattern {pattern}")
         if self.method == "sparsegpt" and pattern.theoretical_sparsity() is None and str(pattern) != "unstructured":
             raise ValueError(f"pattern: sparsegpt supports unstructured and N:M patterns, not {pattern}")
+        if self.method == "sparsegpt" and self.scope not in (None, "layer"):
+            raise ValueError(f"scope: sparsegpt selects within column blocks of each layer; scope {self.scope} "
+                             "is not supported (allowed: layer)")
+        if self.scope == "global" and self.calibration.mode == "sequential":
+            raise ValueError("scope: global needs every layer's scores at once; use calibration mode one_pass")
         return self
 
     @property

@@ -6,7 +6,9 @@ settings at import time); the ``prune`` CLI calls it first thing.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,3 +62,23 @@ def make_task_runner(runner: RunnerConfig):  # -> prefect TaskRunner
 def default_output_dir(job: JobBase) -> Path:
     """``runs/<name>-<job hash>``: jobs with different configs never share a directory."""
     return Path("runs") / f"{job.name or job.job}-{job.job_hash()}"  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def torch_threads(runner: RunnerConfig) -> Iterator[None]:
+    """While per-layer tasks run concurrently in threads, split the cores between them.
+
+    torch's intra-op thread count is process-wide: two tasks each using every core would
+    oversubscribe the machine (OpenMP threads then spin against each other).
+    """
+    import torch
+
+    if runner.kind != "threads" or runner.max_workers <= 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // runner.max_workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -119,6 +119,15 @@ class Manifest:
             atomic_write_text(self.file, json.dumps(payload, indent=2) + "\n")
         return entry
 
+    def discard(self, name: str) -> None:
+        """Forget ``name`` (for intermediates deleted once consumed); unknown names are ignored."""
+        with self._locked():
+            entries = self.entries()
+            if entries.pop(name, None) is None:
+                return
+            payload = {"version": _VERSION, "artifacts": {n: asdict(e) for n, e in sorted(entries.items())}}
+            atomic_write_text(self.file, json.dumps(payload, indent=2) + "\n")
+
     def _problem(self, name: str, entry: ArtifactEntry, *, checksums: bool = True) -> str | None:
         full = safe_child(self.root, entry.path)
         if not full.exists():

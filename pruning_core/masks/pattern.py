@@ -60,6 +60,14 @@ class SparsityPattern:
         """The sparsity the pattern itself implies (N:M: 1 - n/m), or None if it depends on a target."""
         return None
 
+    def check_shape(self, shape: tuple[int, ...] | torch.Size, *, name: str | None = None) -> None:
+        """Raise :class:`InvalidPattern` (or :class:`ShapeMismatch`) unless a weight of ``shape`` can
+        carry this pattern (N:M: last dim divisible by M; Block: 2-D, divisible; Row/Column: 2-D).
+
+        This is the cheap check a job runs on every targeted layer before any long work.
+        """
+        self.validate(torch.zeros(tuple(shape), dtype=torch.bool), name=name)
+
     def validate(self, mask: torch.Tensor, *, name: str | None = None) -> None:
         """Raise :class:`InvalidPattern` (or :class:`ShapeMismatch`) unless ``mask`` follows the pattern."""
         self.check()

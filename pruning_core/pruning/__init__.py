@@ -13,6 +13,7 @@ from pruning_core.pruning.pruners import (
     SparseGPTPruner,
     WandaPruner,
     prune_weight,
+    score_weight,
 )
 from pruning_core.pruning.result import PruningResult, sparse_format_for, sparse_savings_bytes
 from pruning_core.pruning.sequential import prune_sequential
@@ -28,6 +29,7 @@ __all__ = [
     "prune_module",
     "prune_sequential",
     "prune_weight",
+    "score_weight",
     "sparse_format_for",
     "sparse_savings_bytes",
     "target_layers",

@@ -311,6 +311,31 @@ def prune_weight(
     return holder.weight.detach(), final
 
 
+def score_weight(
+    pruner: Pruner,
+    weight: torch.Tensor,
+    stats: ActivationStats | CalibrationContext | None = None,
+    *,
+    name: str = "layer",
+) -> torch.Tensor:
+    """The pruner's importance scores of one weight tensor (for a GLOBAL selection across layers).
+
+    Args:
+        pruner: a score-based pruner (magnitude, Wanda, any :class:`ImportancePruner`).
+        weight: ``[out, in]`` weight (not modified).
+        stats: the layer's statistics, or a context holding them under ``name``.
+
+    Returns:
+        Scores shaped like ``weight`` (higher = more important).
+    """
+    if isinstance(stats, ActivationStats):
+        context: CalibrationContext | None = CalibrationContext()
+        context.add_layer_stats(name, stats)
+    else:
+        context = stats
+    return pruner.importance.compute(_WeightHolder(weight), context, layer_name=name).values
+
+
 __all__ = [
     "ImportancePruner",
     "MagnitudePruner",
