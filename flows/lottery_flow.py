@@ -76,10 +76,12 @@ def lottery_search(job: LotteryJob, output_dir: str, on_eval: EvalObserver | Non
         for r in range(state["round"] + 1):  # what a crash may have left unrecorded (no-op otherwise)
             log_round(job, output_dir, r, parent)
         progress = RoundProgress(job, state)
-        while not state["done"]:
-            state = lottery_round(job, output_dir, state["round"] + 1, parent, on_eval)
-            progress.update(state)
-        progress.close()
+        try:
+            while not state["done"]:
+                state = lottery_round(job, output_dir, state["round"] + 1, parent, on_eval)
+                progress.update(state)
+        finally:
+            progress.close(complete=state["done"])
         rows = [summary_row(r) for r in state["records"]]
         log_search_results(job, output_dir, parent, rows)
         registered = publish_ticket(job, output_dir, parent, rows[-1])
@@ -143,8 +145,9 @@ class RoundProgress:
         update_progress_artifact(self.artifact, progress=self._percent(state["round"] + 1))
         self._table(state)
 
-    def close(self) -> None:
-        update_progress_artifact(self.artifact, progress=100.0)
+    def close(self, complete: bool) -> None:
+        if complete:
+            update_progress_artifact(self.artifact, progress=100.0)
         self.bar.close()
 
 

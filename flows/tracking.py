@@ -249,12 +249,18 @@ class Tracker:
         return self._call("get model version", self.client.get_model_version_by_alias, name, alias)
 
     def download_model(self, name: str, alias: str, dst: str | Path) -> Path:
-        """Download the files of ``models:/<name>@<alias>`` into ``dst``; returns their directory."""
+        """Download the files of ``models:/<name>@<alias>`` into ``dst``; returns their directory.
+
+        The alias is resolved through this tracker's registry (MLflow's own ``models:/`` download
+        reads the process-wide registry URI instead).
+        """
         from mlflow.artifacts import download_artifacts
 
+        version = self.model_version(name, alias)
+        uri = self._call("get download uri", self.client.get_model_version_download_uri, name, version.version)
         Path(dst).mkdir(parents=True, exist_ok=True)
-        out = self._call("download model", download_artifacts, artifact_uri=f"models:/{name}@{alias}",
-                         dst_path=str(dst), tracking_uri=self.tracking_uri)
+        out = self._call("download model", download_artifacts, artifact_uri=uri, dst_path=str(dst),
+                         tracking_uri=self.tracking_uri)
         return Path(out)
 
 
