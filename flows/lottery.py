@@ -31,6 +31,7 @@ from pruning_core.lottery import (
     LotteryTicketConfig,
     LotteryTicketPruner,
     TrainingConfig,
+    TrainSpec,
     WinningTicket,
     load_ticket,
 )
@@ -146,7 +147,7 @@ class LotteryJob(JobBase):
         return JobBase.job_hash(self.model_copy(update={"registry": RegistrySection()}))
 
 
-EvalObserver = Callable[[Any, int, dict[str, float]], None]
+EvalObserver = Callable[[TrainSpec, int, dict[str, float]], None]
 
 
 def run_lottery(job: LotteryJob, output_dir: Path, *, on_eval: EvalObserver | None = None) -> dict[str, Any]:
@@ -164,6 +165,9 @@ def run_lottery(job: LotteryJob, output_dir: Path, *, on_eval: EvalObserver | No
             ``output_dir`` that holds another job.
         ServiceUnavailable: the MLflow tracking server does not answer.
     """
+    from flows.runtime import configure_environment
+
+    configure_environment()  # before Prefect is imported (no-op for what the CLI or the user already set)
     from flows.lottery_flow import lottery_search
     from flows.tracking import Tracker
 

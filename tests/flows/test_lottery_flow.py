@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -271,3 +273,37 @@ def test_prune_cli_process_exit_code_and_run_time_config_errors(prefect_server, 
     other.write_text(yaml.safe_dump({**JOB, "search": {**JOB["search"], "seed": 4}}))
     assert prune_main(["run", str(other), "--output-dir", str(tmp_path / "out")]) == 2
     assert "'output_dir'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_prune_run_killed_with_sigkill_resumes(uninterrupted, prefect_server, mlflow_uri, tmp_path):
+    """The real thing: ``prune run`` in a process killed with SIGKILL after round 1, then run again."""
+    from prefect.settings import PREFECT_API_URL
+
+    config, out = tmp_path / "lt.yaml", tmp_path / "out"
+    config.write_text(yaml.safe_dump({**JOB, "tracking": {**JOB["tracking"], "tracking_uri": mlflow_uri}}))
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(config), "--output-dir", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": PREFECT_API_URL.value(), "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    committed = out / "tickets" / parse_config(JOB).lottery_config().hashname() / "round_001" / "ticket.json"
+    deadline = time.monotonic() + 240
+    while not committed.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL and committed.exists()
+    assert not (out / "summary.json").exists()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "round_00" in str(p)}
+
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_round"] == 2 and comparable(summary) == comparable(uninterrupted["summary"])
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items() if "round_000" in str(p) or "round_001" in str(p))
+    client, parents, children = runs_of(mlflow_uri)
+    assert len(parents) == 1 and sorted(c.data.tags["pruning.round"] for c in children) == ["0", "1", "2", "3"]
+    assert all(r.info.status == "FINISHED" for r in [*parents, *children])
+    for run in [*parents, *children]:
+        for key in run.data.metrics:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (run.info.run_name, key, steps)
