@@ -174,6 +174,8 @@ def run_lottery(job: LotteryJob, output_dir: Path, *, on_eval: EvalObserver | No
     if not isinstance(job, LotteryJob):
         raise ConfigError("job", f"run_lottery needs a LotteryJob, got {type(job).__name__}")
     Tracker.check_available(job.tracking.tracking_uri)
+    if job.name is None:  # names runs and artifacts; not part of the job's identity
+        job = job.model_copy(update={"name": f"lottery-{job.model}"})
     return lottery_search(job, str(Path(output_dir).resolve()), on_eval=on_eval)
 
 

@@ -228,10 +228,12 @@ def test_crash_in_round_2_resumes_there_with_identical_results(uninterrupted, pr
 
 
 def test_controls_off_and_global_pruning(prefect_server, mlflow_uri, tmp_path):
-    job = parse_config({**JOB, "controls": [], "search": {"target_sparsity": 0.5, "pruning_rounds": 1,
-                                                          "rewind_strategy": "init", "training_steps": 40},
+    unnamed = {k: v for k, v in JOB.items() if k != "name"}
+    job = parse_config({**unnamed, "controls": [], "search": {"target_sparsity": 0.5, "pruning_rounds": 1,
+                                                              "rewind_strategy": "init", "training_steps": 40},
                         "training": {"eval_every": 20, "threads": 1}})
     summary = run_lottery(job, tmp_path / "out")
+    assert summary["name"] == "lottery-lenet300_100"
     assert [(r["round"], r["density"]) for r in summary["rounds"]] == [(0, 1.0), (1, 0.5)]
     assert all(r["random_reinit_accuracy"] is None and r["random_mask_accuracy"] is None for r in summary["rounds"])
     _, _, children = runs_of(mlflow_uri)
