@@ -1,6 +1,155 @@
 """pruning_core: importance scoring, sparsity masks, sparse formats, calibration statistics,
 SparseGPT, structured (depth/width) pruning and Lottery Ticket search, on plain torch.
 
-Stages: statistics (calibration) -> scores (importance) -> masks/plans -> apply -> formats.
-It imports no Prefect, MLflow or Dask; the flows package orchestrates it.
+Stages: statistics (``calibration``) -> scores (``importance``) -> masks/plans (``masks``,
+``graph``, ``minitron``) -> apply (``pruning``, ``solvers``) -> formats (``sparse``), with
+``lottery`` (train-prune-rewind), ``lm`` (Hugging Face models, text, perplexity) and ``io``
+(atomic, checksummed artifacts) beside them. It imports no Prefect, MLflow or Dask.
+
+Masks are boolean tensors where True means *keep*. Every name of the seed module
+(``aprender::pruning``) is importable from here.
 """
+
+from pruning_core.calibration import (
+    ActivationStats,
+    BlockInputs,
+    CalibrationContext,
+    GradientStats,
+    calibrate_block,
+    capture_block_inputs,
+    collect_activation_stats,
+    collect_gradients,
+    run_block,
+)
+from pruning_core.errors import (
+    ArtifactError,
+    CalibrationRequired,
+    ConfigError,
+    GraphError,
+    InvalidMask,
+    InvalidPattern,
+    InvalidSparsity,
+    MissingActivationStats,
+    NoParameters,
+    NumericalInstability,
+    PruningError,
+    ServiceUnavailable,
+    ShapeMismatch,
+)
+from pruning_core.importance import (
+    Importance,
+    ImportanceScores,
+    ImportanceStats,
+    MagnitudeImportance,
+    NormType,
+    SparseGPTImportance,
+    TaylorImportance,
+    WandaImportance,
+    wanda_scores,
+)
+from pruning_core.lottery import (
+    LotteryTicketConfig,
+    LotteryTicketPruner,
+    LotteryTicketPrunerBuilder,
+    RewindStrategy,
+    TicketStore,
+    WinningTicket,
+)
+from pruning_core.masks import (
+    MaskScope,
+    SparsityMask,
+    SparsityPattern,
+    generate_block_mask,
+    generate_column_mask,
+    generate_global_masks,
+    generate_mask,
+    generate_nm_mask,
+    generate_row_mask,
+    generate_unstructured_mask,
+)
+from pruning_core.pruning import (
+    MagnitudePruner,
+    Pruner,
+    PruningResult,
+    SparseGPTPruner,
+    WandaPruner,
+    prune_module,
+    prune_sequential,
+    prune_weight,
+)
+from pruning_core.solvers import sparsegpt_prune
+from pruning_core.sparse import (
+    BlockSparseTensor,
+    COOTensor,
+    CSRTensor,
+    SemiStructuredTensor,
+    SparseFormat,
+    SparseTensor,
+    sparsify,
+)
+
+__all__ = [
+    "ActivationStats",
+    "ArtifactError",
+    "BlockInputs",
+    "BlockSparseTensor",
+    "COOTensor",
+    "CSRTensor",
+    "CalibrationContext",
+    "CalibrationRequired",
+    "ConfigError",
+    "GradientStats",
+    "GraphError",
+    "Importance",
+    "ImportanceScores",
+    "ImportanceStats",
+    "InvalidMask",
+    "InvalidPattern",
+    "InvalidSparsity",
+    "LotteryTicketConfig",
+    "LotteryTicketPruner",
+    "LotteryTicketPrunerBuilder",
+    "MagnitudeImportance",
+    "MagnitudePruner",
+    "MaskScope",
+    "MissingActivationStats",
+    "NoParameters",
+    "NormType",
+    "NumericalInstability",
+    "Pruner",
+    "PruningError",
+    "PruningResult",
+    "RewindStrategy",
+    "SemiStructuredTensor",
+    "ServiceUnavailable",
+    "ShapeMismatch",
+    "SparseFormat",
+    "SparseGPTImportance",
+    "SparseGPTPruner",
+    "SparseTensor",
+    "SparsityMask",
+    "SparsityPattern",
+    "TaylorImportance",
+    "TicketStore",
+    "WandaImportance",
+    "WandaPruner",
+    "WinningTicket",
+    "calibrate_block",
+    "capture_block_inputs",
+    "collect_activation_stats",
+    "collect_gradients",
+    "generate_block_mask",
+    "generate_column_mask",
+    "generate_global_masks",
+    "generate_mask",
+    "generate_nm_mask",
+    "generate_row_mask",
+    "generate_unstructured_mask",
+    "prune_module",
+    "prune_sequential",
+    "prune_weight",
+    "run_block",
+    "sparsegpt_prune",
+    "sparsify",
+    "wanda_scores",
+]

@@ -1,4 +1,4 @@
-"""Rebuild data/text/{emma,pride_and_prejudice}.txt.gz from Debian's r-cran-janeaustenr.
+"""Rebuild pruning_core/lm/data/{emma,pride_and_prejudice}.txt.gz from Debian's r-cran-janeaustenr.
 
 The novels are public domain; the Debian package (MIT) stores them in an R lazy-load database.
 This script reads that database with a small pure-Python reader of R's XDR serialization, so
@@ -103,7 +103,7 @@ def load_austen(datadir: Path) -> dict[str, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("datadir", type=Path, help="janeaustenr's data directory (holds Rdata.rdx/.rdb)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "text")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "pruning_core" / "lm" / "data")
     args = parser.parse_args()
     books = load_austen(args.datadir)
     args.out.mkdir(parents=True, exist_ok=True)

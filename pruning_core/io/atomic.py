@@ -2,14 +2,17 @@
 
 Stage: io. An artifact is written under a temporary name in its target directory, flushed to
 disk, and renamed over the final name, so a crash never leaves a half-written file that looks
-complete. Checksums (sha256) let a manifest verify artifacts on load.
+complete. Directories (a saved model) are built the same way: in a temporary sibling directory
+that is renamed into place at the end. Checksums (sha256) let a manifest verify artifacts on load.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +22,37 @@ from pruning_core.errors import ArtifactError
 _CHUNK = 1 << 20
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would race with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed to ``path``.
 
-    On error the temporary file is removed and ``path`` is left as it was.
+    On error the temporary file is removed and ``path`` is left as it was. The final file gets
+    the usual ``0o666 & ~umask`` permissions (``mkstemp`` alone would leave it private, 0o600).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -34,10 +63,63 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, final)
+        _fsync_dir(final.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
+
+    On error the temporary directory is deleted and ``path`` is left as it was. If ``path``
+    already exists it is moved aside first and deleted after the new directory is in place,
+    so a reader sees either the old complete directory or the new one, never a partial one
+    (between the two renames the path briefly does not exist).
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``fcntl.flock``) on ``directory`` while in the context.
+
+    Serializes writers across threads and processes on one machine (and on NFS with lock
+    support) without leaving a lock file behind; the lock is released when the process dies.
+    """
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -65,12 +147,21 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def safe_child(root: str | os.PathLike[str], name: str) -> Path:
-    """Return ``root / name``, refusing names that would escape ``root`` (``..``, absolute paths)."""
+    """Return ``root / name``, refusing names that would escape ``root`` (``..``, absolute paths)
+    or that name ``root`` itself (``""``, ``"."``)."""
     base = Path(root).resolve()
     target = (base / name).resolve()
-    if target != base and base not in target.parents:
-        raise ArtifactError(name, f"artifact name escapes its directory {base}")
+    if base not in target.parents:
+        raise ArtifactError(name, f"artifact name must name a path inside its directory {base}")
     return target
 
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "safe_child", "sha256_file"]
+__all__ = [
+    "atomic_dir",
+    "directory_lock",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "safe_child",
+    "sha256_file",
+]

@@ -132,12 +132,16 @@ class NM(SparsityPattern):
         width = mask.shape[-1] if mask.dim() else 1
         if mask.dim() == 0 or width % self.m:
             raise InvalidPattern(f"last dimension {width} is not divisible by M={self.m}", name=name)
-        kept = mask.reshape(-1, self.m).sum(dim=1)
+        keep = mask if mask.dtype == torch.bool else mask > 0.5
+        kept = keep.reshape(-1, self.m).sum(dim=1)
         over = torch.nonzero(kept > self.n)
         if over.numel():
             g = int(over[0, 0])
+            per_row = max(width // self.m, 1)
+            first = g % per_row * self.m
             raise InvalidPattern(
-                f"group {g} has {int(kept[g])} kept elements, expected at most {self.n} (N:M = {self.n}:{self.m})",
+                f"group {g} (row {g // per_row}, columns {first}..{first + self.m - 1})"
+                f" has {int(kept[g])} kept elements, expected at most {self.n} (N:M = {self.n}:{self.m})",
                 name=name,
             )
 
@@ -169,6 +173,8 @@ class Block(SparsityPattern):
             raise InvalidPattern(
                 f"shape {rows}x{cols} is not divisible by the {self.height}x{self.width} block", name=name
             )
+        if mask.numel() == 0:
+            return
         tiles = mask.reshape(rows // self.height, self.height, cols // self.width, self.width)
         uniform = (tiles.amax(dim=(1, 3)) == tiles.amin(dim=(1, 3)))
         if not bool(uniform.all()):
@@ -185,6 +191,8 @@ class Row(SparsityPattern):
 
     def validate(self, mask: torch.Tensor, *, name: str | None = None) -> None:
         _require_2d("Row", mask, name)
+        if mask.numel() == 0:
+            return
         uniform = mask.amax(dim=1) == mask.amin(dim=1)
         if not bool(uniform.all()):
             raise InvalidPattern(f"row {int(torch.nonzero(~uniform)[0, 0])} is not uniform", name=name)
@@ -199,6 +207,8 @@ class Column(SparsityPattern):
 
     def validate(self, mask: torch.Tensor, *, name: str | None = None) -> None:
         _require_2d("Column", mask, name)
+        if mask.numel() == 0:
+            return
         uniform = mask.amax(dim=0) == mask.amin(dim=0)
         if not bool(uniform.all()):
             raise InvalidPattern(f"column {int(torch.nonzero(~uniform)[0, 0])} is not uniform", name=name)

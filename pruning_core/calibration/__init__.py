@@ -1,0 +1,35 @@
+"""Calibration: activation statistics (and gradients) collected from real data.
+
+Stage: statistics. ``collect_activation_stats`` fills a :class:`CalibrationContext` from any
+torch model with forward hooks; ``collect_gradients`` adds accumulated weight gradients (Taylor);
+``capture_block_inputs`` / ``calibrate_block`` / ``run_block`` are the sequential (block by
+block) procedure of the Wanda and SparseGPT references.
+"""
+
+from pruning_core.calibration.capture import collect_activation_stats, select_linear_layers
+from pruning_core.calibration.context import CalibrationContext, merge_contexts
+from pruning_core.calibration.gradients import GradientStats, causal_lm_loss, collect_gradients
+from pruning_core.calibration.sequential import (
+    BlockInputs,
+    calibrate_block,
+    capture_block_inputs,
+    find_decoder_blocks,
+    run_block,
+)
+from pruning_core.calibration.stats import ActivationStats
+
+__all__ = [
+    "ActivationStats",
+    "BlockInputs",
+    "CalibrationContext",
+    "GradientStats",
+    "calibrate_block",
+    "capture_block_inputs",
+    "causal_lm_loss",
+    "collect_activation_stats",
+    "collect_gradients",
+    "find_decoder_blocks",
+    "merge_contexts",
+    "run_block",
+    "select_linear_layers",
+]

@@ -1,0 +1,34 @@
+"""Pruning: pruners (scores -> masks -> weights), whole-model passes and their results.
+
+Stage: apply. ``prune_module`` prunes every targeted layer of a model (one threshold per layer,
+per output row, or global); ``prune_sequential`` does it block by block on inputs that flow
+through the already-pruned blocks (the Wanda/SparseGPT reference procedure).
+"""
+
+from pruning_core.pruning.model import output_head_names, prune_module, target_layers
+from pruning_core.pruning.pruners import (
+    ImportancePruner,
+    MagnitudePruner,
+    Pruner,
+    SparseGPTPruner,
+    WandaPruner,
+    prune_weight,
+)
+from pruning_core.pruning.result import PruningResult, sparse_format_for, sparse_savings_bytes
+from pruning_core.pruning.sequential import prune_sequential
+
+__all__ = [
+    "ImportancePruner",
+    "MagnitudePruner",
+    "Pruner",
+    "PruningResult",
+    "SparseGPTPruner",
+    "WandaPruner",
+    "output_head_names",
+    "prune_module",
+    "prune_sequential",
+    "prune_weight",
+    "sparse_format_for",
+    "sparse_savings_bytes",
+    "target_layers",
+]

@@ -1,0 +1,79 @@
+"""Sequential (block-by-block) one-shot pruning of a decoder model, as the Wanda and SparseGPT
+reference scripts do (locuslab/wanda ``prune_wanda``, IST-DASLab/sparsegpt ``llama_sequential``).
+
+Stage: apply. For each decoder block i: collect the statistics of its Linear layers on its
+inputs, prune all of them, then run the *pruned* block to get block i+1's inputs. Only Linear
+layers inside the decoder blocks are pruned (the output head never is). Flows that run each block
+in its own task use the steps directly: ``capture_block_inputs``, ``calibrate_block``,
+``prune_module(block, ..., prefix=...)``, ``run_block``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from pruning_core.calibration.capture import Batch
+from pruning_core.calibration.context import CalibrationContext
+from pruning_core.calibration.sequential import (
+    calibrate_block,
+    capture_block_inputs,
+    find_decoder_blocks,
+    run_block,
+)
+from pruning_core.errors import ConfigError
+from pruning_core.masks import MaskScope, SparsityPattern
+from pruning_core.pruning.model import LayerFilter, parse_pattern_scope, prune_module
+from pruning_core.pruning.pruners import Pruner
+from pruning_core.pruning.result import PruningResult
+
+logger = logging.getLogger(__name__)
+
+
+def prune_sequential(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    pruner: Pruner,
+    sparsity: float | None,
+    pattern: SparsityPattern | str | None = None,
+    *,
+    scope: MaskScope | str | None = None,
+    filter_fn: LayerFilter | None = None,
+    dataset: str = "",
+    measure_memory: bool = True,
+    progress: bool = True,
+) -> PruningResult:
+    """Prune ``model``'s decoder blocks one after the other, in memory.
+
+    Args:
+        model: a decoder model whose blocks :func:`find_decoder_blocks` finds (Llama family:
+            ``model.model.layers``).
+        batches: calibration token tensors ``[B, T]`` or dicts of model keyword arguments.
+        pruner, sparsity, pattern, scope, filter_fn: as :func:`prune_module` (``filter_fn``
+            sees full qualified names); GLOBAL scope is not possible block by block.
+
+    Returns:
+        The merged :class:`PruningResult` over all blocks.
+    """
+    pattern, scope = parse_pattern_scope(pattern, scope)
+    if scope is MaskScope.GLOBAL:
+        raise ConfigError("scope", "GLOBAL scope needs every layer at once; use prune_module, not prune_sequential")
+    path, blocks = find_decoder_blocks(model)
+    needs_stats = pruner.requires_hessian or pruner.importance.requires_calibration
+    inputs = capture_block_inputs(model, batches, progress=False)
+    results = []
+    for i, block in enumerate(tqdm(blocks, desc=f"{pruner.name} (sequential)", unit="block", disable=not progress)):
+        prefix = f"{path}.{i}."
+        ctx = (calibrate_block(block, inputs, hessian=pruner.requires_hessian, prefix=prefix, dataset=dataset)
+               if needs_stats else CalibrationContext(dataset))
+        results.append(prune_module(block, pruner, sparsity, pattern, ctx, filter_fn=filter_fn, scope=scope,
+                                    prefix=prefix, measure_memory=measure_memory))
+        inputs = run_block(block, inputs)
+        logger.debug("block %d: sparsity %.4f", i, results[-1].achieved_sparsity)
+    return PruningResult.merge(results)
+
+
+__all__ = ["prune_sequential"]

@@ -1,0 +1,178 @@
+"""prune_module / prune_sequential on a tiny random Llama: targets, scopes, monotonicity, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from pruning_core.calibration import (
+    calibrate_block,
+    capture_block_inputs,
+    collect_activation_stats,
+    run_block,
+)
+from pruning_core.errors import CalibrationRequired, ConfigError, InvalidMask, InvalidPattern, NoParameters
+from pruning_core.masks import NM, MaskScope, Row, Unstructured
+from pruning_core.pruning import (
+    MagnitudePruner,
+    SparseGPTPruner,
+    WandaPruner,
+    output_head_names,
+    prune_module,
+    prune_sequential,
+    target_layers,
+)
+from pruning_core.pruning.pruners import ImportancePruner
+from tests.conftest import make_tiny_llama
+
+
+def _ids(n=4, t=64, seed=0):
+    return torch.randint(0, 128, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_default_targets_exclude_the_tied_head(tiny_llama):
+    assert output_head_names(tiny_llama) == {"lm_head"}
+    layers = target_layers(tiny_llama)
+    assert len(layers) == 14 and "lm_head" not in layers
+    untied = make_tiny_llama(tie_word_embeddings=False)
+    assert "lm_head" in output_head_names(untied) and "lm_head" not in target_layers(untied)
+    mlp_only = target_layers(tiny_llama, lambda n, m: n.endswith("mlp.down_proj"))
+    assert list(mlp_only) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    with pytest.raises(NoParameters):
+        target_layers(tiny_llama, lambda n, m: False)
+
+
+def test_magnitude_whole_model(tiny_llama):
+    head = tiny_llama.lm_head.weight.detach().clone()
+    result = prune_module(tiny_llama, MagnitudePruner(), 0.5)
+    assert result.achieved_sparsity == 0.5 and len(result.layer_sparsity) == 14
+    assert all(s == 0.5 for s in result.layer_sparsity.values())
+    assert torch.equal(tiny_llama.lm_head.weight, head)  # tied embedding untouched
+    for name, mask in result.masks.items():
+        w = tiny_llama.get_submodule(name).weight
+        assert bool((w[~mask.tensor] == 0).all()) and int((w == 0).sum()) == mask.num_zeros
+    assert result.layer_error == {}  # no context, no error
+    assert result.memory_savings_bytes != 0
+
+
+def test_wanda_whole_model_rows_and_errors(tiny_llama):
+    ctx = collect_activation_stats(tiny_llama, [_ids()], hessian=True, progress=False)
+    result = prune_module(tiny_llama, WandaPruner(), 0.5, context=ctx)
+    for name, mask in result.masks.items():
+        assert bool((mask.tensor.sum(dim=1) == mask.shape[1] // 2).all()), name  # per row (paper)
+    assert set(result.layer_error) == set(result.masks)
+    assert all(0 < e < 1 for e in result.layer_error.values())
+
+
+def test_global_scope_one_threshold(tiny_llama):
+    ctx = collect_activation_stats(tiny_llama, [_ids()], progress=False)
+    layers = target_layers(tiny_llama)
+    scores = {n: WandaPruner().importance.compute(m, ctx, layer_name=n).values for n, m in layers.items()}
+    result = prune_module(tiny_llama, WandaPruner(), 0.5, context=ctx, scope=MaskScope.GLOBAL)
+    assert result.parameters_pruned == result.total_parameters // 2
+    assert len(set(result.layer_sparsity.values())) > 1  # layers end up with different sparsities
+    pruned_max = max(float(scores[n][~m.tensor].max()) for n, m in result.masks.items() if m.num_zeros)
+    kept_min = min(float(scores[n][m.tensor].min()) for n, m in result.masks.items() if m.nnz)
+    assert pruned_max <= kept_min  # one threshold across all layers
+
+
+def test_sparsegpt_whole_model_beats_wanda_on_reconstruction():
+    ids = _ids(8, 64)
+    results = {}
+    for pruner in (WandaPruner(), SparseGPTPruner()):
+        model = make_tiny_llama()
+        ctx = collect_activation_stats(model, [ids], hessian=True, progress=False)
+        results[pruner.name] = prune_module(model, pruner, 0.5, NM(2, 4), ctx)
+    sgpt, wanda = results["sparsegpt_pruner"], results["wanda_pruner"]
+    assert sgpt.achieved_sparsity == wanda.achieved_sparsity == 0.5
+    better = sum(sgpt.layer_error[n] < wanda.layer_error[n] for n in sgpt.layer_error)
+    assert better == len(sgpt.layer_error)
+
+
+@settings(max_examples=8, deadline=None)
+@given(s1=st.floats(0.05, 0.6), s2=st.floats(0.05, 0.9))
+def test_iterative_pruning_is_monotone(s1, s2):
+    model = make_tiny_llama(num_hidden_layers=1)
+    first = prune_module(model, MagnitudePruner(), s1, measure_memory=False)
+    second = prune_module(model, MagnitudePruner(), s2, measure_memory=False)
+    for name, mask in second.masks.items():
+        assert mask.is_subset_of(first.masks[name])
+    assert second.achieved_sparsity >= max(s1, s2) - 1e-3
+
+
+def test_earlier_masks_are_respected(tiny_llama):
+    first = prune_module(tiny_llama, MagnitudePruner(), 0.3, measure_memory=False)
+    fresh = make_tiny_llama()  # dense weights, but the earlier masks passed explicitly
+    second = prune_module(fresh, MagnitudePruner(), 0.2, masks=first.masks, measure_memory=False)
+    assert all(second.masks[n].is_subset_of(first.masks[n]) for n in first.masks)
+    assert second.achieved_sparsity == first.achieved_sparsity  # 0.2 < 0.3: nothing more to prune
+
+
+def test_postcondition_catches_a_short_pruner(tiny_llama):
+    class Lazy(ImportancePruner):
+        def prune_layer(self, module, sparsity, pattern, context=None, **kw):
+            return super().prune_layer(module, sparsity / 2, pattern, context, **kw)
+
+    with pytest.raises(InvalidMask, match="postcondition"):
+        prune_module(tiny_llama, Lazy(MagnitudePruner().importance), 0.5, measure_memory=False)
+
+
+def test_errors(tiny_llama):
+    with pytest.raises(CalibrationRequired):
+        prune_module(tiny_llama, WandaPruner(), 0.5)
+    with pytest.raises(ConfigError):
+        prune_module(tiny_llama, SparseGPTPruner(), 0.5, scope=MaskScope.GLOBAL)
+    with pytest.raises(ConfigError):
+        prune_module(tiny_llama, MagnitudePruner(), 0.5, NM(2, 4), scope=MaskScope.GLOBAL)
+    with pytest.raises(InvalidPattern):
+        prune_module(nn.Sequential(nn.Linear(6, 4)), MagnitudePruner(), 0.5, NM(2, 4))
+    with pytest.raises(ConfigError):
+        prune_sequential(tiny_llama, [_ids()], MagnitudePruner(), 0.5, scope=MaskScope.GLOBAL, progress=False)
+
+
+def test_row_pattern_whole_model(tiny_llama):
+    result = prune_module(tiny_llama, MagnitudePruner(), 0.25, Row(), measure_memory=False)
+    assert result.achieved_sparsity == 0.25
+    for mask in result.masks.values():
+        assert mask.pattern == Row()
+
+
+# ---------------------------------------------------------------- sequential
+def test_prune_sequential_matches_the_manual_block_loop():
+    ids = _ids(4, 64, seed=5)
+    auto = make_tiny_llama()
+    result = prune_sequential(auto, [ids], WandaPruner(), 0.5, progress=False)
+    manual = make_tiny_llama()
+    inputs = capture_block_inputs(manual, [ids], progress=False)
+    for i, block in enumerate(manual.model.layers):
+        ctx = calibrate_block(block, inputs, prefix=f"model.layers.{i}.")
+        prune_module(block, WandaPruner(), 0.5, None, ctx, prefix=f"model.layers.{i}.")
+        inputs = run_block(block, inputs)
+    for name in result.masks:
+        assert torch.equal(auto.get_submodule(name).weight, manual.get_submodule(name).weight), name
+    assert result.achieved_sparsity == 0.5 and len(result.masks) == 14
+
+
+def test_sequential_differs_from_one_pass_after_block_0():
+    ids = _ids(4, 64, seed=6)
+    seq = make_tiny_llama()
+    seq_result = prune_sequential(seq, [ids], SparseGPTPruner(), 0.5, Unstructured(), progress=False)
+    one = make_tiny_llama()
+    ctx = collect_activation_stats(one, [ids], hessian=True, progress=False)
+    one_result = prune_module(one, SparseGPTPruner(), 0.5, None, ctx)
+    b0 = "model.layers.0.self_attn.q_proj"
+    b1 = "model.layers.1.self_attn.q_proj"
+    assert torch.equal(seq_result.masks[b0].tensor, one_result.masks[b0].tensor)  # same inputs for block 0
+    assert not torch.equal(seq.get_submodule(b1).weight, one.get_submodule(b1).weight)  # pruned inputs later
+
+
+def test_text_forms_of_pattern_and_scope(tiny_llama):
+    result = prune_module(tiny_llama, MagnitudePruner(), None, "2:4", measure_memory=False)
+    assert all(m.pattern == NM(2, 4) for m in result.masks.values())
+    with pytest.raises(ConfigError, match="scope"):
+        prune_module(tiny_llama, MagnitudePruner(), 0.5, scope="everywhere")
+    assert prune_module(make_tiny_llama(), MagnitudePruner(), 0.5, scope="global",
+                        measure_memory=False).parameters_pruned == 36864

@@ -1,0 +1,43 @@
+"""GPU checks (skipped without CUDA): the same results on the device as on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pruning_core.calibration import collect_activation_stats
+from pruning_core.masks import NM
+from pruning_core.pruning import SparseGPTPruner, WandaPruner, prune_module
+from pruning_core.solvers import sparsegpt_prune
+from tests.conftest import make_tiny_llama
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def test_sparsegpt_on_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 32, generator=g) @ torch.randn(32, 128, generator=g)
+    W = torch.randn(64, 128, generator=g)
+    H = X.T @ X
+    cpu_w, cpu_k = sparsegpt_prune(W, H, 0.5, pattern=NM(2, 4), dtype=torch.float64)
+    gpu_w, gpu_k = sparsegpt_prune(W.cuda(), H.cuda(), 0.5, pattern=NM(2, 4), dtype=torch.float64)
+    assert gpu_w.device.type == "cuda" and gpu_k.device.type == "cuda"
+    assert torch.equal(gpu_k.cpu(), cpu_k)
+    torch.testing.assert_close(gpu_w.cpu(), cpu_w, atol=1e-6, rtol=1e-6)
+
+
+def test_collect_and_prune_on_cuda():
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    cpu, gpu = make_tiny_llama(), make_tiny_llama().cuda()
+    ctx_c = collect_activation_stats(cpu, [ids], hessian=True, progress=False)
+    ctx_g = collect_activation_stats(gpu, [ids], hessian=True, progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    assert ctx_g.require_stats(name).sum_sq.device.type == "cuda"
+    torch.testing.assert_close(ctx_g.require_stats(name).sum_sq.cpu(), ctx_c.require_stats(name).sum_sq,
+                               rtol=1e-4, atol=1e-6)
+    for pruner in (WandaPruner(), SparseGPTPruner()):
+        result = prune_module(gpu, pruner, 0.5, None, ctx_g)
+        assert result.achieved_sparsity == 0.5
