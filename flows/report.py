@@ -52,3 +52,33 @@ def ranking_figure(rows: Sequence[Mapping[str, Any]], x: str, y: str, label: str
     ax.set_ylabel(y)
     ax.set_title(title)
     return fig
+
+
+def lottery_figure(rows: Sequence[Mapping[str, Any]], title: str):
+    """Test accuracy versus density (log scale, densest left) for IMP and its controls, per round.
+
+    ``rows`` are summary.json rounds: ``density``, ``accuracy``, ``random_reinit_accuracy`` and
+    ``random_mask_accuracy`` (None where a control was not run); round 0 is the dense network.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    series = (("accuracy", "IMP ticket", "tab:blue", "o"),
+              ("random_reinit_accuracy", "random re-init (same mask)", "tab:orange", "s"),
+              ("random_mask_accuracy", "random mask (same density)", "tab:green", "^"))
+    for key, label, color, marker in series:
+        points = [(float(r["density"]), float(r[key])) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=marker, color=color, label=label)
+    dense = [r for r in rows if r["round"] == 0 and r.get("accuracy") is not None]
+    if dense:
+        ax.axhline(float(dense[0]["accuracy"]), color="gray", ls="--", lw=1, label="dense")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ticks = sorted({round(float(r["density"]), 3) for r in rows}, reverse=True)
+    ax.set_xticks(ticks, [f"{100 * t:.3g}%" for t in ticks], rotation=45, fontsize=7)
+    ax.minorticks_off()
+    ax.set_xlabel("density (fraction of weights kept)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(loc="lower left")
+    ax.set_title(title)
+    return fig

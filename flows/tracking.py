@@ -191,6 +191,78 @@ class Tracker:
             return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
         return f"{self.tracking_uri} (experiment {self.experiment_id}, run {run_id})"
 
+    # -- idempotent metric logging (resumable jobs) -------------------------------------------
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps at which metric ``key`` has been logged in the run."""
+        history = self._call("get metric history", self.client.get_metric_history, run_id, key)
+        return {int(m.step) for m in history}
+
+    def log_metrics_once(self, run_id: str, points: Iterable[tuple[str, float, int]]) -> int:
+        """Log the ``(key, value, step)`` points whose (key, step) the run does not have yet.
+
+        Repeating the call (e.g. after a crash halfway through logging) adds nothing twice, so a
+        resumed job never duplicates a metric point. Non-finite values are skipped with a warning.
+        Returns the number of points logged.
+        """
+        from mlflow.entities import Metric
+
+        pending = {(k, int(s)): float(v) for k, v, s in points}
+        bad = {f"{k}@{s}": v for (k, s), v in pending.items() if not math.isfinite(v)}
+        if bad:
+            log.warning("not logging non-finite metrics %s", bad)
+        have = {k: self.logged_steps(run_id, k) for k in {k for k, _ in pending}}
+        now = int(time.time() * 1000)
+        new = [Metric(k, v, now, s) for (k, s), v in sorted(pending.items())
+               if s not in have[k] and math.isfinite(v)]
+        for i in range(0, len(new), 1000):  # MLflow's log_batch limit
+            self._call("log metrics", self.client.log_batch, run_id, metrics=new[i : i + 1000])
+        return len(new)
+
+    # -- model registry -------------------------------------------------------------------------
+    def register_model_version(self, name: str, run_id: str, artifact_path: str, *, alias: str | None = None,
+                               tags: Mapping[str, Any] | None = None, description: str | None = None) -> str:
+        """Register ``runs:/<run_id>/<artifact_path>`` as a version of ``name`` and point ``alias`` at it.
+
+        Idempotent: a version with the same run and source is reused, not registered again.
+        Returns the version number as a string.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._call("create registered model", self.client.create_registered_model, name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"runs:/{run_id}/{artifact_path}"
+        found = self._call("search model versions", self.client.search_model_versions,
+                           f"name = '{name}' and run_id = '{run_id}'")
+        same = [v for v in found if v.source == source]
+        version = same[0] if same else self._call(
+            "create model version", self.client.create_model_version, name, source, run_id=run_id,
+            tags={k: str(v) for k, v in (tags or {}).items()}, description=description)
+        if alias:
+            self._call("set alias", self.client.set_registered_model_alias, name, alias, version.version)
+        return str(version.version)
+
+    def model_version(self, name: str, alias: str) -> Any:
+        """The registered ``ModelVersion`` that ``alias`` points at."""
+        return self._call("get model version", self.client.get_model_version_by_alias, name, alias)
+
+    def download_model(self, name: str, alias: str, dst: str | Path) -> Path:
+        """Download the files of ``models:/<name>@<alias>`` into ``dst``; returns their directory.
+
+        The alias is resolved through this tracker's registry (MLflow's own ``models:/`` download
+        reads the process-wide registry URI instead).
+        """
+        from mlflow.artifacts import download_artifacts
+
+        version = self.model_version(name, alias)
+        uri = self._call("get download uri", self.client.get_model_version_download_uri, name, version.version)
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        out = self._call("download model", download_artifacts, artifact_uri=uri, dst_path=str(dst),
+                         tracking_uri=self.tracking_uri)
+        return Path(out)
+
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Flatten nested dicts into dotted keys (for MLflow params)."""
