@@ -18,6 +18,8 @@ SparseGPTPruner SparsityPattern MaskScope SparsityMask generate_unstructured_mas
 generate_block_mask generate_row_mask generate_column_mask Pruner MagnitudePruner WandaPruner
 prune_module PruningResult CSRTensor COOTensor BlockSparseTensor SemiStructuredTensor SparseTensor
 SparseFormat sparsify LotteryTicketConfig LotteryTicketPruner RewindStrategy WinningTicket
+DependencyGraph GraphNode GraphEdge NodeType DependencyType PruningPlan propagate_channel_pruning
+DepthPruner BlockImportanceScores DepthPruningResult WidthPruner ChannelImportance WidthPruningResult
 """.split()
 
 BAD_INPUT_ERRORS = ["NumericalInstability", "CalibrationRequired", "ShapeMismatch", "InvalidMask",
