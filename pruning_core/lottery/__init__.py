@@ -29,7 +29,7 @@ from pruning_core.lottery.pruner import LotteryTicketPruner, RoundPlan
 from pruning_core.lottery.rewind import Early, Init, Late, LearningRate, NoRewind, RewindStrategy
 from pruning_core.lottery.runs import load_weights_, snapshot, train_run
 from pruning_core.lottery.store import TicketStore, load_ticket, save_ticket
-from pruning_core.lottery.ticket import RoundRecord, TicketApplyResult, WinningTicket
+from pruning_core.lottery.ticket import RoundRecord, WinningTicket
 from pruning_core.lottery.training import (
     ClassifierTrainFn,
     TrainFn,
@@ -54,7 +54,6 @@ __all__ = [
     "RewindStrategy",
     "RoundPlan",
     "RoundRecord",
-    "TicketApplyResult",
     "TicketStore",
     "TrainFn",
     "TrainSpec",

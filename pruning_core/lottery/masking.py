@@ -22,8 +22,10 @@ from torch import nn
 
 from pruning_core.errors import ConfigError, InvalidMask, InvalidPattern, NoParameters, ShapeMismatch
 from pruning_core.lottery.config import LotteryTicketConfig
+from pruning_core.masks import SparsityMask, generate_unstructured_mask
 from pruning_core.masks.pattern import SparsityPattern, Unstructured
-from pruning_core.validate import check_finite, check_sparsity, num_to_prune
+from pruning_core.masks.select import keep_largest
+from pruning_core.validate import check_finite
 
 Masks = dict[str, torch.Tensor]
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -90,19 +92,11 @@ def survivors(n: int, rate: float, round_index: int) -> int:
     return max(1, math.floor(round(n * (1.0 - rate) ** round_index, 9) + 0.5))
 
 
-def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask (shape of ``scores``) keeping the ``k`` largest scores; ties keep the lower flat index."""
-    flat = scores.reshape(-1)
-    order = torch.argsort(flat, descending=True, stable=True)
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    keep[order[:k]] = True
-    return keep.reshape(scores.shape)
-
-
 def _alive_scores(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """|w| as float32 where the mask keeps, -inf where already pruned (so it is never kept again)."""
+    """|w| as float32 where the mask keeps, -1 where already pruned: below every |w|, so a pruned
+    weight is never kept again while fewer survivors than alive weights are asked for."""
     scores = weight.detach().abs().to(torch.float32)
-    return scores.masked_fill_(~mask, float("-inf"))
+    return scores.masked_fill_(~mask, -1.0)
 
 
 def magnitude_prune(
@@ -131,12 +125,12 @@ def magnitude_prune(
     scores = {n: _alive_scores(w, current[n]) for n, w in weights.items()}
     if config.global_pruning:
         k = survivors(sum(s.numel() for s in scores.values()), config.rate, round_index)
-        flat_keep = keep_top_k(torch.cat([s.reshape(-1) for s in scores.values()]), k)
+        flat_keep = keep_largest(torch.cat([s.reshape(-1) for s in scores.values()]), k)
         parts = flat_keep.split([s.numel() for s in scores.values()])
         new = {n: part.reshape(s.shape) for (n, s), part in zip(scores.items(), parts, strict=True)}
     else:
         new = {
-            n: keep_top_k(s, survivors(s.numel(), config.layer_rate(n), round_index))
+            n: keep_largest(s, survivors(s.numel(), config.layer_rate(n), round_index))
             for n, s in scores.items()
         }
     for n, mask in new.items():
@@ -147,7 +141,7 @@ def magnitude_prune(
 
 def one_shot_mask(
     scores: torch.Tensor, target_sparsity: float, pattern: SparsityPattern | None = None
-) -> torch.Tensor:
+) -> SparsityMask:
     """Keep all but ``floor(n · s)`` of the largest ``scores`` (unstructured only).
 
     Args:
@@ -156,7 +150,7 @@ def one_shot_mask(
         pattern: must be None or Unstructured.
 
     Returns:
-        bool mask shaped like ``scores``, True = keep; ties keep the lower flat index.
+        A validated :class:`SparsityMask` shaped like ``scores``; ties keep the lower flat index.
 
     Raises:
         InvalidPattern: a structured pattern (lottery tickets are unstructured).
@@ -165,9 +159,7 @@ def one_shot_mask(
     if pattern is not None and not isinstance(pattern, Unstructured):
         raise InvalidPattern(f"lottery ticket pruning supports only unstructured masks, got {pattern}")
     values = scores if isinstance(scores, torch.Tensor) else scores.values  # type: ignore[attr-defined]
-    s = check_sparsity(target_sparsity, name="target_sparsity")
-    check_finite(values, method="lottery_ticket", what="scores")
-    return keep_top_k(values, values.numel() - num_to_prune(values.numel(), s))
+    return generate_unstructured_mask(values, target_sparsity)
 
 
 def random_masks_like(masks: Mapping[str, torch.Tensor], generator: torch.Generator) -> Masks:
@@ -221,7 +213,6 @@ __all__ = [
     "check_masks",
     "check_masks_hold",
     "dense_masks",
-    "keep_top_k",
     "layer_density",
     "magnitude_prune",
     "one_shot_mask",

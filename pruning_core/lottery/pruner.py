@@ -41,9 +41,11 @@ from pruning_core.lottery.masking import (
 )
 from pruning_core.lottery.runs import State, load_weights_, masked_state, snapshot, train_run
 from pruning_core.lottery.store import TicketStore
-from pruning_core.lottery.ticket import RoundRecord, TicketApplyResult, WinningTicket, apply_result
+from pruning_core.lottery.ticket import RoundRecord, WinningTicket, apply_result
 from pruning_core.lottery.training import TrainFn, TrainSpec, derive_seed
+from pruning_core.masks import SparsityMask
 from pruning_core.masks.pattern import SparsityPattern
+from pruning_core.pruning.result import PruningResult
 
 if TYPE_CHECKING:
     from pruning_core.lottery.builder import LotteryTicketPrunerBuilder
@@ -100,7 +102,9 @@ class LotteryTicketPruner:
     def with_config(self, config: LotteryTicketConfig) -> LotteryTicketPruner:
         return LotteryTicketPruner(config, reinit_fn=self.reinit_fn)
 
+    @property
     def name(self) -> str:
+        """``"lottery_ticket_pruner"`` (a property, like every other pruner's)."""
         return "lottery_ticket_pruner"
 
     @property
@@ -287,7 +291,7 @@ class LotteryTicketPruner:
 
     def apply_ticket(
         self, model: nn.Module, ticket: WinningTicket, *, weights: str | None = None
-    ) -> TicketApplyResult:
+    ) -> PruningResult:
         """Load a ticket into ``model`` (e.g. a freshly built one) and zero its pruned weights.
 
         Args:
@@ -312,12 +316,12 @@ class LotteryTicketPruner:
         if state is not None:
             load_weights_(model, state, what=f"ticket {choice} weights")
         apply_masks_(model, ticket.masks)
-        return apply_result(ticket.masks)
+        return apply_result(ticket.masks, params)
 
     # -- Pruner protocol ----------------------------------------------------------------------
     def generate_mask(
         self, scores: torch.Tensor, target_sparsity: float, pattern: SparsityPattern | None = None
-    ) -> torch.Tensor:
+    ) -> SparsityMask:
         """One-shot magnitude mask: keep all but ``floor(n · s)`` of the largest scores (unstructured only).
 
         Args:
@@ -326,7 +330,7 @@ class LotteryTicketPruner:
             pattern: must be None or Unstructured.
 
         Returns:
-            bool mask shaped like ``scores``, True = keep; ties keep the lower flat index.
+            A :class:`SparsityMask` shaped like ``scores``; ties keep the lower flat index.
 
         Raises:
             InvalidPattern: a structured pattern (lottery tickets are unstructured).
@@ -334,14 +338,16 @@ class LotteryTicketPruner:
         """
         return one_shot_mask(scores, target_sparsity, pattern)
 
-    def apply_mask(self, module: nn.Module, mask: torch.Tensor, *, name: str = "weight") -> TicketApplyResult:
+    def apply_mask(self, module: nn.Module, mask: SparsityMask | torch.Tensor, *,
+                   name: str = "weight") -> PruningResult:
         """Zero ``module.<name>`` where ``mask`` is False (in place) and report the sparsity."""
         params = dict(module.named_parameters())
         if name not in params:
             raise ConfigError("name", f"module has no parameter {name!r}; it has {list(params)}")
-        check_masks({name: params[name]}, {name: mask})
-        apply_masks_(module, {name: mask})
-        return apply_result({name: mask})
+        keep = mask.tensor if isinstance(mask, SparsityMask) else mask
+        check_masks({name: params[name]}, {name: keep})
+        apply_masks_(module, {name: keep})
+        return apply_result({name: keep}, params)
 
 
 def _fmt(metrics: Mapping[str, float]) -> str:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from pruning_core.lottery.masking import layer_density, overall_density
+from pruning_core.masks import SparsityMask
+from pruning_core.pruning.result import PruningResult
 
 
 @dataclass(frozen=True)
@@ -145,29 +147,12 @@ class WinningTicket:
         return load_ticket(directory)
 
 
-@dataclass(frozen=True)
-class TicketApplyResult:
-    """What :meth:`LotteryTicketPruner.apply_ticket` / ``apply_mask`` did (the seed's ``PruningResult`` fields)."""
-
-    achieved_sparsity: float
-    parameters_pruned: int
-    total_parameters: int
-    layer_sparsity: dict[str, float]
-
-    def compression_ratio(self) -> float:
-        kept = self.total_parameters - self.parameters_pruned
-        return math.inf if self.total_parameters == 0 or kept <= 0 else self.total_parameters / kept
+def apply_result(masks: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> PruningResult:
+    """The :class:`PruningResult` of applying ``masks`` to the (already masked) ``params``."""
+    return PruningResult.merge([
+        PruningResult.for_layer(name, params[name].detach(), SparsityMask(mask, name=name))
+        for name, mask in masks.items()
+    ])
 
 
-def apply_result(masks: Mapping[str, torch.Tensor]) -> TicketApplyResult:
-    total = sum(m.numel() for m in masks.values())
-    pruned = total - sum(int(m.sum()) for m in masks.values())
-    return TicketApplyResult(
-        achieved_sparsity=pruned / total if total else 0.0,
-        parameters_pruned=pruned,
-        total_parameters=total,
-        layer_sparsity={n: 1.0 - d for n, d in layer_density(masks).items()},
-    )
-
-
-__all__ = ["RoundRecord", "TicketApplyResult", "WinningTicket", "apply_result"]
+__all__ = ["RoundRecord", "WinningTicket", "apply_result"]

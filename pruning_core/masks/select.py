@@ -88,6 +88,20 @@ def keep_topk(
     return keep.reshape(x.shape)
 
 
+def keep_largest(scores: torch.Tensor, k: int, *, name: str | None = None) -> torch.Tensor:
+    """Keep exactly the ``k`` largest scores of the whole tensor (ties: the lower flat index).
+
+    The count form of :func:`keep_topk`, for callers that compute survivor counts themselves
+    (Lottery Ticket rounds: ``round(n * (1 - p)^r)``).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= scores.numel():
+        raise ConfigError("k", f"must be an int in [0, {scores.numel()}], got {k!r}")
+    x = prepare_scores(scores, name=name)
+    if x.numel() == 0:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    return _keep_rows(x.reshape(1, -1), x.numel() - k).reshape(x.shape)
+
+
 def _keep_rows(rows: torch.Tensor, k: int) -> torch.Tensor:
     """Per row of ``rows`` [G, L], keep all but the k smallest (ties: lower index kept)."""
     num_groups, length = rows.shape
@@ -297,6 +311,7 @@ __all__ = [
     "group_scores",
     "keep_blocks",
     "keep_columns",
+    "keep_largest",
     "keep_nm",
     "keep_rows",
     "keep_topk",

@@ -117,7 +117,7 @@ def test_magnitude_prune_rejects_nan_weights() -> None:
 @given(hnp.arrays(np.float32, st.integers(1, 64), elements=st.floats(-10, 10, width=32)), st.floats(0, 1))
 def test_generate_mask_prunes_exactly_floor_n_s(values: np.ndarray, s: float) -> None:
     scores = torch.from_numpy(values).abs()
-    mask = LotteryTicketPruner().generate_mask(scores, s)
+    mask = LotteryTicketPruner().generate_mask(scores, s).tensor
     n = scores.numel()
     assert int((~mask).sum()) == min(n, int(np.floor(round(n * s, 9))))
     if mask.any() and (~mask).any():
@@ -126,8 +126,8 @@ def test_generate_mask_prunes_exactly_floor_n_s(values: np.ndarray, s: float) ->
 
 def test_generate_mask_seed_cases_and_errors() -> None:
     pruner = LotteryTicketPruner()
-    assert pruner.generate_mask(torch.tensor([0.1, 0.4, 0.2, 0.3]), 0.5).tolist() == [False, True, False, True]
-    assert pruner.generate_mask(torch.tensor([0.1, 0.4]), 0.5, Unstructured()).tolist() == [False, True]
+    assert pruner.generate_mask(torch.tensor([0.1, 0.4, 0.2, 0.3]), 0.5).tensor.tolist() == [False, True, False, True]
+    assert pruner.generate_mask(torch.tensor([0.1, 0.4]), 0.5, Unstructured()).tensor.tolist() == [False, True]
     with pytest.raises(InvalidPattern, match="unstructured"):
         pruner.generate_mask(torch.rand(8), 0.5, NM(2, 4))
     with pytest.raises(InvalidSparsity):
@@ -144,7 +144,7 @@ def test_apply_mask_prunes_two_of_four() -> None:
     assert lin.weight.tolist() == [[1.0, 0.0, 3.0, 0.0]]
     assert (res.parameters_pruned, res.total_parameters, res.achieved_sparsity) == (2, 4, 0.5)
     assert res.compression_ratio() == 2.0
-    assert LotteryTicketPruner().name() == "lottery_ticket_pruner"
+    assert LotteryTicketPruner().name == "lottery_ticket_pruner"
 
 
 def test_random_masks_keep_per_layer_counts() -> None:

@@ -331,3 +331,13 @@ def test_inputs_are_not_modified() -> None:
     generate_block_mask(scores, 2, 2, 0.5)
     generate_global_masks({"a": scores}, 0.5)
     assert torch.equal(scores, before)
+
+
+def test_keep_largest_keeps_exactly_k_with_lower_index_ties():
+    from pruning_core.masks.select import keep_largest
+
+    scores = torch.tensor([[1.0, 3.0, 3.0], [2.0, 3.0, 0.0]])
+    assert keep_largest(scores, 2).tolist() == [[False, True, True], [False, False, False]]
+    assert keep_largest(scores, 0).sum() == 0 and keep_largest(scores, 6).all()
+    with pytest.raises(ConfigError, match=r"\[0, 6\]"):
+        keep_largest(scores, 7)
