@@ -78,6 +78,15 @@ def prune_blocks(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> list[
     return files
 
 
+def _worker_env() -> dict[str, str]:
+    """Environment for local Dask worker processes: this flow's Prefect API (an ephemeral
+    server's URL is not in os.environ), so their task runs land in this flow run."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return {"PREFECT_API_URL": str(ctx.client.api_url)} if ctx is not None and ctx.client else {}
+
+
 def _tracking(job: OneShotJob) -> tuple[Tracker, str]:
     Tracker.check_available(job.tracking.tracking_uri)  # fail fast, before any long work
     tracker = Tracker(job.tracking.tracking_uri, job.tracking.experiment)
@@ -152,7 +161,7 @@ def oneshot_flow(job: OneShotJob, output_dir: str) -> dict[str, Any]:
             with clock.stage("evaluate_dense"):
                 ppl["before"] = t.evaluate(job, str(run_dir), inputs["model_dir"], "perplexity_before")
             tracker.log_metrics(run_id, {"perplexity_before": ppl["before"]})
-        runner = make_task_runner(job.runner)
+        runner = make_task_runner(job.runner, worker_env=_worker_env())
         if job.calibration.mode == "one_pass":
             with clock.stage("calibrate"):
                 stats = t.calibrate(job, str(run_dir), inputs)
