@@ -92,9 +92,13 @@ class TrackingConfig(StrictModel):
 
 
 class ExportConfig(StrictModel):
-    """Optional sparse export of the pruned weights."""
+    """Optional sparse export of the pruned weights to ``<output dir>/sparse/``."""
 
-    sparse_format: Literal["none", "csr", "semi_structured", "compressed_tensors"] = "none"
+    sparse_format: Literal["none", "csr", "semi_structured", "compressed_tensors"] = Field(
+        "none",
+        description="csr (any pattern), semi_structured (2:4: values + 2-bit indices) or compressed_tensors "
+        "(2:4: compressed-tensors' sparse-24-bitmask Hugging Face layout)",
+    )
 
 
 class JobBase(StrictModel):
@@ -112,8 +116,13 @@ class JobBase(StrictModel):
         raise ValueError(f"device must be one of auto, cpu, cuda, cuda:N; got {v!r}")
 
     def job_hash(self) -> str:
-        """Short hash of the fields that change results (not runner/tracking/name), defaults left out."""
-        semantic = self.model_dump(mode="json", exclude_defaults=True, exclude={"runner", "tracking", "name"})
+        """Short hash of the fields that change results (not runner/tracking/name/export), defaults left out.
+
+        ``export`` only adds a file format of the same pruned weights: turning it on for a finished
+        job resumes that job (and its MLflow run) and just writes the export.
+        """
+        semantic = self.model_dump(mode="json", exclude_defaults=True,
+                                   exclude={"runner", "tracking", "name", "export"})
         semantic["job"] = self.job  # type: ignore[attr-defined]
         blob = json.dumps(semantic, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -160,6 +169,10 @@ class OneShotJob(JobBase):
                              "is not supported (allowed: layer)")
         if self.scope == "global" and self.calibration.mode == "sequential":
             raise ValueError("scope: global needs every layer's scores at once; use calibration mode one_pass")
+        fmt = self.export.sparse_format
+        if fmt in ("semi_structured", "compressed_tensors") and str(pattern) != "2:4":
+            raise ValueError(f"export.sparse_format: {fmt} stores 2:4 sparsity only; pattern is {pattern} "
+                             "(use pattern 2:4, or sparse_format csr or none)")
         return self
 
     @property

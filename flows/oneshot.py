@@ -2,7 +2,7 @@
 
     prepare inputs -> dense perplexity -> calibrate (one pass, or block by block) ->
     per-layer pruning tasks on the configured task runner -> assemble the pruned model ->
-    pruned perplexity -> MLflow run + summary.json
+    optional sparse export -> pruned perplexity -> MLflow run + summary.json
 
 All math lives in pruning_core; the tasks (flows/oneshot_tasks.py) move files and call it.
 A job's directory holds a checksummed manifest of everything finished, so running the same
@@ -78,6 +78,15 @@ def prune_blocks(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> list[
     return files
 
 
+def _worker_env() -> dict[str, str]:
+    """Environment for local Dask worker processes: this flow's Prefect API (an ephemeral
+    server's URL is not in os.environ), so their task runs land in this flow run."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return {"PREFECT_API_URL": str(ctx.client.api_url)} if ctx is not None and ctx.client else {}
+
+
 def _tracking(job: OneShotJob) -> tuple[Tracker, str]:
     Tracker.check_available(job.tracking.tracking_uri)  # fail fast, before any long work
     tracker = Tracker(job.tracking.tracking_uri, job.tracking.experiment)
@@ -92,7 +101,7 @@ def _tracking(job: OneShotJob) -> tuple[Tracker, str]:
 
 
 def _summary(job: OneShotJob, inputs: dict[str, Any], table: list[dict[str, Any]], ppl: dict[str, float | None],
-             clock: StageClock, run_id: str, run_dir: Path) -> dict[str, Any]:
+             clock: StageClock, run_id: str, run_dir: Path, export: dict[str, Any] | None) -> dict[str, Any]:
     sizes = [r["shape"][0] * r["shape"][1] for r in table]
     pruned = sum(r["sparsity"] * n for r, n in zip(table, sizes, strict=True))
     return {
@@ -112,6 +121,9 @@ def _summary(job: OneShotJob, inputs: dict[str, Any], table: list[dict[str, Any]
         "model_dir": inputs["model_dir"],
         "pruned_model_dir": str(paths.model(run_dir)),
         "masks": str(paths.masks(run_dir)),
+        "sparse_export": export["path"] if export else None,
+        "sparse_export_size": {k: export[k] for k in ("format", "layers", "file_bytes", "dense_bytes", "size_ratio")}
+        if export else None,
         "seconds": {**clock.seconds, "total": round(sum(clock.seconds.values()), 3)},
         "layers": table,
     }
@@ -134,6 +146,12 @@ def _log_results(tracker: Tracker, run_id: str, job: OneShotJob, summary: dict[s
         tracker.log_artifact(run_id, paths.masks(run_dir))
     if job.tracking.log_model and not tracker.has_artifact(run_id, "model/config.json"):
         tracker.log_artifacts(run_id, paths.model(run_dir), "model")
+    if summary["sparse_export"]:
+        size = summary["sparse_export_size"]
+        tracker.log_metrics(run_id, {"sparse_export_bytes": size["file_bytes"],
+                                     "sparse_export_size_ratio": size["size_ratio"]})
+        if not tracker.has_artifact(run_id, "sparse/sparse_index.json"):
+            tracker.log_artifacts(run_id, summary["sparse_export"], "sparse")
 
 
 @flow(name="oneshot-prune")
@@ -152,7 +170,7 @@ def oneshot_flow(job: OneShotJob, output_dir: str) -> dict[str, Any]:
             with clock.stage("evaluate_dense"):
                 ppl["before"] = t.evaluate(job, str(run_dir), inputs["model_dir"], "perplexity_before")
             tracker.log_metrics(run_id, {"perplexity_before": ppl["before"]})
-        runner = make_task_runner(job.runner)
+        runner = make_task_runner(job.runner, worker_env=_worker_env())
         if job.calibration.mode == "one_pass":
             with clock.stage("calibrate"):
                 stats = t.calibrate(job, str(run_dir), inputs)
@@ -163,11 +181,15 @@ def oneshot_flow(job: OneShotJob, output_dir: str) -> dict[str, Any]:
                 prune_blocks.with_options(task_runner=runner)(job, str(run_dir), inputs)
         with clock.stage("assemble"):
             table = t.assemble(job, str(run_dir), inputs)
+        export = None
+        if job.export.sparse_format != "none":
+            with clock.stage("export"):
+                export = t.export_sparse_model(job, str(run_dir))
         if job.evaluation.enabled:
             with clock.stage("evaluate_pruned"):
                 ppl["after"] = t.evaluate(job, str(run_dir), str(paths.model(run_dir)), "perplexity_after")
         Manifest(run_dir).verify(checksums=False)
-        summary = _summary(job, inputs, table, ppl, clock, run_id, run_dir)
+        summary = _summary(job, inputs, table, ppl, clock, run_id, run_dir, export)
         atomic_write_text(paths.summary(run_dir), json.dumps(summary, indent=2))
         with clock.stage("log"):
             _log_results(tracker, run_id, job, summary, run_dir)

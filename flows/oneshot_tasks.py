@@ -30,7 +30,7 @@ from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_write_text
 from pruning_core.io.layers import load_layer_result, load_layer_scores, save_layer_result
 from pruning_core.io.manifest import Manifest
-from pruning_core.io.masks import save_masks
+from pruning_core.io.masks import load_masks, save_masks
 from pruning_core.io.stats import load_layer_stats, save_activation_stats, save_hessians
 from pruning_core.io.tensors import load_tensors, save_tensors
 from pruning_core.lm import (
@@ -40,6 +40,7 @@ from pruning_core.lm import (
     load_text,
     model_fingerprint,
     perplexity,
+    resolve_device,
     save_pretrained_atomic,
     smollm2_dir,
     tokenize_corpus,
@@ -57,6 +58,7 @@ from pruning_core.pruning import (
     score_weight,
     target_layers,
 )
+from pruning_core.sparse import export_sparse, read_export_info
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +170,7 @@ def prune_layer(job: OneShotJob, run_dir: str, model_dir: str, layer: str,
     if _done(run_dir, key):
         return str(out)
     pruner = make_pruner(job)
-    weight = read_weight(model_dir, layer)
+    weight = read_weight(model_dir, layer).to(resolve_device(job.device))  # device: auto -> CUDA when present
     layer_stats = None
     if job.method != "magnitude":
         layer_stats = load_layer_stats(stats["stats"], layer, stats.get("hessians"))
@@ -223,7 +225,7 @@ def prune_block(job: OneShotJob, run_dir: str, inputs: dict[str, Any], index: in
     """Sequential mode, block ``index``: statistics on its (already pruned-path) inputs, prune its
     layers, then run the pruned block to produce block ``index + 1``'s inputs."""
     model_dir = inputs["model_dir"]
-    block = load_decoder_block(model_dir, index, device=job.device)
+    block = load_decoder_block(model_dir, index, device=resolve_device(job.device))
     prefix = f"{inputs['blocks_prefix']}.{index}."
     layers = [n for n in inputs["layers"] if n.startswith(prefix)]
     files = [str(paths.layer_scores(run_dir, n)) for n in layers]
@@ -283,3 +285,20 @@ def assemble(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> list[dict
     manifest.record("model", paths.model(run_dir), kind="model")
     manifest.record("layers", table_path, kind="json")
     return table
+
+
+@task(name="export-sparse", **TASK)
+def export_sparse_model(job: OneShotJob, run_dir: str) -> dict[str, Any] | None:
+    """The pruned model in ``export.sparse_format`` (csr, semi_structured, compressed_tensors) under
+    ``sparse/``; None when the format is ``none``. Returns the export's sizes (SparseExport.to_dict)."""
+    fmt = job.export.sparse_format
+    if fmt == "none":
+        return None
+    out = paths.sparse_export(run_dir)
+    if _done(run_dir, "sparse_export") and read_export_info(out).format == fmt:
+        return read_export_info(out).to_dict()
+    info = export_sparse(paths.model(run_dir), load_masks(paths.masks(run_dir)), out, fmt)
+    Manifest(run_dir).record("sparse_export", out, kind="sparse_export")
+    log.info("sparse export (%s): %d layers, %.1f MB, %.3f of dense", fmt, info.layers, info.file_bytes / 1e6,
+             info.size_ratio)
+    return info.to_dict()

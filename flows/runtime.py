@@ -39,8 +39,14 @@ def configure_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def make_task_runner(runner: RunnerConfig):  # -> prefect TaskRunner
-    """Threads (default), a temporary local Dask cluster, or an existing Dask scheduler."""
+def make_task_runner(runner: RunnerConfig, *, worker_env: dict[str, str] | None = None):  # -> prefect TaskRunner
+    """Threads (default), a temporary local Dask cluster, or an existing Dask scheduler.
+
+    ``worker_env`` is set in the local cluster's worker processes (e.g. the ``PREFECT_API_URL``
+    of the flow's ephemeral server, which is not in the environment they inherit: without it
+    every worker would start a temporary Prefect server of its own and report its task runs
+    there). Workers of an existing scheduler keep the environment they were started with.
+    """
     if runner.kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -55,6 +61,7 @@ def make_task_runner(runner: RunnerConfig):  # -> prefect TaskRunner
             "threads_per_worker": 1,
             "processes": True,
             "dashboard_address": None,
+            "env": dict(worker_env or {}),
         }
     )
 
