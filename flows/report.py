@@ -82,3 +82,28 @@ def lottery_figure(rows: Sequence[Mapping[str, Any]], title: str):
     ax.legend(loc="lower left")
     ax.set_title(title)
     return fig
+
+
+def candidate_figure(rows: Sequence[Mapping[str, Any]], chosen: str, dense_loss: float | None, title: str):
+    """Minitron candidates: parameters (millions) vs calibration LM loss, the chosen one starred.
+
+    ``rows`` have ``id``, ``parameters`` and ``loss``; ``dense_loss`` (the dense model on the same
+    windows) is drawn as a dashed line when given.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    ax.scatter([r["parameters"] / 1e6 for r in rows], [r["loss"] for r in rows], c="tab:blue", label="candidates")
+    for r in rows:
+        ax.annotate(str(r["id"]), (r["parameters"] / 1e6, r["loss"]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    best = [r for r in rows if r["id"] == chosen]
+    if best:
+        ax.scatter([best[0]["parameters"] / 1e6], [best[0]["loss"]], marker="*", s=250, c="tab:red", zorder=3,
+                   label=f"chosen: {chosen}")
+    if dense_loss is not None:
+        ax.axhline(dense_loss, color="gray", ls="--", lw=1, label="dense model")
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("calibration LM loss (nats/token)")
+    ax.legend(loc="best", fontsize=7)
+    ax.set_title(title)
+    return fig
