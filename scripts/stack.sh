@@ -221,7 +221,10 @@ stop_services() {  # SIGTERM each process group (all at once), SIGKILL whatever 
   done
   [ ${#pids[@]} -gt 0 ] || return 0
   for i in $(seq 1 80); do alive_any "${pids[@]}" || break; sleep 0.25; done
-  for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    kill -0 "$pid" 2>/dev/null && log "process group $pid did not stop within 20 s: SIGKILL"
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  done
 }
 
 # -- commands ---------------------------------------------------------------------------------
