@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from flows import oneshot_tasks as t
 from flows.config import OneShotJob
 from flows.report import layer_figure
-from flows.runtime import make_task_runner, torch_threads
+from flows.runtime import claim_output_dir, make_task_runner, torch_threads
 from flows.tracking import JOB_TAG, KIND_TAG, Tracker, flatten
 from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_write_text
@@ -159,6 +159,7 @@ def oneshot_flow(job: OneShotJob, output_dir: str) -> dict[str, Any]:
     """Prune ``job.model`` one-shot as ``job`` describes; artifacts and summary.json go to ``output_dir``."""
     run_dir = Path(output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(run_dir, job)  # (prod) refuse a directory holding another job's artifacts
     atomic_write_text(paths.config(run_dir), job.model_dump_json(indent=2))
     tracker, run_id = _tracking(job)
     clock = StageClock(run_dir)

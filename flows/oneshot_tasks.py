@@ -18,6 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import OneShotJob
+from flows.runtime import TRANSIENT_RETRIES
 from pruning_core.calibration import (
     BlockInputs,
     calibrate_block,
@@ -63,7 +64,8 @@ from pruning_core.sparse import export_sparse, read_export_info
 log = logging.getLogger(__name__)
 
 # Prefect must not hash or persist our arguments: resumption is done with the run's manifest.
-TASK = {"cache_policy": NO_CACHE, "persist_result": False}
+# Retries only for transient infrastructure errors, never for a PruningError (flows.runtime).
+TASK = {"cache_policy": NO_CACHE, "persist_result": False, **TRANSIENT_RETRIES}
 INPUTS = "inputs.json"
 
 

@@ -7,13 +7,17 @@ settings at import time); the ``prune`` CLI calls it first thing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from flows.config import JobBase, RunnerConfig
+
+# OSErrors that are deterministic (about a path): retrying them only wastes compute
+_PERMANENT_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 ENV_DEFAULTS = {
     # Prefect's ephemeral server needs ~20 s to migrate a fresh database; the default timeout is 20 s.
@@ -64,6 +68,58 @@ def make_task_runner(runner: RunnerConfig, *, worker_env: dict[str, str] | None 
             "env": dict(worker_env or {}),
         }
     )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for infrastructure failures worth retrying: connections, timeouts, I/O errors that
+    are not about a missing or forbidden path. Never for a :class:`PruningError` (bad input or a
+    numerical failure: deterministic, a retry would fail the same way) nor for bugs."""
+    from pruning_core.errors import PruningError
+
+    if isinstance(exc, (PruningError, *_PERMANENT_OS_ERRORS)):
+        return False
+    return isinstance(exc, OSError | TimeoutError)  # ConnectionError, requests/distributed comm errors
+
+
+def retry_on_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry a failed task run only if :func:`is_transient`."""
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - classified
+        return is_transient(exc)
+    return False
+
+
+# Options of every task that does real work: retries for transient infrastructure errors only.
+TRANSIENT_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": retry_on_transient}
+
+
+def claim_output_dir(run_dir: Path, job: JobBase) -> None:
+    """Bind ``run_dir`` to ``job``: refuse a directory that holds another job's artifacts.
+
+    A run directory resumes from its manifest, so another config's finished artifacts would be
+    taken as this job's. ``job.json`` records the owner (its hash); a directory written before
+    that file existed is identified by its ``config.json``.
+
+    Raises:
+        ConfigError: ``run_dir`` belongs to a job with another hash.
+    """
+    from pruning_core.errors import ConfigError
+    from pruning_core.io.atomic import atomic_write_text
+
+    marker, config = run_dir / "job.json", run_dir / "config.json"
+    if marker.is_file():
+        owner = json.loads(marker.read_text()).get("job_hash")
+    elif config.is_file():
+        owner = type(job).model_validate_json(config.read_text()).job_hash()
+    else:
+        owner = None
+    if owner is not None and owner != job.job_hash():
+        raise ConfigError("output_dir", f"{run_dir} holds the artifacts of job {owner}, not of this job "
+                          f"({job.job_hash()}); use another output directory")
+    if not marker.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, json.dumps({"job_hash": job.job_hash(), "job": job.job}))  # type: ignore[attr-defined]
 
 
 def default_output_dir(job: JobBase) -> Path:

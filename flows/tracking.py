@@ -5,6 +5,9 @@ transient failures (connection refused, timeouts, HTTP 5xx) are retried with exp
 backoff and then raised as :class:`~pruning_core.errors.ServiceUnavailable`; nothing is
 dropped silently. Runs are found again by their ``job_hash`` tag, so a job that is run again
 resumes its MLflow run instead of creating a duplicate.
+
+How long a job waits for a restarting server is set by ``PRUNING_TRACKING_RETRIES`` (default 4)
+and ``PRUNING_TRACKING_BACKOFF_S`` (default 0.5: waits of 0.5, 1, 2, 4 s between attempts).
 """
 
 from __future__ import annotations
@@ -54,12 +57,13 @@ class Tracker:
     """Thin, retrying wrapper around :class:`mlflow.MlflowClient` for one experiment."""
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = "pruning", *,
-                 retries: int = 4, backoff_s: float = 0.5) -> None:
+                 retries: int | None = None, backoff_s: float | None = None) -> None:
         from mlflow import MlflowClient
 
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
-        self.retries = retries
-        self.backoff_s = backoff_s
+        self.retries = retries if retries is not None else int(os.environ.get("PRUNING_TRACKING_RETRIES", "4"))
+        self.backoff_s = (backoff_s if backoff_s is not None
+                          else float(os.environ.get("PRUNING_TRACKING_BACKOFF_S", "0.5")))
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.experiment_id = self._call("create experiment", self._experiment_id, experiment)
 
@@ -82,6 +86,8 @@ class Tracker:
         raise AssertionError("unreachable")
 
     def _experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
@@ -90,7 +96,13 @@ class Tracker:
             # Keep artifacts beside the database instead of in whatever directory we run from.
             db = Path(self.tracking_uri.removeprefix("sqlite:///"))
             location = (db.parent / "mlartifacts").resolve().as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            exp = self.client.get_experiment_by_name(name)  # another job created it at the same moment
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     @staticmethod
     def check_available(tracking_uri: str | None = None, timeout_s: float = 5.0) -> None:
