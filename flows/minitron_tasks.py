@@ -10,7 +10,6 @@ Layout of a run directory::
     config.json, manifest.json, summary.json, timings.json
     inputs.json            the resolved model, dense architecture and the candidates
     windows.safetensors    calibration and evaluation token windows
-    graph.pkl              the traced dependency graph and decoder structure (pickled)
     scores.parquet         every importance score, computed once (long table, see below)
     candidates/<id>/plan.json, result.json    one per candidate
     model/                 the chosen candidate, a Hugging Face directory
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import threading
 import time
 from pathlib import Path
@@ -109,7 +107,7 @@ def prepare_inputs(job: MinitronJob, run_dir: str) -> dict[str, Any]:
     """Load and check the model, enumerate the candidates (bad targets fail here, before any long
     work), cut the token windows, trace the dependency graph."""
     record = _path(run_dir, "inputs.json")
-    if _done(run_dir, "inputs", "windows", "graph"):
+    if _done(run_dir, "inputs", "windows"):
         return json.loads(record.read_text())
     model_dir = smollm2_dir() if job.model == "smollm2" else Path(job.model)
     model, tokenizer = load_model(str(model_dir), job.device)  # checks files, shapes and NaN/Inf
@@ -129,10 +127,7 @@ def prepare_inputs(job: MinitronJob, run_dir: str) -> dict[str, Any]:
     manifest = Manifest(run_dir)
     save_tensors(_path(run_dir, "windows.safetensors"), windows)
     manifest.record("windows", _path(run_dir, "windows.safetensors"), kind="tokens")
-    traced = trace_decoder(model, windows["calibration"][:1, :16].to(_device(model)))
-    with atomic_path(_path(run_dir, "graph.pkl")) as tmp:
-        tmp.write_bytes(pickle.dumps(traced))
-    manifest.record("graph", _path(run_dir, "graph.pkl"), kind="graph")
+    trace_decoder(model, windows["calibration"][:1, :16].to(_device(model)))  # unsupported models fail here
     dense_params = sum(p.numel() for p in model.parameters())
     info = {"model_dir": str(Path(model_dir).resolve()), "fingerprint": model_fingerprint(model_dir),
             "dense_architecture": dense.to_dict(), "dense_parameters": dense_params,
@@ -158,7 +153,7 @@ def compute_importance(job: MinitronJob, run_dir: str, inputs: dict[str, Any]) -
     if _done(run_dir, "scores"):
         return str(out)
     model, _ = load_model(inputs["model_dir"], job.device)
-    graph, structure = load_graph(run_dir)
+    graph, structure = load_graph(run_dir, model)
     cal, device = job.calibration, _device(model)
     batches = _batches(run_dir, "calibration", cal.score_windows, cal.batch_size, device)
     loss_batches = (_batches(run_dir, "calibration", cal.loss_windows, cal.batch_size, device)
@@ -186,10 +181,11 @@ def _candidate_batches(job: MinitronJob, run_dir: str, device: torch.device) -> 
     return _batches(run_dir, "calibration", cal.candidate_windows, cal.batch_size, device)
 
 
-def load_graph(run_dir: str) -> tuple[Any, Any]:
-    """The traced ``(DependencyGraph, DecoderStructure)``, after checking the file's checksum."""
-    Manifest(run_dir).verify(["graph"])
-    return pickle.loads(_path(run_dir, "graph.pkl").read_bytes())  # noqa: S301 - our own checksummed file
+def load_graph(run_dir: str, model: Any) -> tuple[Any, Any]:
+    """The dense model's ``(DependencyGraph, DecoderStructure)``, traced again on the run's first
+    calibration tokens (deterministic, about a second; no pickled graph is ever loaded)."""
+    ids = load_tensors(_path(run_dir, "windows.safetensors"), ["calibration"])["calibration"][:1, :16]
+    return trace_decoder(model, ids.to(_device(model)))
 
 
 def load_scores(path: str | Path) -> tuple[MinitronScores, dict[str, str]]:
@@ -201,7 +197,7 @@ def load_scores(path: str | Path) -> tuple[MinitronScores, dict[str, str]]:
 
 def make_plan(job: MinitronJob, run_dir: str, model: Any, arch: Architecture) -> StructuredPlan:
     """The candidate's structural plan from the cached graph and scores."""
-    graph, structure = load_graph(run_dir)
+    graph, structure = load_graph(run_dir, model)
     scores, meta = load_scores(_path(run_dir, "scores.parquet"))
     if job.depth_criterion != "bi_iterative":
         return candidate_plan(model, graph, structure, scores, arch, depth_criterion=job.depth_criterion)

@@ -12,6 +12,7 @@ and ``PRUNING_TRACKING_BACKOFF_S`` (default 0.5: waits of 0.5, 1, 2, 4 s between
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -64,8 +65,20 @@ class Tracker:
         self.retries = retries if retries is not None else int(os.environ.get("PRUNING_TRACKING_RETRIES", "4"))
         self.backoff_s = (backoff_s if backoff_s is not None
                           else float(os.environ.get("PRUNING_TRACKING_BACKOFF_S", "0.5")))
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
-        self.experiment_id = self._call("create experiment", self._experiment_id, experiment)
+        with self._store_init_lock():
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+            self.experiment_id = self._call("create experiment", self._experiment_id, experiment)
+
+    def _store_init_lock(self) -> contextlib.AbstractContextManager[Any]:
+        """Two jobs opening one fresh SQLite store at once race in MLflow's schema migration:
+        serialize the first touch with a lock file beside the database."""
+        if not self.tracking_uri.startswith("sqlite:///"):
+            return contextlib.nullcontext()
+        from filelock import FileLock
+
+        db = Path(self.tracking_uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(db) + ".lock", timeout=120)
 
     # -- plumbing -------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

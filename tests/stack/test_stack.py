@@ -61,7 +61,8 @@ def deployed(stack) -> dict:
 
 
 def _flow_name(entrypoint: str) -> str:
-    return {"flows/oneshot.py:oneshot_flow": "oneshot-prune", "flows/lottery_flow.py:lottery_search": "lottery"}[entrypoint]
+    return {"flows/oneshot.py:oneshot_flow": "oneshot-prune", "flows/lottery_flow.py:lottery_search": "lottery",
+            "flows/minitron_flow.py:minitron_flow": "minitron"}[entrypoint]
 
 
 def test_deploy_registers_every_deployment(stack_prefect, deployed):
