@@ -118,7 +118,7 @@ class TreeRssSampler(threading.Thread):
 
     def __init__(self, pid: int, interval: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.pid, self.interval, self.peak, self._stop = pid, interval, 0, threading.Event()
+        self.pid, self.interval, self.peak, self._halt = pid, interval, 0, threading.Event()
 
     def run(self) -> None:
         import psutil
@@ -127,7 +127,7 @@ class TreeRssSampler(threading.Thread):
             root = psutil.Process(self.pid)
         except psutil.NoSuchProcess:
             return
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             total = 0
             try:
                 for p in [root, *root.children(recursive=True)]:
@@ -135,10 +135,10 @@ class TreeRssSampler(threading.Thread):
             except psutil.Error:
                 pass
             self.peak = max(self.peak, total)
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
 
     def stop(self) -> int:
-        self._stop.set()
+        self._halt.set()
         self.join()
         return self.peak
 
@@ -162,8 +162,10 @@ def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> d
             "loadavg_after": [round(x, 2) for x in os.getloadavg()], "log": str(log)}
 
 
-def child_env(work: Path) -> dict[str, str]:
+def child_env(work: Path, omp_wait_policy: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if omp_wait_policy:  # under load, OpenMP's spinning barriers waste the shared cores (results/lm.md)
+        env["OMP_WAIT_POLICY"] = omp_wait_policy
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("PREFECT_HOME", str(work / "prefect-home"))  # shared: one DB migration in all
@@ -172,14 +174,14 @@ def child_env(work: Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- rows
-def run_job(row: Row, work: Path, keep: bool) -> dict[str, Any]:
+def run_job(row: Row, work: Path, keep: bool, env: dict[str, str]) -> dict[str, Any]:
     job_dir = work / row.id
     shutil.rmtree(job_dir, ignore_errors=True)  # a row always runs from scratch (no job resume)
     job_dir.mkdir(parents=True)
     cfg_path = job_dir / f"{row.id}.yaml"
     cfg_path.write_text(yaml.safe_dump(job_config(row, f"sqlite:///{work / 'mlflow.db'}"), sort_keys=False))
     cmd = [sys.executable, "-m", "flows.cli", "run", str(cfg_path), "--output-dir", str(job_dir / "run")]
-    result = run_measured(cmd, job_dir, child_env(work), job_dir / "job.log")
+    result = run_measured(cmd, job_dir, env, job_dir / "job.log")
     summary_path = job_dir / "run" / "summary.json"
     if result["returncode"] != 0 or not summary_path.exists():
         raise RuntimeError(f"{row.id}: job failed (exit {result['returncode']}); see {result['log']}")
@@ -196,7 +198,7 @@ def run_job(row: Row, work: Path, keep: bool) -> dict[str, Any]:
     return result
 
 
-def run_ref(row: Row, work: Path, jobs: dict[str, Any], ref_root: Path) -> dict[str, Any]:
+def run_ref(row: Row, work: Path, jobs: dict[str, Any], ref_root: Path, env: dict[str, str]) -> dict[str, Any]:
     ref_dir = work / row.id
     shutil.rmtree(ref_dir, ignore_errors=True)
     ref_dir.mkdir(parents=True)
@@ -208,7 +210,7 @@ def run_ref(row: Row, work: Path, jobs: dict[str, Any], ref_root: Path) -> dict[
         cmd += ["--sparsity", str(row.sparsity)]
     if ours.get("masks") and Path(ours["masks"]).exists():
         cmd += ["--our-masks", ours["masks"]]
-    result = run_measured(cmd, ref_dir, child_env(work), ref_dir / "ref.log")
+    result = run_measured(cmd, ref_dir, env, ref_dir / "ref.log")
     if result["returncode"] != 0 or not out.exists():
         raise RuntimeError(f"{row.id}: reference run failed (exit {result['returncode']}); see {result['log']}")
     result.update(json.loads(out.read_text()))
@@ -255,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-jobs", action="store_true")
     p.add_argument("--skip-refs", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep pruned models and MLflow artifacts")
+    p.add_argument("--omp-wait-policy", default=None, choices=["PASSIVE", "ACTIVE"],
+                   help="OMP_WAIT_POLICY for the child processes (default: unset, as prune run)")
     p.add_argument("--tables", action="store_true", help="print the Markdown tables from --out and exit")
     args = p.parse_args(argv)
     results = load_results(args.out)
@@ -262,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(render_tables(results))
         return 0
     results["machine"] = machine()
+    env = child_env(args.work, args.omp_wait_policy)
     rows = ([] if args.skip_jobs else job_rows()) + ([] if args.skip_refs else ref_rows())
     wanted = [s for s in args.only.split(",") if s]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -272,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {row.id} (load {os.getloadavg()[0]:.2f})", flush=True)
         if row.kind == "job":
-            result = run_job(row, args.work, args.keep)
+            result = run_job(row, args.work, args.keep, env)
         else:
-            result = run_ref(row, args.work, results["rows"], args.ref_root)
-        results["rows"][row.id] = {**asdict(row), **result, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            result = run_ref(row, args.work, results["rows"], args.ref_root, env)
+        results["rows"][row.id] = {**asdict(row), **result, "omp_wait_policy": args.omp_wait_policy,
+                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         save_results(args.out, results)
         print(f"    ppl {result.get('perplexity_after')}, sparsity {result.get('sparsity')}, "
               f"wall {result['wall_s']} s, cpu {result['cpu_s']} s, peak RSS {result['peak_rss_mib']} MiB",
