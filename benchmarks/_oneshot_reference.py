@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-root", type=Path, default=Path("/tmp/bench_oneshot_ref"))
     p.add_argument("--our-masks", default=None, help="masks.safetensors of our matching job (for agreement)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--reverse-calibration", action="store_true",
+                   help="feed the same calibration windows in reverse order (same math, another float "
+                        "summation order): the reference's own numerical spread")
     args = p.parse_args(argv)
     from pruning_core.lm import load_causal_lm, perplexity
     from pruning_core.masks.pattern import NM, SparsityPattern
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     model.seqlen, model.hf_device_map = 256, {}
     cal, ev = protocol_windows(tokenizer)
     windows_match = _windows_match(cal, ev, args.our_masks)
+    if args.reverse_calibration:
+        cal = cal.flip(0)
     seconds["prepare"] = time.perf_counter() - t0
     dense_zeros = sum(int((m.weight == 0).sum()) for m in decoder_linears(model).values())
     handles = add_rotary_shim(model)
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
               "function": {"wanda": "lib.prune.prune_wanda", "magnitude": "lib.prune.prune_magnitude",
                            "sparsegpt": "llama.llama_sequential"}[args.method],
               "their_args": {"sparsity": sparsity, "prune_n": nm[0], "prune_m": nm[1], "nsamples": len(cal)},
-              "perplexity_after": ppl, "sparsity": zeros / numel, "parameters_targeted": numel,
+              "reverse_calibration": args.reverse_calibration, "perplexity_after": ppl, "sparsity": zeros / numel, "parameters_targeted": numel,
               "parameters_pruned": zeros, "dense_zero_weights": dense_zeros,
               "windows_identical_to_job": windows_match,
               "seconds": {k: round(v, 3) for k, v in seconds.items()}, **compare_masks(model, args.our_masks)}
