@@ -35,6 +35,7 @@ from pruning_core.errors import (
     PruningError,
     ServiceUnavailable,
     ShapeMismatch,
+    UnsupportedOperation,
 )
 from pruning_core.graph import (
     DependencyGraph,
@@ -170,6 +171,7 @@ __all__ = [
     "SparseFormat",
     "SparseGPTImportance",
     "SparseGPTPruner",
+    "UnsupportedOperation",
     "SparseTensor",
     "SparsityMask",
     "SparsityPattern",

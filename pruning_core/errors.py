@@ -130,6 +130,11 @@ class ConfigError(PruningError, ValueError):
         super().__init__(f"Invalid config field '{field}': {message}")
 
 
+class UnsupportedOperation(PruningError, NotImplementedError):
+    """The operation exists, but not for this input's device, dtype or layout (the message says
+    which, and what to use instead)."""
+
+
 class GraphError(PruningError, ValueError):
     """A dependency graph or a structured pruning plan is inconsistent with the model."""
 
@@ -166,5 +171,6 @@ __all__ = [
     "NumericalInstability",
     "PruningError",
     "ServiceUnavailable",
+    "UnsupportedOperation",
     "ShapeMismatch",
 ]

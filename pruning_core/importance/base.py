@@ -15,7 +15,7 @@ from torch import nn
 
 from pruning_core.calibration.context import CalibrationContext
 from pruning_core.calibration.stats import ActivationStats
-from pruning_core.errors import CalibrationRequired, NoParameters
+from pruning_core.errors import CalibrationRequired, ConfigError, NoParameters
 from pruning_core.validate import check_finite, check_rank
 
 SCORE_DTYPE = torch.float32
@@ -117,13 +117,16 @@ def require_layer_stats(
     """The layer's activation statistics, with the protocol's errors for what is missing.
 
     Raises:
-        CalibrationRequired: no context, no layer name, or statistics with zero tokens.
+        CalibrationRequired: no context, or statistics with zero tokens.
+        ConfigError: a context but no layer name to look the statistics up by.
         MissingActivationStats: the context has no statistics for the layer.
     """
     if context is None:
         raise CalibrationRequired(method, layer=layer_name)
     if layer_name is None:
-        raise CalibrationRequired(method)
+        raise ConfigError("layer_name", f"{method} needs the layer's name to find its statistics in the "
+                          f"calibration context (it holds {len(context.layer_names())} layers); pass "
+                          f"layer_name= or construct the importance with the name")
     stats = context.require_stats(layer_name)
     if stats.count == 0:
         raise CalibrationRequired(method, layer=layer_name)

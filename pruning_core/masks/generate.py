@@ -31,7 +31,7 @@ _NM_SPARSITY_TOL = 1e-6
 
 def _scope(scope: MaskScope | str) -> MaskScope:
     try:
-        return MaskScope(scope)
+        return MaskScope(scope.lower() if isinstance(scope, str) else scope)
     except ValueError:
         allowed = ", ".join(s.value for s in MaskScope)
         raise ConfigError("scope", f"must be one of {allowed}; got {scope!r}") from None

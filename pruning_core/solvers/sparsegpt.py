@@ -61,7 +61,9 @@ def sparsegpt_prune(
 
     Returns:
         ``(new_weight, keep_mask)``: the updated weight in ``weight``'s dtype and device (exactly
-        zero where ``keep_mask`` is False, and in columns of dead inputs) and the bool keep mask.
+        zero where ``keep_mask`` is False) and the bool keep mask. Columns of dead inputs
+        (``H_jj = 0``) are zeroed, as in the reference, and pruned in the mask: they count towards
+        the block's pruning budget, and an N:M group of dead inputs keeps none.
 
     Raises:
         ShapeMismatch, InvalidSparsity, InvalidPattern, ConfigError: bad arguments.
@@ -73,6 +75,9 @@ def sparsegpt_prune(
     W = weight.detach().to(dtype).clone()  # (out, in)
     W[:, inv.dead] = 0  # dead inputs never contribute: zero their weights (as the reference)
     forced = None if mask is None else ~mask.to(device=W.device, dtype=torch.bool)
+    if bool(inv.dead.any()):  # ... and report them as pruned, so the mask matches the zeros
+        dead = inv.dead.to(W.device)[None, :].expand_as(W)
+        forced = dead if forced is None else forced | dead
     keep = _obs_prune(W, inv.upper, sparsity, nm, blocksize, forced)
     check_finite(W, method="sparsegpt", what="updated weight", layer=name)
     logger.debug("%s: sparsegpt pruned %.4f (λ=%.3g)", name, 1 - keep.float().mean().item(), inv.damping)

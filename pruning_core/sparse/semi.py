@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pruning_core.errors import InvalidMask, InvalidPattern, ShapeMismatch
+from pruning_core.errors import InvalidMask, InvalidPattern, ShapeMismatch, UnsupportedOperation
 from pruning_core.masks.pattern import NM
 from pruning_core.masks.select import keep_nm
 from pruning_core.sparse.base import (
@@ -181,9 +181,10 @@ class SemiStructuredTensor(SparseTensor):
     def to_torch(self) -> torch.Tensor:
         """torch's ``SparseSemiStructuredTensor`` (CUDA only; fp16/bf16 and its shape rules)."""
         if self.device.type != "cuda":
-            raise NotImplementedError(
-                "torch's semi-structured (2:4) tensor exists only on CUDA; on CPU use to_dense(), "
-                "matmul() or CSRTensor.from_dense(self.to_dense())"
+            raise UnsupportedOperation(
+                f"{type(self).__name__}.to_torch() on {self.device}: torch's semi-structured (2:4) "
+                "tensor exists only on CUDA; on CPU use to_dense(), matmul() or "
+                "CSRTensor.from_dense(self.to_dense())"
             )
         return torch.sparse.to_sparse_semi_structured(self.to_dense())
 

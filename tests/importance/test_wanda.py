@@ -13,6 +13,7 @@ from torch import nn
 from pruning_core.calibration import ActivationStats, CalibrationContext
 from pruning_core.errors import (
     CalibrationRequired,
+    ConfigError,
     MissingActivationStats,
     NoParameters,
     NumericalInstability,
@@ -125,6 +126,9 @@ def test_through_protocol_and_errors():
     empty.add_layer_stats("fc", ActivationStats(2))
     with pytest.raises(CalibrationRequired):  # statistics with zero tokens
         WandaImportance("fc").compute(lin, empty)
+    with pytest.raises(ConfigError, match="layer_name") as no_name:  # a context, but no name to look up
+        WandaImportance().compute(lin, ctx)
+    assert "1 layers" in str(no_name.value)
 
 
 def test_pattern_round_trip():

@@ -96,6 +96,7 @@ def test_row_scope_prunes_each_row_separately() -> None:
     scores = T([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]])
     assert kept(generate_unstructured_mask(scores, 0.5, scope=MaskScope.ROW)) == [[0, 0, 1, 1], [0, 0, 1, 1]]
     assert kept(generate_unstructured_mask(scores, 0.5, scope="layer")) == [[0, 0, 0, 0], [1, 1, 1, 1]]
+    assert kept(generate_unstructured_mask(scores, 0.5, scope="ROW")) == [[0, 0, 1, 1], [0, 0, 1, 1]]  # as prune_module
     assert kept(generate_unstructured_mask(scores, 0.5, scope=MaskScope.GLOBAL)) == [
         [0, 0, 0, 0],
         [1, 1, 1, 1],

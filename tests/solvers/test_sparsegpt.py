@@ -231,7 +231,26 @@ def test_all_zero_inputs():
     W = torch.randn(4, 16)
     new, keep = sparsegpt_prune(W, torch.zeros(16, 16), 0.5)
     assert bool((new == 0).all())  # every input is dead: every weight is zeroed (as the reference)
-    assert int((~keep).sum()) == 32
+    assert not bool(keep.any())  # ... and the mask says so (the weights are zero, not kept)
+
+
+@pytest.mark.parametrize("pattern, sparsity", [(None, 0.5), (NM(2, 4), 0.5), (NM(1, 4), 0.75)])
+def test_dead_inputs_are_pruned_in_the_mask(pattern, sparsity):
+    """Dead inputs (H_jj = 0) are zeroed, as in the reference, and the keep mask matches the
+    zeros: an N:M group of dead inputs keeps none, and no zero weight is reported as kept."""
+    X = _correlated_inputs(256, 32, 3)
+    X[:, 8:12] = 0.0  # a whole 4-group of dead inputs
+    X[:, 20] = 0.0  # and one more, inside a live group
+    W = torch.randn(16, 32, generator=torch.Generator().manual_seed(3))
+    new, keep = sparsegpt_prune(W, X.T @ X, sparsity, pattern=pattern, blocksize=16)
+    assert not bool(keep[:, 8:12].any()) and not bool(keep[:, 20].any())
+    assert torch.equal(keep, new != 0)  # kept weights are non-zero; pruned ones are exactly zero
+    if pattern is not None:
+        pattern.validate(keep)
+        assert int(keep[:, 16:20].sum()) == 16 * pattern.n  # live groups keep exactly n
+        assert int(keep[:, 20:24].sum()) == 16 * pattern.n  # one dead input: n from the 3 live ones
+    else:
+        assert int((~keep).sum()) >= num_to_prune(W.numel(), sparsity)
 
 
 def test_dead_and_duplicated_inputs():

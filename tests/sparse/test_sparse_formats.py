@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning_core.errors import ConfigError, InvalidMask, InvalidPattern, ShapeMismatch
+from pruning_core.errors import ConfigError, InvalidMask, InvalidPattern, PruningError, ShapeMismatch, UnsupportedOperation
 from pruning_core.masks import SparsityMask, generate_block_mask, generate_nm_mask
 from pruning_core.sparse import (
     BlockSparseTensor,
@@ -244,8 +244,9 @@ def test_semi_structured_constructor(values, meta, shape, error, match) -> None:
 def test_semi_structured_to_torch_needs_cuda() -> None:
     semi = SemiStructuredTensor.from_dense(T([[1.0, 0, 0, 1]]))
     if semi.device.type != "cuda":
-        with pytest.raises(NotImplementedError, match="CUDA"):
+        with pytest.raises(UnsupportedOperation, match="CUDA") as info:
             semi.to_torch()
+        assert isinstance(info.value, PruningError) and isinstance(info.value, NotImplementedError)
 
 
 @pytest.mark.gpu
