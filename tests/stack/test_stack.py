@@ -1,20 +1,26 @@
 """The production topology end to end, without containers: scripts/stack.sh starts PostgreSQL,
 the Prefect and MLflow servers on it, a Dask scheduler with two workers and a Prefect process
-worker; deployments/prefect.yaml is deployed to the server; a deployment is triggered through the
-server and its run is checked where it should have left traces: the Dask scheduler's task stream
-(the per-layer tasks ran on the stack's workers), Prefect's task runs, and the MLflow server over
-HTTP (the run, its metrics, its artifacts).
+worker; deployments/prefect.yaml is deployed to the server with the README's commands as written;
+a deployment is triggered through the server and its run is checked where it should have left
+traces: its own output directory, the Dask scheduler's task stream (the per-layer tasks ran on the
+stack's workers), Prefect's task runs, and the MLflow server over HTTP (the run, its metrics, its
+artifacts). Last, ``stack.sh stop`` must leave no process of the stack alive and no port open.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
+
+from tests.readme_blocks import setup_commands
 
 pytestmark = pytest.mark.stack
 REPO = Path(__file__).resolve().parents[2]
@@ -48,21 +54,23 @@ def test_script_is_idempotent_and_reports_the_stack(stack):
 
 @pytest.fixture(scope="module")
 def deployed(stack) -> dict:
-    """``prefect deploy --all`` of deployments/prefect.yaml against the stack's server."""
+    """The README's deployment commands, as written (work pools, then ``prefect deploy --all``),
+    against the stack's server; the docker and kubernetes pools get no worker (registration only)."""
     env = stack.client_env()
-    prefect = [sys.executable, "-m", "prefect"]
-    for pool, kind in (("pruning-docker", "docker"), ("pruning-k8s", "kubernetes")):  # no workers: registration only
-        subprocess.run([*prefect, "work-pool", "create", pool, "--type", kind], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=120, check=True)
-    proc = subprocess.run([*prefect, "--no-prompt", "deploy", "--prefect-file", str(PREFECT_FILE.relative_to(REPO)),
-                           "--all"], env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    commands = setup_commands()
+    assert any("--all" in argv for argv in commands) and sum(argv[1:3] == ["work-pool", "create"]
+                                                           for argv in commands) == 3
+    for argv in commands:
+        assert argv[0] == "prefect", argv
+        proc = subprocess.run([sys.executable, "-m", *argv], env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, (argv, proc.stdout[-3000:] + proc.stderr[-3000:])
     return yaml.safe_load(PREFECT_FILE.read_text())
 
 
 def _flow_name(entrypoint: str) -> str:
-    return {"flows/oneshot.py:oneshot_flow": "oneshot-prune", "flows/lottery_flow.py:lottery_search": "lottery",
-            "flows/minitron_flow.py:minitron_flow": "minitron"}[entrypoint]
+    return {"flows/oneshot.py:oneshot_flow": "oneshot-prune", "flows/deployed.py:lottery_deployment":
+            "lottery-deployment", "flows/deployed.py:minitron_deployment": "minitron-deployment"}[entrypoint]
 
 
 def test_deploy_registers_every_deployment(stack_prefect, deployed):
@@ -77,9 +85,17 @@ def test_deploy_registers_every_deployment(stack_prefect, deployed):
             assert dep.concurrency_options.collision_strategy.value == "ENQUEUE"
             if spec["work_pool"]["name"] == "pruning-docker":
                 assert dep.job_variables["container_create_kwargs"]["shm_size"]
+            if spec["work_pool"]["name"] == "pruning-k8s":
+                assert dep.job_variables["env"]["PRUNING_RUNS_DIR"] == "/data/runs"
+                assert dep.job_variables["runs_pvc"] == "pruning-runs"
         nightly = client.read_deployment_by_name("oneshot-prune/wanda-50-nightly")
         assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [("0 2 * * *", "UTC")]
-        assert nightly.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(REPO)
+        # resolved by the worker when a run starts, not the deploying shell's $PWD baked in
+        assert nightly.pull_steps == [{"flows.deploy_steps.set_working_directory": {}}]
+        k8s = client.read_work_pool("pruning-k8s").base_job_template  # the README's --base-job-template
+        pod = k8s["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+        assert {"name": "pruning-data", "persistentVolumeClaim": {"claimName": "{{ runs_pvc }}"}} in pod["volumes"]
+        assert k8s["variables"]["properties"]["runs_pvc"]["default"] == "pruning-runs"
 
 
 def test_deployment_run_scores_on_dask_workers_and_logs_to_mlflow(stack_prefect, deployed, tiny_model_dir_session,
@@ -101,11 +117,15 @@ def test_deployment_run_scores_on_dask_workers_and_logs_to_mlflow(stack_prefect,
         dask.get_task_stream()  # installs the scheduler's task-stream plugin before the run
         workers = set(dask.scheduler_info(n_workers=-1)["workers"])
         job = tiny_job(tiny_model_dir_session, stack.dask_address)
-        out = tmp_path / "run"
-        flow_run = run_deployment("oneshot-prune/wanda-50-nightly", parameters={"job": job, "output_dir": str(out)},
-                                  timeout=300)
+        # as the schedule runs it: no output_dir, so the flow run gets a directory of its own
+        flow_run = run_deployment("oneshot-prune/wanda-50-nightly", parameters={"job": job}, timeout=300)
         stream = dask.get_task_stream()
     assert flow_run.state.is_completed(), flow_run.state
+    from flows.config import parse_config
+
+    parsed = parse_config(job)
+    (out,) = (stack.state / "runs" / f"{parsed.name}-{parsed.job_hash()}").iterdir()  # $PRUNING_RUNS_DIR
+    assert out.name.endswith(str(flow_run.id))
     summary = json.loads((out / "summary.json").read_text())
     layers = [r["name"] for r in summary["layers"]]
     assert len(layers) == 14 and summary["sparsity"] == pytest.approx(0.5)
@@ -136,3 +156,50 @@ def test_deployment_run_scores_on_dask_workers_and_logs_to_mlflow(stack_prefect,
     assert json.loads(Path(local).read_text())["mlflow_run_id"] == run.info.run_id
     stored = list((stack.state / "mlartifacts").rglob("masks.safetensors"))
     assert len(stored) == 1 and stored[0].read_bytes() == (out / "masks.safetensors").read_bytes()
+
+
+# -- last: stopping -------------------------------------------------------------------------------------
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_stop_leaves_no_process_alive_and_no_port_open(stack):
+    """Runs last (it stops the session's stack; the fixture's `clean` then only deletes the state)."""
+    pids = {p.stem: int(p.read_text()) for p in (stack.state / "pids").glob("*.pid")}
+    assert set(pids) == {"postgres", "prefect-server", "mlflow", "dask-scheduler", "dask-worker-1",
+                         "dask-worker-2", "prefect-worker"}
+    procs = [p for pid in pids.values() for p in _tree(pid)]  # services, their workers and flow-run processes
+    # every process that carries this stack's state directory in its environment (all launched services)
+    for proc in psutil.process_iter():
+        try:
+            if f"STACK_DIR={stack.state}".encode() in Path(f"/proc/{proc.pid}/environ").read_bytes():
+                procs.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    ports = {int(stack.env[k]) for k in ("STACK_PG_PORT", "STACK_PREFECT_PORT", "STACK_MLFLOW_PORT",
+                                          "STACK_DASK_PORT")}
+    for proc in procs:  # dashboards, nannies, the worker's listeners on ports chosen at start
+        try:
+            ports |= {c.laddr.port for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            continue
+    assert all(_port_open(p) for p in ports & {int(stack.env["STACK_PREFECT_PORT"]), int(stack.env["STACK_PG_PORT"])})
+    stopped = stack.script("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], [(p.pid, p.cmdline()) for p in alive]
+    assert sorted(p for p in ports if _port_open(p)) == []
+    assert list((stack.state / "pids").glob("*.pid")) == []
+    status = stack.script("status")
+    assert status.returncode == 3 and status.stdout.count("stopped") == 7
+    assert os.path.isdir(stack.state)  # stop keeps the data (clean deletes it)
