@@ -11,16 +11,30 @@ Rows:
   (one-shot), last k layers, random k layers (``--random-seeds`` seeds, each reported);
 - width: MLP 1536 -> 768, heads 9 -> 6 (KV groups 3 -> 2), both; ours (Minitron activation
   importance) against Torch-Pruning 1.6.1 (GroupMagnitudeImportance p=2 over its dependency
-  groups) where Torch-Pruning can build the group, and against weight-magnitude head scores
-  sliced by our graph where it cannot (its attention group never finishes for GQA models).
+  groups, its ``examples/LLMs/prune_llm.py`` criterion) and weight-magnitude head scores sliced
+  by our graph. Torch-Pruning's GQA head pruning removes query heads inside each KV group and
+  never a KV group, so it cannot reach 6 heads in 2 KV groups; it is measured at 6 heads in 3 KV
+  groups (one query head per group removed), next to ours at that same shape.
 
-    HF_HUB_OFFLINE=1 nohup python benchmarks/bench_minitron.py --out benchmarks/results/minitron.json \
-        > /tmp/bench_minitron.log 2>&1 &
+Torch-Pruning's head pruning runs on transformers 5.24 when its graph is traced with eager
+attention and ``use_cache=False`` (``torch_pruning_heads_``): with SDPA its GQA head grouping
+fails (``imp.view(num_heads, -1)`` on the KV heads' 3 x 64 channels). Its pruner roots each
+attention group at a downstream node; asking its graph for the group of a ``q_proj`` directly
+never returns on a GQA Llama (``benchmarks/tp_rope_hang.py``: the search cycles through RoPE).
+
+Every pruned model's parameter count is checked against the prediction (the plan's
+``predicted_num_parameters`` for our plans, ``ModelShape.num_parameters`` of the pruned config
+for every row); a mismatch stops the run. ``predicted_params`` is recorded in each row.
+
+    pip install --target /tmp/tp torch-pruning==1.6.1 --no-deps   # not a project dependency
+    HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/tp:. nohup python benchmarks/bench_minitron.py \
+        --out benchmarks/results/minitron.json > /tmp/bench_minitron.log 2>&1 &
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -31,7 +45,8 @@ from pathlib import Path
 
 import torch
 
-from pruning_core.graph import apply_plan_, build_dependency_graph
+from pruning_core.graph import StructuredPlan, apply_plan_, build_dependency_graph
+from pruning_core.graph.hf import sync_config_
 from pruning_core.lm import (
     calibration_windows,
     evaluation_windows,
@@ -43,6 +58,7 @@ from pruning_core.lm import (
 from pruning_core.lm import perplexity as lm_perplexity
 from pruning_core.minitron import (
     Architecture,
+    ModelShape,
     bi_iterative,
     collect_block_importance,
     collect_width_scores,
@@ -81,6 +97,20 @@ def batches_of(windows: torch.Tensor, size: int = 8) -> list[torch.Tensor]:
     return [windows[i : i + size] for i in range(0, len(windows), size)]
 
 
+def apply_checked(model: torch.nn.Module, plan: StructuredPlan) -> torch.nn.Module:
+    """A pruned copy of ``model``; raises if its parameter count differs from the plan's prediction."""
+    predicted = plan.predicted_num_parameters(model)
+    pruned = apply_plan_(copy.deepcopy(model), plan)
+    if num_params(pruned) != predicted:
+        raise RuntimeError(f"pruned model has {num_params(pruned):,} parameters; the plan predicted {predicted:,}")
+    return pruned
+
+
+def predicted_params(model: torch.nn.Module) -> int:
+    """The analytic count of the model's (pruned) config, as the search predicts it."""
+    return ModelShape.from_config(model.config).num_parameters(Architecture.from_config(model.config))
+
+
 # --------------------------------------------------------------------------- baselines
 def magnitude_head_scores(model: torch.nn.Module, structure) -> torch.Tensor:
     """[L, H] head scores from weights only: ||W_q rows||^2 + ||W_o cols||^2 + its KV rows / r
@@ -95,6 +125,45 @@ def magnitude_head_scores(model: torch.nn.Module, structure) -> torch.Tensor:
                  for n in (unit.k, unit.v))
         rows.append((q + o + kv.repeat_interleave(r) / r).double())
     return torch.stack(rows)
+
+
+@contextlib.contextmanager
+def eager_attention(model: torch.nn.Module):
+    """``model`` with eager attention while Torch-Pruning traces it (its graph cannot group GQA
+    heads through SDPA); the model's own attention implementation is restored on exit."""
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(impl)
+
+
+def torch_pruning_heads_(model: torch.nn.Module, heads: int, example: torch.Tensor) -> None:
+    """Torch-Pruning 1.6.1's Llama head pruning (``prune_llm.py``'s settings, heads only):
+    ``BasePruner`` with GroupMagnitudeImportance(p=2), ``prune_num_heads``, local ranking. For GQA
+    it removes the same number of query heads in every KV group and keeps every KV head."""
+    import torch_pruning as tp
+
+    config = model.config
+    num_heads = {}
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        num_heads[attn.q_proj] = config.num_attention_heads
+        num_heads[attn.k_proj] = num_heads[attn.v_proj] = config.num_key_value_heads
+    # TP removes ceil(ratio * H / G) query heads per KV group; just under the exact ratio so that
+    # floating-point rounding cannot push the ceiling up by one (1 - 6/9 = 0.33333333333333337).
+    ratio = (config.num_attention_heads - heads) / config.num_attention_heads * (1 - 1e-9)
+    with eager_attention(model):  # the graph is traced in the constructor
+        pruner = tp.pruner.BasePruner(
+            model, example_inputs={"input_ids": example, "use_cache": False},
+            importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
+            output_transform=lambda out: out.logits, global_pruning=False, ignored_layers=[model.lm_head],
+            pruning_ratio=0.0, pruning_ratio_dict={layer.self_attn.q_proj: ratio for layer in model.model.layers},
+            num_heads=num_heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio, round_to=None)
+    for group in pruner.step(interactive=True):
+        group.prune()
+    sync_config_(model, {"num_attention_heads": heads, "num_key_value_heads": config.num_key_value_heads})
 
 
 def torch_pruning_mlp_(model: torch.nn.Module, keep: int, example: torch.Tensor) -> None:
@@ -124,17 +193,29 @@ class Recorder:
         self.data = {**header, "rows": old.get("rows", []), "meta": old.get("meta", {}),
                      "total_seconds": old.get("total_seconds", 0.0)}
 
-    def done(self, kind: str, shape: str, method: str) -> bool:
-        return any((r["kind"], r["shape"], r["method"]) == (kind, shape, method) for r in self.data["rows"])
-
     def row(self, kind: str, shape: str, method: str, build, eval_windows, **extra) -> None:
-        if self.done(kind, shape, method):
+        """Build, check the parameter count against the prediction, measure perplexity, record.
+
+        A finished row from an older run without ``predicted_params`` is rebuilt and checked
+        (no perplexity), so every recorded count is verified."""
+        old = next((r for r in self.data["rows"] if (r["kind"], r["shape"], r["method"]) == (kind, shape, method)), None)
+        if old is not None and "predicted_params" in old:
             return
         model = build()
+        predicted = predicted_params(model)
+        if num_params(model) != predicted:
+            raise RuntimeError(f"{shape} / {method}: {num_params(model):,} parameters, predicted {predicted:,}")
+        if old is not None:
+            if old["params"] != predicted:
+                raise RuntimeError(f"{shape} / {method}: recorded {old['params']:,} parameters, predicted {predicted:,}")
+            old["predicted_params"] = predicted
+            self.save()
+            return
         t0 = time.perf_counter()
         ppl = perplexity(model, eval_windows)
-        row = {"kind": kind, "shape": shape, "method": method, "params": num_params(model), "perplexity": ppl,
-               "eval_seconds": round(time.perf_counter() - t0, 1), **extra}
+        row = {"kind": kind, "shape": shape, "method": method, "params": num_params(model),
+               "predicted_params": predicted, "perplexity": ppl, "eval_seconds": round(time.perf_counter() - t0, 1),
+               **extra}
         log.info("%s", row)
         self.data["rows"].append(row)
         self.save()
@@ -172,7 +253,7 @@ def depth_experiments(rec: Recorder, model, structure, calib, eval_windows, args
         for seed in range(args.random_seeds):
             methods[f"random (seed {seed})"] = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
         for name, removed in methods.items():
-            rec.row("depth", f"remove {k}", name, lambda r=removed: apply_plan_(copy.deepcopy(model), depth_plan(model, r)),
+            rec.row("depth", f"remove {k}", name, lambda r=removed: apply_checked(model, depth_plan(model, r)),
                     eval_windows, removed=removed)
 
 
@@ -184,27 +265,42 @@ def width_experiments(rec: Recorder, model, graph, structure, calib, eval_window
                        torch.rand(ours.heads.shape, generator=gen, dtype=torch.float64), 0)
     mag = WidthScores(ours.hidden, ours.neurons, magnitude_head_scores(model, structure), 0)
     dense = Architecture.from_config(model.config)
-    shapes = {"MLP 1536->768": (768, 9, 3), "heads 9->6 (KV 3->2)": (1536, 6, 2), "MLP 768 + heads 6/2": (768, 6, 2)}
+    shapes = {"MLP 1536->768": (768, 9, 3), "heads 9->6 (KV 3->2)": (1536, 6, 2), "MLP 768 + heads 6/2": (768, 6, 2),
+              # Torch-Pruning's GQA head pruning keeps every KV group: compared at its own shapes
+              "heads 9->6 (KV 3 kept)": (1536, 6, 3), "MLP 768 + heads 6/3": (768, 6, 3)}
 
     def pruned(scores: WidthScores, ffn: int, heads: int, kv: int):
         arch = Architecture(num_layers=dense.num_layers, hidden_size=dense.hidden_size, intermediate_size=ffn,
                             num_attention_heads=heads, num_key_value_heads=kv)
-        return apply_plan_(copy.deepcopy(model), width_plan(graph, structure, scores, arch))
+        return apply_checked(model, width_plan(graph, structure, scores, arch))
 
     def torch_pruning(ffn: int, heads: int, kv: int):
-        base = pruned(mag, dense.intermediate_size, heads, kv) if heads != dense.num_attention_heads else copy.deepcopy(model)
-        torch_pruning_mlp_(base, ffn, calib[:1, :16])
+        """TP's MLP pruning; heads by TP where it can (KV groups kept), else weight-magnitude heads + our slicer."""
+        if heads == dense.num_attention_heads:
+            base = copy.deepcopy(model)
+        elif kv == dense.num_key_value_heads:
+            base = copy.deepcopy(model)
+            torch_pruning_heads_(base, heads, calib[:1, :16])
+        else:
+            base = pruned(mag, dense.intermediate_size, heads, kv)
+        if ffn != dense.intermediate_size:
+            torch_pruning_mlp_(base, ffn, calib[:1, :16])
         return base
 
     for label, (ffn, heads, kv) in shapes.items():
+        tp_heads = heads != dense.num_attention_heads and kv == dense.num_key_value_heads
         rec.row("width", label, "ours (Minitron activations)", lambda f=ffn, h=heads, g=kv: pruned(ours, f, h, g), eval_windows)
-        rec.row("width", label, "random neurons/heads (seed 0)", lambda f=ffn, h=heads, g=kv: pruned(rand, f, h, g), eval_windows)
-        if heads != dense.num_attention_heads:
+        if not tp_heads:
+            rec.row("width", label, "random neurons/heads (seed 0)", lambda f=ffn, h=heads, g=kv: pruned(rand, f, h, g),
+                    eval_windows)
+        if heads != dense.num_attention_heads and not tp_heads:
             rec.row("width", label, "weight-magnitude heads + magnitude neurons (our slicer)",
                     lambda f=ffn, h=heads, g=kv: pruned(WidthScores(ours.hidden, _magnitude_neurons(model), mag.heads, 0), f, h, g),
                     eval_windows)
-        if ffn != dense.intermediate_size and not args.skip_tp:
-            name = "Torch-Pruning 1.6.1 MLP (group L2 magnitude)" + (" + weight-magnitude heads" if heads != 9 else "")
+        if (ffn != dense.intermediate_size or tp_heads) and not args.skip_tp:
+            parts = (["MLP"] if ffn != dense.intermediate_size else []) + (["heads"] if tp_heads else [])
+            name = f"Torch-Pruning 1.6.1 {' + '.join(parts)} (group L2 magnitude)"
+            name += " + weight-magnitude heads" if heads != dense.num_attention_heads and not tp_heads else ""
             rec.row("width", label, name, lambda f=ffn, h=heads, g=kv: torch_pruning(f, h, g), eval_windows)
 
 
@@ -229,11 +325,12 @@ def render_markdown(data: dict) -> str:
         rows = [r for r in data["rows"] if r["kind"] == kind]
         if not rows:
             continue
-        lines += [f"**{title}**", "", "| shape | method | params | perplexity | x dense ppl | layers removed |",
-                  "|---|---|---:|---:|---:|---|"]
+        lines += [f"**{title}**", "", "| shape | method | params | = predicted | perplexity | x dense ppl | layers removed |",
+                  "|---|---|---:|:-:|---:|---:|---|"]
         for r in rows:
             removed = ", ".join(map(str, r.get("removed", []))) or "-"
-            lines.append(f"| {r['shape']} | {r['method']} | {r['params'] / 1e6:.2f} M | {r['perplexity']:.2f} | "
+            check = {True: "yes", False: "**no**"}.get(r.get("predicted_params") == r["params"]) if "predicted_params" in r else "-"
+            lines.append(f"| {r['shape']} | {r['method']} | {r['params']:,} | {check} | {r['perplexity']:.2f} | "
                          f"{r['perplexity'] / dense['perplexity']:.2f} | {removed} |")
         lines.append("")
     return "\n".join(lines)

@@ -103,14 +103,28 @@ class ImportanceSection(StrictModel):
 
 
 class DistillationSection(StrictModel):
-    """Optional logit distillation from the dense teacher before a candidate is scored (0 steps: off)."""
+    """Optional logit distillation from the dense teacher before a candidate is scored (0 steps: off).
+
+    Candidates are distilled on their own windows and scored on the candidate windows, never on
+    the same tokens (that would score them in-sample): ``windows`` windows of the calibration
+    text's ``window_length`` tokens, at random starts (seeded by ``seed``) chosen among the
+    positions that share no token with any candidate window (``pruning_core.minitron.
+    disjoint_windows``). They are drawn once, stored with the run's windows, and reused for
+    every candidate and for the chosen model's rebuild.
+    """
 
     steps: int = Field(0, ge=0)
     lr: float = Field(1e-4, gt=0.0)
+    windows: PositiveInt = Field(8, description="distillation windows, disjoint from the candidate windows")
+    seed: int = Field(1, description="seed of the distillation windows' start positions")
 
 
 class MinitronCalibration(StrictModel):
-    """Calibration windows and which of them each step uses (the first N)."""
+    """Calibration windows and which of them each step uses (the first N).
+
+    Distillation (if on) uses separate windows of the same text that share no token with the
+    candidate windows; see :class:`DistillationSection`.
+    """
 
     text: str = Field("emma", description="a shipped text (emma, pride_and_prejudice) or a .txt/.txt.gz/.jsonl/.parquet path")
     text_field: str = "text"
@@ -119,7 +133,8 @@ class MinitronCalibration(StrictModel):
     seed: int = 0
     batch_size: PositiveInt = 8
     score_windows: PositiveInt | None = Field(None, description="windows for Block Importance and width importance (None: all)")
-    loss_windows: PositiveInt = Field(8, description="windows for the layer-drop LM loss (depth_criterion loss)")
+    loss_windows: PositiveInt = Field(8, description="windows for the layer/block-drop LM loss (depth_criterion "
+                                      "loss, loss_block, loss_iterative)")
     candidate_windows: PositiveInt = Field(8, description="windows on which each candidate's LM loss is measured")
 
 
@@ -140,9 +155,11 @@ class MinitronJob(JobBase):
     job: Literal["minitron"] = "minitron"
     target: TargetSection
     divisibility: DivisibilitySection = Field(default_factory=DivisibilitySection)
-    depth_criterion: Literal["bi", "bi_iterative", "loss"] = Field(
+    depth_criterion: Literal["bi", "bi_iterative", "loss", "loss_block", "loss_iterative"] = Field(
         "bi", description="bi: lowest Block Importance; bi_iterative: BI recomputed after each removal; "
-        "loss: smallest LM-loss increase when the layer is dropped (best on SmolLM2, 31 forward passes)")
+        "loss: smallest LM-loss increase when the layer is dropped (best on SmolLM2, L + 1 forward passes); "
+        "loss_block: the contiguous block of k layers whose removal raises the LM loss least (L - k + 2 passes "
+        "per k among the candidates); loss_iterative: loss recomputed after each removal (about k * L passes)")
     importance: ImportanceSection = Field(default_factory=ImportanceSection)
     distillation: DistillationSection = Field(default_factory=DistillationSection)
     calibration: MinitronCalibration = Field(default_factory=MinitronCalibration)
@@ -196,8 +213,7 @@ class MinitronJob(JobBase):
         cannot form whole KV groups, or no architecture in the target; InvalidSparsity for removing
         so many layers that fewer than ``min_layers`` remain.
         """
-        dense_parameters = dense.num_parameters(vocab_size=shape.vocab_size, head_dim=shape.head_dim,
-                                                tied_embeddings=shape.tied_embeddings)
+        dense_parameters = shape.num_parameters(dense)
         try:
             target = self.library_target(dense, dense_parameters, limit=False)
             if target.num_attention_heads is not None and target.num_key_value_heads is not None:

@@ -9,7 +9,7 @@ Layout of a run directory::
 
     config.json, manifest.json, summary.json, timings.json
     inputs.json            the resolved model, dense architecture and the candidates
-    windows.safetensors    calibration and evaluation token windows
+    windows.safetensors    calibration, evaluation and (with distillation) distillation token windows
     scores.parquet         every importance score, computed once (long table, see below)
     candidates/<id>/plan.json, result.json    one per candidate
     model/                 the chosen candidate, a Hugging Face directory
@@ -55,13 +55,14 @@ from pruning_core.minitron import (
     build_candidate,
     candidate_plan,
     compute_scores,
-    depth_plan,
+    disjoint_windows,
     distill_,
     evaluate_candidate,
     lm_loss,
+    loss_iterative,
     trace_decoder,
-    width_plan,
 )
+from pruning_core.minitron.search import ITERATIVE_CRITERIA
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ PROMPT = "It is a truth universally acknowledged"
 # transformers' from_pretrained swaps torch.nn.init functions process-wide while it loads; two
 # threads loading at once can leave them swapped. Loads in this process take turns.
 _LOAD_LOCK = threading.Lock()
+# torch.export keeps its dispatch-mode stack per process, not per thread: two candidate tasks
+# tracing at once on the thread runner fail ("ProxyTorchDispatchMode slot already occupied").
+_TRACE_LOCK = threading.Lock()
 
 
 def _path(run_dir: str, name: str) -> Path:
@@ -105,7 +109,11 @@ def _device(model: Any) -> torch.device:
 @task(name="prepare-inputs", **TASK)
 def prepare_inputs(job: MinitronJob, run_dir: str) -> dict[str, Any]:
     """Load and check the model, enumerate the candidates (bad targets fail here, before any long
-    work), cut the token windows, trace the dependency graph."""
+    work), cut the token windows, trace the dependency graph.
+
+    With distillation on, its windows are drawn here too: none shares a token position with
+    the candidate windows (the first ``candidate_windows`` calibration windows), so candidates
+    are never scored on what they were just trained on."""
     record = _path(run_dir, "inputs.json")
     if _done(run_dir, "inputs", "windows"):
         return json.loads(record.read_text())
@@ -120,6 +128,10 @@ def prepare_inputs(job: MinitronJob, run_dir: str) -> dict[str, Any]:
     tokens = tokenize_corpus(tokenizer, load_text(cal.text, field=cal.text_field))
     windows = {"calibration": calibration_windows(tokens, cal.num_windows, cal.window_length, cal.seed,
                                                   what=f"calibration text '{cal.text}'")}
+    if job.distillation.steps:
+        windows["distillation"] = disjoint_windows(tokens, job.distillation.windows, cal.window_length,
+                                                   job.distillation.seed,
+                                                   avoid=windows["calibration"][: cal.candidate_windows])
     if ev.enabled:
         ev_tokens = tokenize_corpus(tokenizer, load_text(ev.text, field=ev.text_field))
         windows["evaluation"] = evaluation_windows(ev_tokens, ev.num_windows, ev.window_length,
@@ -133,9 +145,7 @@ def prepare_inputs(job: MinitronJob, run_dir: str) -> dict[str, Any]:
             "dense_architecture": dense.to_dict(), "dense_parameters": dense_params,
             "budget": job.library_target(dense, dense_params).param_budget, "candidates_enumerated": total,
             "candidates": [{"id": candidate_id(a), "architecture": a.to_dict(),
-                            "predicted_parameters": a.num_parameters(vocab_size=shape.vocab_size,
-                                                                     head_dim=shape.head_dim,
-                                                                     tied_embeddings=shape.tied_embeddings)}
+                            "predicted_parameters": shape.num_parameters(a)}
                            for a in candidates]}
     atomic_write_text(record, json.dumps(info, indent=1))
     manifest.record("inputs", record, kind="json")
@@ -147,7 +157,9 @@ def compute_importance(job: MinitronJob, run_dir: str, inputs: dict[str, Any]) -
     """Every importance score, once, to ``scores.parquet`` (reused by every candidate and rerun).
 
     Also the dense model's loss on the candidate windows (the reference for candidates' losses)
-    and, for ``bi_iterative``, the greedy removal order, both in the table's metadata.
+    and, for ``bi_iterative`` / ``loss_iterative``, the greedy removal order, both in the table's
+    metadata. ``loss`` adds the per-layer drop losses, ``loss_block`` the block drop losses for
+    every number of layers a candidate removes.
     """
     out = _path(run_dir, "scores.parquet")
     if _done(run_dir, "scores"):
@@ -155,10 +167,14 @@ def compute_importance(job: MinitronJob, run_dir: str, inputs: dict[str, Any]) -
     model, _ = load_model(inputs["model_dir"], job.device)
     graph, structure = load_graph(run_dir, model)
     cal, device = job.calibration, _device(model)
+    criterion = job.depth_criterion
     batches = _batches(run_dir, "calibration", cal.score_windows, cal.batch_size, device)
     loss_batches = (_batches(run_dir, "calibration", cal.loss_windows, cal.batch_size, device)
-                    if job.depth_criterion == "loss" else None)
-    scores = compute_scores(model, batches, structure, width_config=job.width_config(), loss_batches=loss_batches,
+                    if criterion in ("loss", "loss_block", "loss_iterative") else None)
+    removals = sorted({structure.num_layers - c["architecture"]["num_layers"] for c in inputs["candidates"]} - {0})
+    scores = compute_scores(model, batches, structure, width_config=job.width_config(),
+                            loss_batches=loss_batches if criterion in ("loss", "loss_block") else None,
+                            layer_loss=criterion == "loss", block_sizes=removals if criterion == "loss_block" else (),
                             progress=True)
     meta = {"job_hash": job.job_hash(), "model_fingerprint": inputs["fingerprint"],
             "seq_agg": job.importance.seq_agg, "batch_agg": job.importance.batch_agg,
@@ -166,9 +182,10 @@ def compute_importance(job: MinitronJob, run_dir: str, inputs: dict[str, Any]) -
             "score_windows": str(sum(len(b) for b in batches)),
             "loss_windows": str(sum(len(b) for b in loss_batches or [])),
             "dense_candidate_loss": repr(lm_loss(model, _candidate_batches(job, run_dir, device)))}
-    if job.depth_criterion == "bi_iterative":
+    if criterion in ITERATIVE_CRITERIA:
         most = structure.num_layers - min(c["architecture"]["num_layers"] for c in inputs["candidates"])
-        meta["bi_iterative_order"] = json.dumps(bi_iterative(model, batches, most, min_layers=job.target.min_layers))
+        select, on = (bi_iterative, batches) if criterion == "bi_iterative" else (loss_iterative, loss_batches)
+        meta[f"{criterion}_order"] = json.dumps(select(model, on, most, min_layers=job.target.min_layers))
     table = pa.table(scores.to_columns(), schema=SCHEMA.with_metadata(meta))
     with atomic_path(out) as tmp:
         pq.write_table(table, tmp)
@@ -181,11 +198,19 @@ def _candidate_batches(job: MinitronJob, run_dir: str, device: torch.device) -> 
     return _batches(run_dir, "calibration", cal.candidate_windows, cal.batch_size, device)
 
 
+def _distill_batches(job: MinitronJob, run_dir: str, device: torch.device) -> list[torch.Tensor] | None:
+    """The distillation windows (disjoint from the candidate windows), or None without distillation."""
+    if not job.distillation.steps:
+        return None
+    return _batches(run_dir, "distillation", None, job.calibration.batch_size, device)
+
+
 def load_graph(run_dir: str, model: Any) -> tuple[Any, Any]:
     """The dense model's ``(DependencyGraph, DecoderStructure)``, traced again on the run's first
     calibration tokens (deterministic, about a second; no pickled graph is ever loaded)."""
     ids = load_tensors(_path(run_dir, "windows.safetensors"), ["calibration"])["calibration"][:1, :16]
-    return trace_decoder(model, ids.to(_device(model)))
+    with _TRACE_LOCK:
+        return trace_decoder(model, ids.to(_device(model)))
 
 
 def load_scores(path: str | Path) -> tuple[MinitronScores, dict[str, str]]:
@@ -199,10 +224,9 @@ def make_plan(job: MinitronJob, run_dir: str, model: Any, arch: Architecture) ->
     """The candidate's structural plan from the cached graph and scores."""
     graph, structure = load_graph(run_dir, model)
     scores, meta = load_scores(_path(run_dir, "scores.parquet"))
-    if job.depth_criterion != "bi_iterative":
-        return candidate_plan(model, graph, structure, scores, arch, depth_criterion=job.depth_criterion)
-    removed = json.loads(meta["bi_iterative_order"])[: structure.num_layers - arch.num_layers]  # greedy prefix
-    return width_plan(graph, structure, scores.width, arch).merged(depth_plan(model, removed))
+    criterion = job.depth_criterion
+    order = json.loads(meta[f"{criterion}_order"]) if criterion in ITERATIVE_CRITERIA else None  # greedy prefix
+    return candidate_plan(model, graph, structure, scores, arch, depth_criterion=criterion, removal_order=order)
 
 
 def _removed_layers(plan: StructuredPlan) -> list[int]:
@@ -211,8 +235,9 @@ def _removed_layers(plan: StructuredPlan) -> list[int]:
 
 @task(name="score-candidate", task_run_name="candidate-{candidate[id]}", **TASK)
 def score_candidate(job: MinitronJob, run_dir: str, inputs: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
-    """Build one candidate from the dense model + cached scores, measure its calibration LM loss
-    (after the optional distillation), save its plan; returns its result (small values)."""
+    """Build one candidate from the dense model + cached scores, measure its LM loss on the
+    candidate windows (after the optional distillation on the distillation windows), save its
+    plan; returns its result (small values)."""
     cid = candidate["id"]
     folder = _candidate_dir(run_dir, cid)
     if _done(run_dir, f"plan:{cid}", f"candidate:{cid}"):
@@ -222,8 +247,10 @@ def score_candidate(job: MinitronJob, run_dir: str, inputs: dict[str, Any], cand
     arch = Architecture(**candidate["architecture"])
     plan = make_plan(job, run_dir, dense, arch)
     model = build_candidate(dense, plan)
-    loss, history = evaluate_candidate(model, _candidate_batches(job, run_dir, _device(dense)), teacher=dense,
-                                       distill_steps=job.distillation.steps, distill_lr=job.distillation.lr)
+    device = _device(dense)
+    loss, history = evaluate_candidate(model, _candidate_batches(job, run_dir, device), teacher=dense,
+                                       distill_steps=job.distillation.steps, distill_lr=job.distillation.lr,
+                                       distill_batches=_distill_batches(job, run_dir, device))
     result = {"id": cid, "architecture": short_architecture(Architecture.from_config(model.config)),
               "parameters": sum(p.numel() for p in model.parameters()), "loss": loss,
               "distill_losses": history, "removed_layers": _removed_layers(plan),
@@ -250,7 +277,7 @@ def rebuild_chosen(job: MinitronJob, run_dir: str, inputs: dict[str, Any], chose
     if job.distillation.steps:
         teacher, _ = load_model(inputs["model_dir"], job.device)
         apply_plan_(model, plan)
-        distill_(model, teacher, _candidate_batches(job, run_dir, _device(model)), steps=job.distillation.steps,
+        distill_(model, teacher, _distill_batches(job, run_dir, _device(model)), steps=job.distillation.steps,
                  lr=job.distillation.lr)
         model.eval()
     else:

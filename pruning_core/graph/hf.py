@@ -17,7 +17,7 @@ generic steps (module lists, ``layer_idx``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -56,6 +56,51 @@ def remove_layers_(model: nn.Module, container: str, kept: Sequence[int]) -> Non
 def sync_config_(model: nn.Module, expected: Mapping[str, int]) -> None:
     """Make a HF model's config and attention bookkeeping match its (edited) shapes.
 
+    Everything is checked (:func:`check_config`) before anything is written.
+
+    Raises:
+        GraphError: see :func:`check_config`.
+    """
+    config = _text_config(model)
+    if config is None:
+        return
+    derived = check_config(model, expected)
+    path = _safe_layers_path(model)
+    layers = model.get_submodule(path) if path else []
+    for i, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = i
+    for key, value in derived.items():
+        setattr(config, key, value)
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = derived["num_attention_heads"] // derived["num_key_value_heads"]
+    logger.info("config after structural edits: %s", derived)
+
+
+def check_config(
+    model: nn.Module,
+    expected: Mapping[str, int],
+    *,
+    shape_of: Callable[[nn.Parameter], Sequence[int]] | None = None,
+    kept_layers: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, int]:
+    """The config values the model's shapes imply, checked; nothing is changed.
+
+    Args:
+        expected: values the config must have afterwards (a plan's ``config``).
+        shape_of: the shape each parameter will have (default: its current shape), so that a
+            plan can be checked before it is applied.
+        kept_layers: entries that will remain, per ``ModuleList`` path (a plan's layer
+            removals); only the decoder layer list matters. Default: all of them.
+
+    Returns:
+        The derived values (``num_hidden_layers``, ``hidden_size``, ``intermediate_size``,
+        ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``; those the model has).
+        Empty for a model without a HF text config.
+
     Raises:
         GraphError: per-layer sizes differ (a HF config cannot express that), the hidden size
             is not a multiple of the head count (``LlamaConfig`` would refuse to reload), or a
@@ -63,45 +108,40 @@ def sync_config_(model: nn.Module, expected: Mapping[str, int]) -> None:
     """
     config = _text_config(model)
     if config is None:
-        return
+        return {}
     path = _safe_layers_path(model)
-    layers = model.get_submodule(path) if path else []
-    for i, layer in enumerate(layers):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = i
-    derived = _derive_sizes(model, layers, config)
-    for key, value in derived.items():
-        setattr(config, key, value)
-    for layer in layers:
-        attn = getattr(layer, "self_attn", None)
-        if attn is not None and hasattr(attn, "num_key_value_groups"):
-            attn.num_key_value_groups = derived["num_attention_heads"] // derived["num_key_value_heads"]
+    layers = list(model.get_submodule(path)) if path else []
+    if kept_layers and path in kept_layers:
+        layers = [layers[i] for i in kept_layers[path]]
+    derived = _derive_sizes(model, layers, config, shape_of or (lambda p: tuple(p.shape)))
     if "num_attention_heads" in derived and derived["hidden_size"] % derived["num_attention_heads"]:
         raise GraphError(
             f"hidden_size {derived['hidden_size']} is not a multiple of num_attention_heads "
             f"{derived['num_attention_heads']}: transformers' config validation would refuse to reload it"
         )
-    mismatched = {k: (v, getattr(config, k, None)) for k, v in expected.items() if getattr(config, k, None) != v}
+    after = {k: derived.get(k, getattr(config, k, None)) for k in expected}
+    mismatched = {k: (v, after[k]) for k, v in expected.items() if after[k] != v}
     if mismatched:
         raise GraphError(f"config after the plan differs from the plan's expectation {{key: (expected, got)}}: {mismatched}")
-    logger.info("config after structural edits: %s", derived)
+    return derived
 
 
-def _derive_sizes(model: nn.Module, layers: Any, config: Any) -> dict[str, int]:
+def _derive_sizes(
+    model: nn.Module, layers: Sequence[nn.Module], config: Any, shape_of: Callable[[nn.Parameter], Sequence[int]]
+) -> dict[str, int]:
     sizes: dict[str, int] = {"num_hidden_layers": len(layers)}
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if isinstance(embed, nn.Embedding):
-        sizes["hidden_size"] = int(embed.embedding_dim)
+        sizes["hidden_size"] = int(shape_of(embed.weight)[1])
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_layer: dict[str, set[int]] = {"num_attention_heads": set(), "num_key_value_heads": set(), "intermediate_size": set()}
     for layer in layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is not None and hasattr(attn, "q_proj") and hasattr(attn, "k_proj"):
-            per_layer["num_attention_heads"].add(attn.q_proj.out_features // head_dim)
-            per_layer["num_key_value_heads"].add(attn.k_proj.out_features // head_dim)
+            per_layer["num_attention_heads"].add(int(shape_of(attn.q_proj.weight)[0]) // head_dim)
+            per_layer["num_key_value_heads"].add(int(shape_of(attn.k_proj.weight)[0]) // head_dim)
         if mlp is not None and hasattr(mlp, "up_proj"):
-            per_layer["intermediate_size"].add(mlp.up_proj.out_features)
+            per_layer["intermediate_size"].add(int(shape_of(mlp.up_proj.weight)[0]))
     for key, values in per_layer.items():
         if len(values) > 1:
             raise GraphError(f"layers have different {key} {sorted(values)}; a HF config needs one value")
@@ -127,4 +167,4 @@ def _safe_layers_path(model: nn.Module) -> str:
         return ""
 
 
-__all__ = ["decoder_layers_path", "remove_layers_", "sync_config_"]
+__all__ = ["check_config", "decoder_layers_path", "remove_layers_", "sync_config_"]

@@ -171,14 +171,20 @@ def plan_from_groups(
 def apply_plan_(model: nn.Module, plan: StructuredPlan) -> nn.Module:
     """Apply ``plan`` to ``model`` in place (physically) and return it.
 
+    The plan is checked completely before anything changes (the resulting shapes and config
+    are worked out first), so a plan that raises leaves ``model`` as it was.
+
     Raises:
         GraphError: a parameter/container named by the plan is missing, or its size differs
-            from the one the plan was made for (replaying on the wrong model), or the model's
-            config does not match ``plan.config`` afterwards.
+            from the one the plan was made for (replaying on the wrong model), tied parameters
+            get different edits, or the model's config would not match ``plan.config``
+            afterwards (or could not express the result, see :func:`hf.check_config`).
     """
     params = _params_by_name(model)
     _check_sizes(model, params, plan)
-    for param, edits in _edits_by_param(params, plan.axis_edits).items():
+    by_param = _edits_by_param(params, plan.axis_edits)
+    _check_result(model, plan, by_param)
+    for param, edits in by_param.items():
         new = param.detach()
         for edit in edits:
             new = new.index_select(edit.dim, torch.tensor(edit.keep, dtype=torch.long, device=new.device))
@@ -191,6 +197,16 @@ def apply_plan_(model: nn.Module, plan: StructuredPlan) -> nn.Module:
         hf.remove_layers_(model, removal.container, removal.kept())
     hf.sync_config_(model, plan.config)
     return model
+
+
+def _check_result(model: nn.Module, plan: StructuredPlan, by_param: Mapping[nn.Parameter, list[AxisEdit]]) -> None:
+    """Dry run: the config the model would have after ``plan`` must be valid and as expected."""
+    shapes = {id(p): list(p.shape) for p in by_param}
+    for param, edits in by_param.items():
+        for edit in edits:
+            shapes[id(param)][edit.dim] = len(edit.keep)
+    kept = {r.container: r.kept() for r in plan.layer_removals}
+    hf.check_config(model, plan.config, shape_of=lambda p: shapes.get(id(p), p.shape), kept_layers=kept)
 
 
 def _params_by_name(model: nn.Module) -> dict[str, nn.Parameter]:

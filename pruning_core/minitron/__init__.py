@@ -1,8 +1,8 @@
 """Minitron / ShortGPT structured pruning of decoder LMs: depth and width, plans and search.
 
 Stage: scores -> plans -> apply -> evaluate (Muralidharan et al. 2024, arXiv:2407.14679;
-Men et al. 2024, arXiv:2403.03853). Depth: Block Importance (per token) and LM-loss drop,
-one-shot or iterative selection. Width: activation-based head/neuron/channel importance,
+Men et al. 2024, arXiv:2403.03853). Depth: Block Importance (per token) and LM-loss drop
+(per layer or per contiguous block), one-shot, contiguous-block or iterative selection. Width: activation-based head/neuron/channel importance,
 GQA-consistent head selection, slicing through the traced dependency graph. Search: candidates
 under a budget, built from cached scores, scored by calibration LM loss (optional distillation).
 """
@@ -16,9 +16,12 @@ from pruning_core.minitron.depth import (
 )
 from pruning_core.minitron.depth_scores import (
     bi_iterative,
+    block_drop_losses,
     collect_block_importance,
     depth_plan,
     layer_drop_losses,
+    loss_iterative,
+    select_block,
     select_iterative,
     select_one_shot,
     without_layers,
@@ -26,6 +29,7 @@ from pruning_core.minitron.depth_scores import (
 from pruning_core.minitron.loss import distill_, lm_loss
 from pruning_core.minitron.scores import MinitronScores, compute_scores
 from pruning_core.minitron.search import (
+    DEPTH_CRITERIA,
     CandidateResult,
     ModelShape,
     build_candidate,
@@ -44,8 +48,10 @@ from pruning_core.minitron.structure import (
 from pruning_core.minitron.width import ChannelImportance, WidthPruner, WidthPruningResult
 from pruning_core.minitron.width_plan import select_heads, top_k_indices, width_plan
 from pruning_core.minitron.width_scores import WidthScores, collect_width_scores
+from pruning_core.minitron.windows import disjoint_windows, window_positions
 
 __all__ = [
+    "DEPTH_CRITERIA",
     "Architecture",
     "AttentionUnit",
     "BlockImportanceScores",
@@ -63,6 +69,7 @@ __all__ = [
     "WidthPruningResult",
     "WidthScores",
     "bi_iterative",
+    "block_drop_losses",
     "block_importance",
     "build_candidate",
     "candidate_plan",
@@ -71,17 +78,21 @@ __all__ = [
     "compute_scores",
     "decoder_structure",
     "depth_plan",
+    "disjoint_windows",
     "distill_",
     "enumerate_candidates",
     "evaluate_candidate",
     "layer_drop_losses",
     "lm_loss",
+    "loss_iterative",
     "search",
+    "select_block",
     "select_heads",
     "select_iterative",
     "select_one_shot",
     "top_k_indices",
     "trace_decoder",
     "width_plan",
+    "window_positions",
     "without_layers",
 ]

@@ -76,11 +76,29 @@ class Architecture:
     def to_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
 
-    def num_parameters(self, *, vocab_size: int, head_dim: int, tied_embeddings: bool) -> int:
-        """Parameter count of a bias-free Llama with this shape (embeddings counted once if tied)."""
+    def num_parameters(
+        self,
+        *,
+        vocab_size: int,
+        head_dim: int,
+        tied_embeddings: bool,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        mlp_bias: bool = False,
+    ) -> int:
+        """Parameter count of a Llama-family model with this shape (embeddings counted once if tied).
+
+        Args:
+            qkv_bias: q/k/v projections have biases (Llama ``attention_bias``; Qwen2 always).
+            o_bias: the output projection has a bias (Llama ``attention_bias``; not Qwen2).
+            mlp_bias: gate/up/down have biases (Llama ``mlp_bias``).
+        """
         h, i = self.hidden_size, self.intermediate_size
+        q_kv = head_dim * (self.num_attention_heads + 2 * self.num_key_value_heads)  # q, k, v output sizes
         attn = h * head_dim * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        layer = attn + 3 * h * i + 2 * h
+        attn += q_kv * qkv_bias + h * o_bias
+        mlp = 3 * h * i + (2 * i + h) * mlp_bias
+        layer = attn + mlp + 2 * h  # + two RMSNorm weights
         embeddings = vocab_size * h * (1 if tied_embeddings else 2)
         return self.num_layers * layer + embeddings + h
 

@@ -6,8 +6,10 @@ Stage: scores -> plan. Two importance signals (Minitron Sec. 2.2, ShortGPT Eq. 1
 - the LM-loss increase when a layer, or a contiguous block of ``block_size`` layers, is
   dropped (the model is run without it; nothing is copied).
 
-Selection is one-shot (rank once) or iterative (remove the least important layer, recompute
-the scores on the shallower model, repeat).
+Selection is one-shot (rank once), contiguous (:func:`select_block`: the block of ``k``
+layers whose removal raises the loss least), or iterative (remove the least important layer,
+recompute the scores on the shallower model, repeat: :func:`bi_iterative`,
+:func:`loss_iterative`).
 """
 
 from __future__ import annotations
@@ -101,6 +103,30 @@ def layer_drop_losses(
     return result
 
 
+def block_drop_losses(
+    model: nn.Module, batches: Sequence[torch.Tensor], block_sizes: Sequence[int], *, progress: bool = False
+) -> dict[int, torch.Tensor]:
+    """:func:`layer_drop_losses` for every block size in ``block_sizes`` (``{k: [L - k + 1]}``)."""
+    return {int(k): layer_drop_losses(model, batches, block_size=int(k), progress=progress) for k in sorted(set(block_sizes))}
+
+
+def select_block(block_losses: torch.Tensor, block_size: int) -> list[int]:
+    """The contiguous block ``[s, s + block_size)`` with the smallest loss increase (ties: lower ``s``).
+
+    Args:
+        block_losses: ``[L - block_size + 1]``, entry ``s`` for the block starting at layer ``s``
+            (:func:`layer_drop_losses` with this ``block_size``).
+
+    Returns:
+        The block's layer indices, ascending.
+    """
+    if block_size < 1 or block_losses.ndim != 1 or block_losses.numel() < 1:
+        raise InvalidSparsity(float(block_size), f"need block_size >= 1 and one loss per start, got {block_losses.shape}")
+    check_finite(block_losses, method="select_block", what="block loss increase")
+    start = int(torch.sort(block_losses.double(), stable=True).indices[0])
+    return list(range(start, start + block_size))
+
+
 def select_one_shot(scores: torch.Tensor, num_remove: int, *, min_layers: int = 1) -> list[int]:
     """The ``num_remove`` lowest-scored layers (ties: lower index first), ascending."""
     _check_remove(len(scores), num_remove, min_layers)
@@ -150,6 +176,21 @@ def bi_iterative(model: nn.Module, batches: Sequence[torch.Tensor], num_remove: 
     return select_iterative(len(decoder_layers(model)), num_remove, score, min_layers=min_layers)
 
 
+def loss_iterative(model: nn.Module, batches: Sequence[torch.Tensor], num_remove: int, *, min_layers: int = 1) -> list[int]:
+    """Iterative LM-loss selection: drop the layer whose removal raises the loss least, recompute
+    the layer-drop losses on the shallower model, repeat. ``L + (L - 1) + ...`` forward passes of
+    ``batches`` per removal step (the most expensive criterion).
+
+    Returns original layer indices in removal order (greedy, so a prefix answers fewer removals).
+    """
+
+    def score(removed: list[int]) -> torch.Tensor:
+        with without_layers(model, removed):
+            return layer_drop_losses(model, batches)
+
+    return select_iterative(len(decoder_layers(model)), num_remove, score, min_layers=min_layers)
+
+
 def depth_plan(model: nn.Module, removed: Sequence[int]) -> StructuredPlan:
     """A plan that removes decoder layers ``removed`` (original indices) from ``model``."""
     path = decoder_layers_path(model)
@@ -167,10 +208,13 @@ def _check_remove(num_layers: int, num_remove: int, min_layers: int) -> None:
 
 __all__ = [
     "bi_iterative",
+    "block_drop_losses",
     "collect_block_importance",
     "decoder_layers",
     "depth_plan",
     "layer_drop_losses",
+    "loss_iterative",
+    "select_block",
     "select_iterative",
     "select_one_shot",
     "without_layers",

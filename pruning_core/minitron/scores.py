@@ -8,9 +8,12 @@ Parquet; this package never touches disk):
 ============  =======  ===========================================================
 column        type     meaning
 ============  =======  ===========================================================
-``axis``      string   ``layer_bi`` | ``layer_loss`` | ``hidden`` | ``neuron`` | ``head``
-``layer``     int32    decoder layer (``-1`` for ``hidden``)
-``index``     int32    channel / neuron / head index (``0`` for ``layer_*`` rows)
+``axis``      string   ``layer_bi`` | ``layer_loss`` | ``block_loss`` | ``hidden`` |
+                       ``neuron`` | ``head``
+``layer``     int32    decoder layer (``-1`` for ``hidden``; first layer of the block
+                       for ``block_loss``)
+``index``     int32    channel / neuron / head index (``0`` for ``layer_*`` rows; the
+                       block size for ``block_loss``)
 ``score``     float64  importance; higher = more important (BI, loss increase, activation)
 ============  =======  ===========================================================
 """
@@ -18,7 +21,7 @@ column        type     meaning
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,11 +29,11 @@ from torch import nn
 
 from pruning_core.errors import ConfigError
 from pruning_core.minitron.config import DEFAULT_WIDTH_CONFIG, WidthImportanceConfig
-from pruning_core.minitron.depth_scores import collect_block_importance, layer_drop_losses
+from pruning_core.minitron.depth_scores import block_drop_losses, collect_block_importance, layer_drop_losses
 from pruning_core.minitron.structure import DecoderStructure
 from pruning_core.minitron.width_scores import WidthScores, collect_width_scores
 
-AXES = ("layer_bi", "layer_loss", "hidden", "neuron", "head")
+AXES = ("layer_bi", "layer_loss", "block_loss", "hidden", "neuron", "head")
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,14 @@ class MinitronScores:
         block_importance: ``[L]`` Block Importance per layer.
         layer_loss: ``[L]`` LM-loss increase when the layer is dropped, or None if not computed.
         width: hidden ``[H]``, neurons ``[L, I]``, heads ``[L, Hq]``.
+        block_loss: ``{k: [L - k + 1]}`` LM-loss increase when layers ``[s, s + k)`` are dropped,
+            for the block sizes computed (empty if none).
     """
 
     block_importance: torch.Tensor
     layer_loss: torch.Tensor | None
     width: WidthScores
+    block_loss: Mapping[int, torch.Tensor] = field(default_factory=dict)
 
     def to_columns(self) -> dict[str, list[Any]]:
         """The long table described in the module docstring (plain Python lists)."""
@@ -62,6 +68,9 @@ class MinitronScores:
         add("layer_bi", layers, torch.zeros_like(layers), self.block_importance)
         if self.layer_loss is not None:
             add("layer_loss", layers, torch.zeros_like(layers), self.layer_loss)
+        for k, losses in sorted(self.block_loss.items()):
+            starts = torch.arange(losses.numel())
+            add("block_loss", starts, torch.full_like(starts, int(k)), losses)
         hidden = self.width.hidden
         add("hidden", torch.full_like(hidden, -1, dtype=torch.long), torch.arange(hidden.numel()), hidden)
         for axis, mat in (("neuron", self.width.neurons), ("head", self.width.heads)):
@@ -85,7 +94,11 @@ class MinitronScores:
             heads=_matrix(by_axis["head"]), num_tokens=num_tokens,
         )
         loss = by_axis["layer_loss"]
-        return cls(_matrix(by_axis["layer_bi"])[:, 0], _matrix(loss)[:, 0] if loss else None, width)
+        blocks: dict[int, list[tuple[int, int, float]]] = {}
+        for start, k, score in by_axis["block_loss"]:
+            blocks.setdefault(k, []).append((start, 0, score))
+        block_loss = {k: _matrix(rows)[:, 0] for k, rows in sorted(blocks.items())}
+        return cls(_matrix(by_axis["layer_bi"])[:, 0], _matrix(loss)[:, 0] if loss else None, width, block_loss)
 
 
 def _matrix(rows: list[tuple[int, int, float]]) -> torch.Tensor:
@@ -111,19 +124,25 @@ def compute_scores(
     *,
     width_config: WidthImportanceConfig = DEFAULT_WIDTH_CONFIG,
     loss_batches: Sequence[torch.Tensor] | None = None,
+    layer_loss: bool = True,
+    block_sizes: Sequence[int] = (),
     progress: bool = False,
 ) -> MinitronScores:
     """Every importance score the search needs, from the dense ``model``.
 
     Args:
         batches: calibration token ids for BI and width importance (one forward each).
-        loss_batches: if given, also the per-layer LM-loss increase on these (one forward
-            per layer; pass fewer windows here, it is the expensive part).
+        loss_batches: token ids for the LM-loss increases below (one forward per layer or
+            block; pass fewer windows here, it is the expensive part). None: none computed.
+        layer_loss: with ``loss_batches``, the increase per dropped layer (``layer_loss``).
+        block_sizes: with ``loss_batches``, the increase per dropped contiguous block of each
+            of these sizes (``block_loss``, for the ``loss_block`` depth criterion).
     """
     bi = collect_block_importance(model, batches, progress=progress)
     width = collect_width_scores(model, batches, structure, width_config, progress=progress)
-    layer_loss = layer_drop_losses(model, loss_batches, progress=progress) if loss_batches else None
-    return MinitronScores(bi.as_tensor(structure.num_layers), layer_loss, width)
+    per_layer = layer_drop_losses(model, loss_batches, progress=progress) if loss_batches and layer_loss else None
+    blocks = block_drop_losses(model, loss_batches, block_sizes, progress=progress) if loss_batches and block_sizes else {}
+    return MinitronScores(bi.as_tensor(structure.num_layers), per_layer, width, blocks)
 
 
 __all__ = ["AXES", "MinitronScores", "compute_scores"]

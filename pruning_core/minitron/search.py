@@ -28,14 +28,20 @@ from pruning_core.errors import ConfigError
 from pruning_core.graph.graph import DependencyGraph
 from pruning_core.graph.structured import StructuredPlan, apply_plan_
 from pruning_core.minitron.config import Architecture, MinitronTarget
-from pruning_core.minitron.depth_scores import depth_plan, select_one_shot
+from pruning_core.minitron.depth_scores import depth_plan, select_block, select_one_shot
 from pruning_core.minitron.loss import distill_, lm_loss
 from pruning_core.minitron.scores import MinitronScores
 from pruning_core.minitron.structure import DecoderStructure
 from pruning_core.minitron.width_plan import width_plan
 
 logger = logging.getLogger(__name__)
-DepthCriterion = Literal["bi", "loss"]
+DepthCriterion = Literal["bi", "bi_iterative", "loss", "loss_block", "loss_iterative"]
+DEPTH_CRITERIA: tuple[str, ...] = ("bi", "bi_iterative", "loss", "loss_block", "loss_iterative")
+ITERATIVE_CRITERIA = ("bi_iterative", "loss_iterative")
+
+
+# Model types whose q/k/v projections always carry a bias (and o_proj none), whatever the config says.
+_QKV_BIAS_MODEL_TYPES = frozenset({"qwen2"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +51,25 @@ class ModelShape:
     vocab_size: int
     head_dim: int
     tied_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
+        """Read from a HF config: Llama's ``attention_bias`` (q/k/v/o), ``mlp_bias``,
+        and Qwen2's fixed q/k/v biases (its config has no flag for them)."""
         head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // int(config.num_attention_heads)
-        return cls(int(config.vocab_size), int(head_dim), bool(getattr(config, "tie_word_embeddings", False)))
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = attention_bias or getattr(config, "model_type", None) in _QKV_BIAS_MODEL_TYPES
+        return cls(int(config.vocab_size), int(head_dim), bool(getattr(config, "tie_word_embeddings", False)),
+                   qkv_bias=qkv_bias, o_bias=attention_bias, mlp_bias=bool(getattr(config, "mlp_bias", False)))
+
+    def num_parameters(self, arch: Architecture) -> int:
+        """``arch``'s parameter count for a model of this shape (see :meth:`Architecture.num_parameters`)."""
+        return arch.num_parameters(vocab_size=self.vocab_size, head_dim=self.head_dim,
+                                   tied_embeddings=self.tied_embeddings, qkv_bias=self.qkv_bias,
+                                   o_bias=self.o_bias, mlp_bias=self.mlp_bias)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +94,7 @@ def enumerate_candidates(dense: Architecture, shape: ModelShape, target: Minitro
             continue
         arch = Architecture(num_layers=layers, hidden_size=hidden, intermediate_size=ffn,
                             num_attention_heads=heads, num_key_value_heads=kv)
-        params = arch.num_parameters(vocab_size=shape.vocab_size, head_dim=shape.head_dim,
-                                     tied_embeddings=shape.tied_embeddings)
+        params = shape.num_parameters(arch)
         if target.param_budget is None or (1 - target.budget_tolerance) * target.param_budget <= params <= target.param_budget:
             found.append((params, arch))
     if not found:
@@ -111,23 +130,50 @@ def candidate_plan(
     arch: Architecture,
     *,
     depth_criterion: DepthCriterion = "bi",
+    removal_order: Sequence[int] | None = None,
 ) -> StructuredPlan:
-    """Width plan (top-scored channels/neurons/heads) merged with a one-shot depth plan.
+    """Width plan (top-scored channels/neurons/heads) merged with a depth plan.
 
-    ``depth_criterion``: ``bi`` removes the lowest Block-Importance layers, ``loss`` the layers
-    whose removal raises the LM loss least (needs ``scores.layer_loss``).
+    ``depth_criterion`` chooses the ``k = L - arch.num_layers`` layers removed:
+
+    - ``bi``: the ``k`` lowest Block-Importance layers;
+    - ``loss``: the ``k`` layers whose single removal raises the LM loss least (needs
+      ``scores.layer_loss``);
+    - ``loss_block``: the contiguous block of ``k`` layers whose removal raises the LM loss
+      least (needs ``scores.block_loss[k]``);
+    - ``bi_iterative`` / ``loss_iterative``: the first ``k`` entries of ``removal_order``, the
+      greedy order of :func:`~pruning_core.minitron.depth_scores.bi_iterative` /
+      :func:`~pruning_core.minitron.depth_scores.loss_iterative` (computed once for the most
+      layers any candidate removes).
+
+    Raises:
+        ConfigError: an unknown criterion, or the scores / order it needs are missing.
     """
-    num_remove = structure.num_layers - arch.num_layers
-    if depth_criterion == "loss":
+    k = structure.num_layers - arch.num_layers
+    return width_plan(graph, structure, scores.width, arch).merged(
+        depth_plan(dense_model, _removed_layers(scores, k, depth_criterion, removal_order)))
+
+
+def _removed_layers(scores: MinitronScores, k: int, criterion: str, order: Sequence[int] | None) -> list[int]:
+    if criterion not in DEPTH_CRITERIA:
+        raise ConfigError("depth_criterion", f"must be one of {DEPTH_CRITERIA}, got {criterion!r}")
+    if k == 0:
+        return []
+    if criterion == "bi":
+        return select_one_shot(scores.block_importance, k)
+    if criterion == "loss":
         if scores.layer_loss is None:
             raise ConfigError("depth_criterion", "'loss' needs scores computed with loss_batches")
-        layer_scores = scores.layer_loss
-    elif depth_criterion == "bi":
-        layer_scores = scores.block_importance
-    else:
-        raise ConfigError("depth_criterion", f"must be 'bi' or 'loss', got {depth_criterion!r}")
-    removed = select_one_shot(layer_scores, num_remove) if num_remove else []
-    return width_plan(graph, structure, scores.width, arch).merged(depth_plan(dense_model, removed))
+        return select_one_shot(scores.layer_loss, k)
+    if criterion == "loss_block":
+        if k not in scores.block_loss:
+            raise ConfigError("depth_criterion", f"'loss_block' needs block losses for block size {k} "
+                              f"(compute_scores(block_sizes=...)); have {sorted(scores.block_loss)}")
+        return select_block(scores.block_loss[k], k)
+    if order is None or len(order) < k:
+        raise ConfigError("depth_criterion", f"{criterion!r} needs the greedy removal order of at least {k} "
+                          f"layers (removal_order), got {None if order is None else len(order)}")
+    return sorted(int(i) for i in order[:k])
 
 
 def build_candidate(dense_model: nn.Module, plan: StructuredPlan) -> nn.Module:
@@ -142,18 +188,41 @@ def evaluate_candidate(
     teacher: nn.Module | None = None,
     distill_steps: int = 0,
     distill_lr: float = 1e-4,
+    distill_batches: Sequence[torch.Tensor] | None = None,
 ) -> tuple[float, list[float]]:
-    """Calibration LM loss of ``model``, after ``distill_steps`` of logit distillation if > 0.
+    """LM loss of ``model`` on ``batches``, after ``distill_steps`` of logit distillation on
+    ``distill_batches`` if > 0.
+
+    The two must be different windows: a candidate trained on the windows it is then scored on
+    is scored in-sample (its loss says how well it memorised them). Windows that share tokens
+    cannot be told apart here; the flow draws distillation windows that share no token position
+    with the scoring windows (``flows.minitron_tasks``). This checks that no window appears in
+    both.
 
     Returns:
         ``(loss, distillation losses per step)``.
+
+    Raises:
+        ConfigError: distillation without a teacher or without ``distill_batches``, or a
+            scoring window among the distillation windows.
     """
     history: list[float] = []
     if distill_steps:
         if teacher is None:
             raise ConfigError("teacher", "distillation needs the dense teacher model")
-        history = distill_(model, teacher, batches, steps=distill_steps, lr=distill_lr)
+        if not distill_batches:
+            raise ConfigError("distill_batches", "distillation needs its own windows, disjoint from the scoring windows")
+        _check_disjoint(batches, distill_batches)
+        history = distill_(model, teacher, distill_batches, steps=distill_steps, lr=distill_lr)
     return lm_loss(model, batches), history
+
+
+def _check_disjoint(batches: Sequence[torch.Tensor], distill_batches: Sequence[torch.Tensor]) -> None:
+    scoring = {tuple(row.tolist()) for ids in batches for row in ids}
+    shared = sum(tuple(row.tolist()) in scoring for ids in distill_batches for row in ids)
+    if shared:
+        raise ConfigError("distill_batches", f"{shared} distillation window(s) are also scoring windows; "
+                          "distilling on them would score candidates in-sample")
 
 
 def search(
@@ -165,20 +234,29 @@ def search(
     batches: Sequence[torch.Tensor],
     *,
     depth_criterion: DepthCriterion = "bi",
+    removal_order: Sequence[int] | None = None,
     distill_steps: int = 0,
+    distill_batches: Sequence[torch.Tensor] | None = None,
 ) -> list[CandidateResult]:
-    """Build and score every candidate; results sorted by loss (best first)."""
+    """Build and score every candidate on ``batches``; results sorted by loss (best first).
+
+    With ``distill_steps``, each candidate is first distilled on ``distill_batches``, which must
+    be other windows than ``batches`` (see :func:`evaluate_candidate`).
+    """
     results = []
     for arch in candidates:
-        plan = candidate_plan(dense_model, graph, structure, scores, arch, depth_criterion=depth_criterion)
+        plan = candidate_plan(dense_model, graph, structure, scores, arch, depth_criterion=depth_criterion,
+                              removal_order=removal_order)
         model = build_candidate(dense_model, plan)
-        loss, history = evaluate_candidate(model, batches, teacher=dense_model, distill_steps=distill_steps)
+        loss, history = evaluate_candidate(model, batches, teacher=dense_model, distill_steps=distill_steps,
+                                           distill_batches=distill_batches)
         results.append(CandidateResult(arch, sum(p.numel() for p in model.parameters()), loss, tuple(history)))
         logger.info("candidate %s: %d params, loss %.4f", arch.to_dict(), results[-1].num_parameters, loss)
     return sorted(results, key=lambda r: r.loss)
 
 
 __all__ = [
+    "DEPTH_CRITERIA",
     "CandidateResult",
     "ModelShape",
     "build_candidate",

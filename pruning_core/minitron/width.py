@@ -50,18 +50,20 @@ class ChannelImportance:
 
 @dataclass(frozen=True, slots=True)
 class WidthPruner:
-    """Width targets. ``num_attention_heads`` must be >= 1 (the seed divided by zero).
+    """Width targets. ``num_attention_heads`` must be >= 1 if given (the seed divided by zero).
 
-    ``num_key_value_heads`` (GQA) defaults to the model's KV head count in :meth:`prune_`.
+    ``num_attention_heads`` and ``num_key_value_heads`` (GQA) default to ``None``: the model's
+    own counts, i.e. attention is left alone unless asked (``WidthPruner(48, 64)`` only narrows
+    the hidden size and the MLP).
     """
 
     target_hidden_dim: int
     target_intermediate_dim: int
-    num_attention_heads: int = 1
+    num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.num_attention_heads < 1:
+        if self.num_attention_heads is not None and self.num_attention_heads < 1:
             raise ConfigError("num_attention_heads", f"must be >= 1, got {self.num_attention_heads}")
         for name in ("target_hidden_dim", "target_intermediate_dim"):
             if getattr(self, name) < 1:
@@ -79,6 +81,10 @@ class WidthPruner:
         """Minitron width pruning of a HF decoder LM in place: trace it, score heads/neurons/
         channels on ``batches``, keep the top ones (GQA-consistent), slice every coupled weight.
 
+        Returns:
+            The sizes, the kept hidden channels and, per layer, the kept MLP neurons (dense
+            indices, ascending).
+
         Raises:
             ConfigError: targets the model cannot take (above the original, heads not a
                 multiple of the KV heads, hidden not a multiple of the heads).
@@ -88,20 +94,26 @@ class WidthPruner:
         dense = Architecture.from_config(model.config)
         target = Architecture(
             num_layers=dense.num_layers, hidden_size=self.target_hidden_dim,
-            intermediate_size=self.target_intermediate_dim, num_attention_heads=self.num_attention_heads,
+            intermediate_size=self.target_intermediate_dim,
+            num_attention_heads=self.num_attention_heads or dense.num_attention_heads,
             num_key_value_heads=self.num_key_value_heads or dense.num_key_value_heads,
         )
+        plan = width_plan(graph, structure, scores, target)  # raises ConfigError before anything changes
+        # the same selections width_plan makes (top-k, ties to the lower index)
         hidden_keep = top_k_indices(scores.hidden, self.target_hidden_dim)
-        apply_plan_(model, width_plan(graph, structure, scores, target))
+        neurons_keep = tuple(tuple(top_k_indices(layer, self.target_intermediate_dim)) for layer in scores.neurons)
+        apply_plan_(model, plan)
         return WidthPruningResult(dense.hidden_size, target.hidden_size, dense.intermediate_size,
-                                  target.intermediate_size, tuple(hidden_keep))
+                                  target.intermediate_size, tuple(hidden_keep), neurons_keep)
 
-    def validate(self, original_hidden: int, original_intermediate: int) -> None:
-        """Targets must fit the model: hidden divisible by the heads, nothing above the original."""
-        if self.target_hidden_dim % self.num_attention_heads:
+    def validate(self, original_hidden: int, original_intermediate: int, original_heads: int | None = None) -> None:
+        """Targets must fit the model: hidden divisible by the heads (``num_attention_heads``, or
+        ``original_heads`` when that is left unchanged; not checked if both are unknown), nothing
+        above the original."""
+        heads = self.num_attention_heads or original_heads
+        if heads is not None and self.target_hidden_dim % heads:
             raise InvalidPattern(
-                f"target_hidden_dim ({self.target_hidden_dim}) must be divisible by "
-                f"num_attention_heads ({self.num_attention_heads})"
+                f"target_hidden_dim ({self.target_hidden_dim}) must be divisible by num_attention_heads ({heads})"
             )
         if self.target_hidden_dim > original_hidden:
             raise InvalidSparsity(float(self.target_hidden_dim), f"target_hidden_dim exceeds the original {original_hidden}")
@@ -139,19 +151,34 @@ class WidthPruner:
         mask[list(keep)] = True
         return mask
 
-    def head_dim_after_pruning(self) -> int:
-        """``target_hidden_dim // num_attention_heads`` (the seed's notion; Minitron keeps head_dim fixed)."""
-        return self.target_hidden_dim // self.num_attention_heads
+    def head_dim_after_pruning(self, original_heads: int | None = None) -> int:
+        """``target_hidden_dim // num_attention_heads`` (the seed's notion; Minitron keeps head_dim fixed).
+
+        Raises:
+            ConfigError: the head count is left unchanged and ``original_heads`` is not given.
+        """
+        heads = self.num_attention_heads or original_heads
+        if heads is None:
+            raise ConfigError("num_attention_heads", "unchanged (None): pass the model's head count as original_heads")
+        return self.target_hidden_dim // heads
 
 
 @dataclass(frozen=True, slots=True)
 class WidthPruningResult:
+    """Sizes before/after, and what :meth:`WidthPruner.prune_` kept (empty when not recorded).
+
+    Attributes:
+        hidden_channels_kept: kept residual-stream channels (dense indices, ascending).
+        intermediate_channels_kept: kept MLP neurons of each decoder layer (one tuple per layer,
+            dense indices, ascending); Minitron selects neurons per layer.
+    """
+
     original_hidden_dim: int
     final_hidden_dim: int
     original_intermediate_dim: int
     final_intermediate_dim: int
     hidden_channels_kept: tuple[int, ...] = ()
-    intermediate_channels_kept: tuple[int, ...] = ()
+    intermediate_channels_kept: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.final_hidden_dim > self.original_hidden_dim or self.final_intermediate_dim > self.original_intermediate_dim:

@@ -77,6 +77,7 @@ def test_an_int_is_a_one_value_axis_and_ids_name_the_shape():
          "calibration.candidate_windows"),
         ({"target": {"layers": 3}, "depth_criterion": "random"}, "depth_criterion"),
         ({"target": {"layers": 3}, "distillation": {"lr": 0}}, "distillation.lr"),
+        ({"target": {"layers": 3}, "distillation": {"steps": 5, "windows": 0}}, "distillation.windows"),
         ({"target": {"layers": 3, "bogus": 1}}, "target.bogus"),
         ({}, "target"),
     ],
@@ -109,3 +110,18 @@ def test_job_hash_ignores_defaults_runner_and_tracking():
     b = _job(target={"layers": 24, "tolerance": 0.05}, runner={"kind": "threads", "max_workers": 1},
              tracking={"experiment": "x"})
     assert a.job_hash() == b.job_hash() != _job(target={"layers": 24}, depth_criterion="loss").job_hash()
+
+
+@pytest.mark.parametrize("criterion", ["bi", "bi_iterative", "loss", "loss_block", "loss_iterative"])
+def test_every_library_depth_criterion_is_a_config_choice(criterion):
+    from pruning_core.minitron import DEPTH_CRITERIA
+
+    assert _job(target={"layers": 24}, depth_criterion=criterion).depth_criterion == criterion
+    assert set(MinitronJob.model_fields["depth_criterion"].annotation.__args__) == set(DEPTH_CRITERIA)
+
+
+def test_distillation_window_fields_change_the_hash_only_when_set():
+    plain = _job(target={"layers": 24}, distillation={"steps": 5})
+    assert plain.distillation.windows == 8 and plain.distillation.seed == 1
+    assert plain.job_hash() == _job(target={"layers": 24}, distillation={"steps": 5, "windows": 8}).job_hash()
+    assert plain.job_hash() != _job(target={"layers": 24}, distillation={"steps": 5, "seed": 2}).job_hash()

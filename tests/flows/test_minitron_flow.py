@@ -263,3 +263,79 @@ def test_prune_run_rejects_targets_the_model_cannot_meet(prefect_server, mlflow_
         err = capsys.readouterr().err
         assert f"'{field}'" in err and fragment in err, err
         assert not (out / "scores.parquet").exists() and not (out / "windows.safetensors").exists()
+
+
+def _prepared(job, run_dir):
+    import flows.minitron_tasks as tasks
+
+    inputs = tasks.prepare_inputs.fn(job, str(run_dir))
+    tasks.compute_importance.fn(job, str(run_dir), inputs)
+    return inputs
+
+
+@pytest.mark.parametrize("criterion", ["loss_block", "loss_iterative"])
+def test_new_depth_criteria_run_through_the_tasks(criterion, tiny_model_dir_session, tmp_path):
+    """loss_block / loss_iterative: scores (block losses or the greedy order) computed once, then
+    every candidate's removed layers follow from them (here: the 1-layer candidate drops the layer
+    whose removal costs least on the loss windows)."""
+    import flows.minitron_tasks as tasks
+
+    job = _job(tiny_model_dir_session, depth_criterion=criterion, evaluation={**JOB["evaluation"], "enabled": False})
+    inputs = _prepared(job, tmp_path)
+    table = pq.read_table(tmp_path / "scores.parquet")
+    rows, meta = table.to_pydict(), table.schema.metadata
+    model, _ = load_causal_lm(tiny_model_dir_session)
+    windows = load_tensors(tmp_path / "windows.safetensors", ["calibration"])["calibration"]
+    base = lm_loss(model, [windows[:4]])
+    drops = [lm_loss(apply_plan_(load_causal_lm(tiny_model_dir_session)[0], StructuredPlan.from_dict(
+        {"layer_removals": [{"container": "model.layers", "size": 2, "indices": [i]}],
+         "config": {"num_hidden_layers": 1}})), [windows[:4]]) - base for i in range(2)]
+    best = int(torch.tensor(drops).argmin())
+    if criterion == "loss_block":
+        block = [(lay, i, s) for a, lay, i, s in zip(*rows.values(), strict=True) if a == "block_loss"]
+        assert [(lay, i) for lay, i, _ in block] == [(0, 1), (1, 1)] and "layer_loss" not in rows["axis"]
+        got = torch.tensor([s for *_, s in block], dtype=torch.float64)
+        torch.testing.assert_close(got, torch.tensor(drops, dtype=torch.float64), rtol=0, atol=1e-5)
+    else:
+        assert json.loads(meta[b"loss_iterative_order"]) == [best]
+    depth = next(c for c in inputs["candidates"] if c["architecture"]["num_layers"] == 1)
+    plan = tasks.make_plan(job, str(tmp_path), model, Architecture(**depth["architecture"]))
+    assert plan.layer_removals[0].indices == (best,)
+
+
+def test_distillation_uses_windows_disjoint_from_the_candidate_windows(tiny_model_dir_session, tmp_path, monkeypatch):
+    import flows.minitron_tasks as tasks
+    from pruning_core.lm import load_text, tokenize_corpus
+    from pruning_core.minitron import window_positions
+
+    job = _job(tiny_model_dir_session, distillation={"steps": 2, "windows": 3, "seed": 5},
+               evaluation={**JOB["evaluation"], "enabled": False})
+    inputs = _prepared(job, tmp_path)
+    windows = load_tensors(tmp_path / "windows.safetensors", ["calibration", "distillation"])
+    scoring, distill = windows["calibration"][:4], windows["distillation"]
+    assert distill.shape == (3, 32)
+    # token positions in the calibration text: no distillation window touches a scoring window
+    _, tokenizer = load_causal_lm(tiny_model_dir_session)
+    tokens = tokenize_corpus(tokenizer, load_text("emma"))
+
+    def covered(rows):
+        spans = set()
+        for row in rows:
+            found = window_positions(tokens, row)
+            assert found.numel() >= 1
+            spans |= {int(s) + j for s in found for j in range(row.numel())}
+        return spans
+
+    assert not covered(distill) & covered(scoring)
+    # the candidate task distils on those windows and scores on the candidate windows
+    seen = {}
+    real = tasks.evaluate_candidate
+
+    def spy(model, batches, **kwargs):
+        seen["scoring"], seen["distill"] = torch.cat(batches), torch.cat(kwargs["distill_batches"])
+        return real(model, batches, **kwargs)
+
+    monkeypatch.setattr(tasks, "evaluate_candidate", spy)
+    result = tasks.score_candidate.fn(job, str(tmp_path), inputs, inputs["candidates"][0])
+    assert torch.equal(seen["scoring"], scoring) and torch.equal(seen["distill"], distill)
+    assert len(result["distill_losses"]) == 2

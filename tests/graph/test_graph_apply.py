@@ -196,3 +196,51 @@ def test_graph_and_plan_pickle(llama_and_graph):
     again = pickle.loads(pickle.dumps(graph))
     assert again.num_nodes() == graph.num_nodes() and again.num_edges() == graph.num_edges()
     assert coupled_spaces(again, "model.embed_tokens") == coupled_spaces(graph, "model.embed_tokens")
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    """Everything apply_plan_ could change: parameter objects and values, module sizes, config, layers."""
+    return {
+        "params": {n: (id(p), p.detach().clone()) for n, p in model.named_parameters(remove_duplicate=False)},
+        "sizes": [(n, getattr(m, "in_features", None), getattr(m, "out_features", None), getattr(m, "embedding_dim", None))
+                  for n, m in model.named_modules()],
+        "config": model.config.to_dict(),
+        "layers": [id(layer) for layer in model.model.layers],
+        "layer_idx": [layer.self_attn.layer_idx for layer in model.model.layers],
+    }
+
+
+def _bad_plans(graph):
+    from pruning_core.minitron import depth_plan
+
+    model = make_tiny_llama()
+    hidden_62 = PruningPlan().remove_channels("model.embed_tokens", [0, 1]).to_structured(graph)
+    hidden_60 = PruningPlan().remove_channels("model.embed_tokens", [0, 1, 2, 3]).to_structured(graph)
+    return {
+        # the audit's case: slices first, then sync_config_ refused hidden 62 with 4 heads
+        "hidden not a multiple of the heads": hidden_62,
+        "config expectation differs": StructuredPlan(hidden_60.axis_edits, (), {"hidden_size": 64}),
+        "layers removed, then a bad width": depth_plan(model, [0]).merged(hidden_62),
+        "layer count expectation differs": StructuredPlan(hidden_60.axis_edits, depth_plan(model, [1]).layer_removals,
+                                                          {"num_hidden_layers": 2}),
+        "per-layer sizes differ": _keep_plan(graph, "model.layers.0.mlp.up_proj", list(range(64))),
+    }
+
+
+@pytest.mark.parametrize("case", ["hidden not a multiple of the heads", "config expectation differs",
+                                  "layers removed, then a bad width", "layer count expectation differs",
+                                  "per-layer sizes differ"])
+def test_a_failed_apply_leaves_the_model_unchanged(llama_and_graph, case):
+    """No deepcopy: the plan is refused before the first weight is sliced or layer removed."""
+    _, graph = llama_and_graph
+    model = make_tiny_llama()
+    dense, before = _logits(model), _snapshot(model)
+    with pytest.raises(GraphError):
+        apply_plan_(model, _bad_plans(graph)[case])
+    after = _snapshot(model)
+    assert after["sizes"] == before["sizes"] and after["config"] == before["config"]
+    assert after["layers"] == before["layers"] and after["layer_idx"] == before["layer_idx"]
+    assert after["params"].keys() == before["params"].keys()
+    for name, (pid, value) in before["params"].items():
+        assert after["params"][name][0] == pid and torch.equal(after["params"][name][1], value), name
+    assert torch.equal(_logits(model), dense)

@@ -264,3 +264,29 @@ def test_width_pruner_prunes_a_real_model(batches):
         assert model(batches[0]).logits.shape == (2, 16, 128)
     with pytest.raises(ConfigError, match="num_key_value_heads"):
         WidthPruner(48, 64, 3).prune_(tiny(), batches)  # 3 heads cannot sit in the model's 2 KV groups
+
+
+def test_width_pruner_keeps_the_attention_unless_asked(batches):
+    """Heads and KV heads default to the model's own (the seed's default of 1 head raised here)."""
+    from tests.minitron.conftest import tiny
+
+    model, dense = tiny(), tiny()
+    result = WidthPruner(64, 64).prune_(model, batches)
+    assert Architecture.from_config(model.config) == _arch(intermediate_size=64)  # 4 heads, 2 KV heads, hidden 64
+    assert result.hidden_channels_kept == tuple(range(64))
+    # one tuple per layer: the neurons whose gate/up rows and down columns survived, in order
+    assert len(result.intermediate_channels_kept) == 4
+    for kept, layer, ref in zip(result.intermediate_channels_kept, model.model.layers, dense.model.layers, strict=True):
+        assert len(kept) == 64 and list(kept) == sorted(kept)
+        assert torch.equal(layer.mlp.up_proj.weight, ref.mlp.up_proj.weight[list(kept)])
+        assert torch.equal(layer.mlp.down_proj.weight, ref.mlp.down_proj.weight[:, list(kept)])
+    assert len({tuple(k) for k in result.intermediate_channels_kept}) > 1  # chosen per layer, not once
+
+
+def test_width_pruner_unchanged_heads_in_validate_and_head_dim():
+    WidthPruner(60, 64).validate(64, 128)  # heads unknown: only the sizes are checked
+    with pytest.raises(InvalidPattern, match="num_attention_heads \\(8\\)"):
+        WidthPruner(60, 64).validate(64, 128, original_heads=8)
+    assert WidthPruner(48, 64).head_dim_after_pruning(original_heads=4) == 12
+    with pytest.raises(ConfigError, match="original_heads"):
+        WidthPruner(48, 64).head_dim_after_pruning()
