@@ -239,6 +239,10 @@ def log_round(job: LotteryJob, output_dir: str, round_index: int, parent_run_id:
     tracker, identity = tracker_for(job), round_identity(job, round_index)
     done = tracker.find_run({**identity, "mlflow.parentRunId": parent_run_id, LOGGED_TAG: "true"})
     if done:
+        # Reopened by open_round_run because the round's checkpoint broke and the round was redone
+        # (TicketStore.latest fell back): same results, already logged; close it again.
+        if tracker.client.get_run(done).info.status == "RUNNING":
+            tracker.end_run(done)
         return done
     child, _ = tracker.start_run(identity, run_name=f"round-{round_index}", parent_run_id=parent_run_id)
     data = json.loads(search_paths(job, output_dir).round_file(round_index).read_text())

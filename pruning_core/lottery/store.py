@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pruning_core.errors import ArtifactError, ConfigError
+from pruning_core.errors import ArtifactError, ConfigError, NumericalInstability
 from pruning_core.io.atomic import atomic_path, atomic_write_text, sha256_file
 from pruning_core.lottery import paths
 from pruning_core.lottery.ticket import RoundRecord, WinningTicket
@@ -76,8 +76,12 @@ def _read_meta(d: Path) -> dict[str, Any]:
         raise ArtifactError(
             str(paths.meta_file(d)), "no ticket metadata (missing or interrupted save)"
         ) from exc
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(str(paths.meta_file(d)), f"unreadable ticket metadata: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ArtifactError(
+            str(paths.meta_file(d)), f"ticket metadata is a JSON {type(meta).__name__}, not an object"
+        )
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ArtifactError(
             str(paths.meta_file(d)),
@@ -95,6 +99,10 @@ def load_ticket(directory: str | os.PathLike[str]) -> WinningTicket:
     """
     d = Path(directory)
     meta = _read_meta(d)
+    missing_keys = sorted({"round", "rewind_step", "config", "config_hash", "names", "records", "tensors_sha256"}
+                          - set(meta))
+    if missing_keys:
+        raise ArtifactError(str(paths.meta_file(d)), f"ticket metadata lacks {missing_keys}")
     tfile = paths.tensors_file(d)
     if sha256_file(tfile) != meta["tensors_sha256"]:
         raise ArtifactError(str(tfile), "sha256 does not match ticket.json (corrupt or replaced file)")
@@ -104,7 +112,9 @@ def load_ticket(directory: str | os.PathLike[str]) -> WinningTicket:
         raise ArtifactError(str(tfile), f"unreadable safetensors file: {exc}") from exc
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for group in _GROUPS:
-        names = meta["names"][group]
+        names = meta["names"].get(group) if isinstance(meta["names"], dict) else None
+        if not isinstance(names, list):
+            raise ArtifactError(str(paths.meta_file(d)), f"ticket metadata has no list of {group} tensor names")
         missing = [n for n in names if f"{group}/{n}" not in flat]
         if missing:
             raise ArtifactError(str(tfile), f"{group} tensors {missing} listed in ticket.json are absent")
@@ -115,23 +125,29 @@ def load_ticket(directory: str | os.PathLike[str]) -> WinningTicket:
     for group in ("rewind", "trained"):
         for name, t in groups[group].items():
             check_finite(t, method="load_ticket", what=f"{group} weight", layer=name)
-    return WinningTicket(
-        masks=groups["mask"],
-        rewind_weights=groups["rewind"],
-        trained_weights=groups["trained"],
-        round=int(meta["round"]),
-        rewind_step=int(meta["rewind_step"]),
-        records=tuple(RoundRecord.from_dict(r) for r in meta["records"]),
-        config=dict(meta["config"]),
-        config_hash=str(meta["config_hash"]),
-    )
+    try:
+        return WinningTicket(
+            masks=groups["mask"],
+            rewind_weights=groups["rewind"],
+            trained_weights=groups["trained"],
+            round=int(meta["round"]),
+            rewind_step=int(meta["rewind_step"]),
+            records=tuple(RoundRecord.from_dict(r) for r in meta["records"]),
+            config=dict(meta["config"]),
+            config_hash=str(meta["config_hash"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:  # malformed metadata that still parsed as JSON
+        raise ArtifactError(
+            str(paths.meta_file(d)), f"ticket metadata does not form a valid ticket: {exc!r}"
+        ) from exc
 
 
 class TicketStore:
     """The round-by-round state of one search under ``root`` (``root/round_NNN/``).
 
     ``save(ticket)`` after every completed round; ``latest()`` returns the last completed round's
-    ticket (directories with no ``ticket.json`` are interrupted saves and are skipped).
+    ticket (directories with no ``ticket.json`` are interrupted saves and are skipped; a committed
+    round whose files no longer load is skipped with a warning, so a resumed search redoes it).
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -153,22 +169,31 @@ class TicketStore:
         return load_ticket(paths.round_dir(self.root, round_index))
 
     def latest(self, *, config_hash: str | None = None) -> WinningTicket | None:
-        """The ticket of the last completed round, or None if there is none.
+        """The ticket of the last completed round that still loads, or None if there is none.
+
+        A committed round whose checkpoint is corrupt (checksum mismatch, unreadable or incomplete
+        metadata, missing or non-finite tensors) is skipped with a logged warning and the round
+        before it is tried, so a resumed search recomputes only the broken round(s); its directory
+        is overwritten when the round is saved again.
 
         Raises:
             ConfigError: ``config_hash`` is given and the stored search was run with another config.
         """
-        rounds = self.completed_rounds()
-        if not rounds:
-            return None
-        ticket = self.load(rounds[-1])
-        if config_hash is not None and ticket.config_hash != config_hash:
-            raise ConfigError(
-                "config",
-                f"{self.root} holds a search with config hash {ticket.config_hash}, not {config_hash}; "
-                "use a new directory or the same config",
-            )
-        return ticket
+        for r in reversed(self.completed_rounds()):
+            try:
+                ticket = self.load(r)
+            except (ArtifactError, NumericalInstability) as exc:
+                logger.warning("round %d checkpoint in %s does not load (%s); falling back to the round before "
+                               "(a resumed search recomputes round %d)", r, self.root, exc, r)
+                continue
+            if config_hash is not None and ticket.config_hash != config_hash:
+                raise ConfigError(
+                    "config",
+                    f"{self.root} holds a search with config hash {ticket.config_hash}, not {config_hash}; "
+                    "use a new directory or the same config",
+                )
+            return ticket
+        return None
 
 
 __all__ = ["FORMAT", "VERSION", "TicketStore", "load_ticket", "save_ticket"]

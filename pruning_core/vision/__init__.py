@@ -10,6 +10,7 @@ from pruning_core.vision.data import (
     FASHION_MNIST_STD,
     INSTALL_HINT,
     ImageData,
+    fashion_mnist_available,
     load_fashion_mnist,
     read_idx,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "Conv2",
     "ImageData",
     "LeNet300100",
+    "fashion_mnist_available",
     "load_fashion_mnist",
     "paper_layer_rates",
     "read_idx",

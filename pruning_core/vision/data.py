@@ -109,6 +109,11 @@ def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
     return data.reshape(shape)
 
 
+def fashion_mnist_available(root: str | os.PathLike[str] = DEFAULT_ROOT) -> bool:
+    """True if ``root`` holds the four Fashion-MNIST idx files (for skip guards; nothing is read)."""
+    return all((Path(root) / name).is_file() for files in _FILES.values() for name in files)
+
+
 def load_fashion_mnist(
     split: str = "train", *, root: str | os.PathLike[str] = DEFAULT_ROOT, normalize: bool = True
 ) -> ImageData:
@@ -149,6 +154,7 @@ __all__ = [
     "FASHION_MNIST_STD",
     "INSTALL_HINT",
     "ImageData",
+    "fashion_mnist_available",
     "load_fashion_mnist",
     "read_idx",
 ]

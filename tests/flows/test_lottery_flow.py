@@ -26,9 +26,11 @@ from flows.lottery import load_registered_ticket, run_lottery
 from flows.lottery_steps import LOGGED_TAG
 from flows.tracking import JOB_TAG, ROLE_TAG
 from pruning_core.lottery import evaluate, load_ticket
-from pruning_core.vision import load_fashion_mnist
+from pruning_core.vision import fashion_mnist_available, load_fashion_mnist
 
 pytestmark = pytest.mark.flows
+# Every search here reads Fashion-MNIST from the default path; config errors found before the flow starts do not.
+needs_data = pytest.mark.skipif(not fashion_mnist_available(), reason="dataset-fashion-mnist is not installed")
 REPO = Path(__file__).resolve().parents[2]
 ROUNDS, STEPS, EVAL = 3, 60, 20  # retraining from the rewind point 10 evaluates at iterations 20, 40, 60
 JOB = {
@@ -100,6 +102,7 @@ def uninterrupted(prefect_server, tmp_path_factory):
     return {"uri": uri, "out": root / "out", "summary": summary}
 
 
+@needs_data
 def test_summary_follows_the_schedule(uninterrupted):
     s, out = uninterrupted["summary"], uninterrupted["out"]
     assert s["job"] == "lottery" and s["job_hash"] == parse_config(JOB).job_hash()
@@ -120,6 +123,7 @@ def test_summary_follows_the_schedule(uninterrupted):
     assert (out / "accuracy_vs_density.png").stat().st_size > 10_000
 
 
+@needs_data
 def test_mlflow_parent_and_one_child_per_round(uninterrupted):
     s = uninterrupted["summary"]
     client, parents, children = runs_of(uninterrupted["uri"])
@@ -154,6 +158,7 @@ def test_mlflow_parent_and_one_child_per_round(uninterrupted):
     assert ticket_files == {"ticket/ticket.safetensors", "ticket/ticket.json", "ticket/model.json"}
 
 
+@needs_data
 def test_registry_alias_loads_the_winning_ticket_into_a_fresh_model(uninterrupted, tmp_path):
     s, uri = uninterrupted["summary"], uninterrupted["uri"]
     reg = s["registered_model"]
@@ -171,6 +176,7 @@ def test_registry_alias_loads_the_winning_ticket_into_a_fresh_model(uninterrupte
     assert evaluate(model, test.images, test.labels)["accuracy"] == s["ticket_accuracy"]
 
 
+@needs_data
 def test_prefect_progress_and_table_artifacts(uninterrupted):
     from prefect.artifacts import Artifact
 
@@ -182,6 +188,7 @@ def test_prefect_progress_and_table_artifacts(uninterrupted):
     assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
 
 
+@needs_data
 def test_crash_in_round_2_resumes_there_with_identical_results(uninterrupted, prefect_server, mlflow_uri, tmp_path):
     job, out = parse_config(JOB), tmp_path / "out"
     crash = Observer(crash_at=(2, "random_mask", 40))  # round 2's IMP and random_reinit runs are done, not committed
@@ -227,6 +234,39 @@ def test_crash_in_round_2_resumes_there_with_identical_results(uninterrupted, pr
     assert [str(v.version) for v in client.search_model_versions("name = 'lottery-lenet300_100'")] == ["1"]
 
 
+@needs_data
+def test_corrupt_newest_checkpoint_redoes_only_that_round(uninterrupted, prefect_server, mlflow_uri, tmp_path):
+    """A committed round whose files broke afterwards: the resume starts from the round before it."""
+    job, out = parse_config(JOB), tmp_path / "out"
+    first = run_lottery(job, out)
+    newest = Path(first["ticket_path"]) / "ticket.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    newest.write_bytes(bytes(data))
+    older = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "round_00" in str(p)
+             and f"round_{ROUNDS:03d}" not in str(p)}
+    assert len(older) == 3 * ROUNDS  # rounds 0..R-1: the ticket's two files and the round record
+
+    seen = Observer()
+    summary = run_lottery(job, out, on_eval=seen)
+    assert {r for r, _, _ in seen.seen} == {ROUNDS} and summary["resumed_from_round"] == ROUNDS
+    assert all(p.stat().st_mtime_ns == t for p, t in older.items())
+    assert comparable(summary) == comparable(uninterrupted["summary"])
+    ticket = load_ticket(summary["ticket_path"])  # rewritten: loads and equals the uninterrupted search's ticket
+    reference = load_ticket(uninterrupted["summary"]["ticket_path"])
+    assert all(torch.equal(ticket.trained_weights[k], v) for k, v in reference.trained_weights.items())
+
+    client, parents, children = runs_of(mlflow_uri)
+    assert len(parents) == 1 and sorted(c.data.tags["pruning.round"] for c in children) == ["0", "1", "2", "3"]
+    assert all(r.info.status == "FINISHED" for r in [*parents, *children])  # the reopened round run is closed
+    for run in [*parents, *children]:
+        for key in run.data.metrics:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (run.info.run_name, key, steps)
+    assert [str(v.version) for v in client.search_model_versions("name = 'lottery-lenet300_100'")] == ["1"]
+
+
+@needs_data
 def test_controls_off_and_global_pruning(prefect_server, mlflow_uri, tmp_path):
     unnamed = {k: v for k, v in JOB.items() if k != "name"}
     job = parse_config({**unnamed, "controls": [], "search": {"target_sparsity": 0.5, "pruning_rounds": 1,
@@ -259,6 +299,7 @@ def test_prune_run_rejects_bad_configs_with_exit_code_2(change, field, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+@needs_data
 def test_prune_cli_process_exit_code_and_run_time_config_errors(prefect_server, mlflow_uri, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({**JOB, "search": {**JOB["search"], "unknown": 1}}))
@@ -277,6 +318,7 @@ def test_prune_cli_process_exit_code_and_run_time_config_errors(prefect_server, 
     assert "'output_dir'" in capsys.readouterr().err
 
 
+@needs_data
 @pytest.mark.slow
 def test_prune_run_killed_with_sigkill_resumes(uninterrupted, prefect_server, mlflow_uri, tmp_path):
     """The real thing: ``prune run`` in a process killed with SIGKILL after round 1, then run again."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -92,6 +93,19 @@ def test_corrupt_or_incomplete_tickets(tmp_path, make_mlp, tiny_train_fn) -> Non
     (tmp_path / "b" / paths.META_FILE).write_text('{"format": "other"}')
     with pytest.raises(ArtifactError, match="not a"):
         load_ticket(tmp_path / "b")
+    # Metadata that parses but is not a ticket's: ArtifactError (what TicketStore.latest skips), not KeyError.
+    ticket.save(c := tmp_path / "c")
+    good = json.loads((c / paths.META_FILE).read_text())
+    broken = {
+        "[1, 2]": "JSON list",
+        json.dumps({k: v for k, v in good.items() if k != "records"}): "lacks",
+        json.dumps({**good, "names": {"mask": good["names"]["mask"]}}): "rewind tensor names",
+        "\udcff": "unreadable",
+    }
+    for text, message in broken.items():
+        (c / paths.META_FILE).write_bytes(text.encode("utf-8", "surrogateescape"))
+        with pytest.raises(ArtifactError, match=message):
+            load_ticket(c)
 
 
 class Crash(RuntimeError):
@@ -159,3 +173,58 @@ def test_interrupted_save_is_ignored(tmp_path, make_mlp, tiny_train_fn) -> None:
     (tmp_path / "round_002").mkdir()
     (tmp_path / "round_002" / paths.TENSORS_FILE).write_bytes(b"partial")
     assert store.completed_rounds() == [0, 1] and store.latest().round == 1
+
+
+def _break(directory, how: str) -> None:
+    if how == "flipped tensor byte":
+        data = bytearray((directory / paths.TENSORS_FILE).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (directory / paths.TENSORS_FILE).write_bytes(bytes(data))
+    elif how == "garbled metadata":
+        (directory / paths.META_FILE).write_bytes(b'{"format": "pruning_core.lottery.Winn\x00\xff')
+    else:  # "tensors missing"
+        (directory / paths.TENSORS_FILE).unlink()
+
+
+@pytest.mark.parametrize("how", ["flipped tensor byte", "garbled metadata", "tensors missing"])
+def test_corrupt_newest_round_falls_back_to_the_round_before_and_is_redone(
+    tmp_path, make_mlp, tiny_train_fn, how, caplog
+) -> None:
+    cfg = _cfg()
+    store = TicketStore(tmp_path)
+    first = LotteryTicketPruner(cfg).find_ticket(make_mlp(), tiny_train_fn, store=store, controls=CONTROLS,
+                                                 progress=False)
+    older = {p: p.stat().st_mtime_ns for r in (0, 1, 2) for p in paths.round_dir(tmp_path, r).iterdir()}
+    _break(paths.round_dir(tmp_path, 3), how)
+    assert store.completed_rounds() == [0, 1, 2, 3]  # still committed: only loading reveals the damage
+
+    with caplog.at_level(logging.WARNING, logger="pruning_core.lottery.store"):
+        fallback = store.latest(config_hash=cfg.hashname())
+    assert fallback is not None and fallback.round == 2
+    assert "round 3 checkpoint" in caplog.text and "falling back" in caplog.text
+
+    counting = CountingTrainFn(tiny_train_fn)
+    final = LotteryTicketPruner(cfg).find_ticket(make_mlp(), counting, store=store, controls=CONTROLS,
+                                                 progress=False)
+    assert counting.calls == [(3, "imp"), (3, "random_reinit"), (3, "random_mask")]  # only the broken round
+    _same(final, first)
+    _same(load_ticket(paths.round_dir(tmp_path, 3)), first)  # rewritten, loads again
+    assert all(p.stat().st_mtime_ns == t for p, t in older.items())  # the good rounds were not touched
+
+
+def test_every_round_corrupt_restarts_and_a_foreign_config_is_still_refused(
+    tmp_path, make_mlp, tiny_train_fn, caplog
+) -> None:
+    cfg = _cfg(pruning_rounds=1)
+    store = TicketStore(tmp_path)
+    LotteryTicketPruner(cfg).find_ticket(make_mlp(), tiny_train_fn, store=store, progress=False)
+    _break(paths.round_dir(tmp_path, 1), "flipped tensor byte")
+    with pytest.raises(ConfigError, match="config hash"):  # falls back to round 0, which is another search's
+        store.latest(config_hash=_cfg(pruning_rounds=2).hashname())
+    _break(paths.round_dir(tmp_path, 0), "tensors missing")
+    with caplog.at_level(logging.WARNING, logger="pruning_core.lottery.store"):
+        assert store.latest(config_hash=cfg.hashname()) is None
+    assert "round 1 checkpoint" in caplog.text and "round 0 checkpoint" in caplog.text
+    counting = CountingTrainFn(tiny_train_fn)
+    LotteryTicketPruner(cfg).find_ticket(make_mlp(), counting, store=store, progress=False)
+    assert counting.calls == [(0, "imp"), (1, "imp")] and store.latest().round == 1

@@ -18,18 +18,16 @@ from pruning_core.lottery import (
     evaluate,
 )
 from pruning_core.vision import (
-    DEFAULT_ROOT,
     Conv2,
     ImageData,
     LeNet300100,
+    fashion_mnist_available,
     load_fashion_mnist,
     paper_layer_rates,
     read_idx,
 )
 
-needs_data = pytest.mark.skipif(
-    not (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist is not installed"
-)
+needs_data = pytest.mark.skipif(not fashion_mnist_available(), reason="dataset-fashion-mnist is not installed")
 
 
 def _write_idx(path, array: list[list[int]] | list[int], dims: tuple[int, ...]) -> None:
@@ -62,6 +60,16 @@ def test_missing_dataset_names_path_and_apt_command(tmp_path) -> None:
     assert str(tmp_path) in str(info.value)
     with pytest.raises(ConfigError, match="split"):
         load_fashion_mnist("validation", root=tmp_path)
+
+
+def test_fashion_mnist_available_needs_all_four_files(tmp_path) -> None:
+    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz"]
+    for name in names[:3]:
+        (tmp_path / name).write_bytes(b"")
+    assert not fashion_mnist_available(tmp_path)  # the guard must not pass with the test labels missing
+    (tmp_path / names[3]).write_bytes(b"")
+    assert fashion_mnist_available(tmp_path) and not fashion_mnist_available(tmp_path / "nothing")
 
 
 def test_image_data_checks_and_subset() -> None:
