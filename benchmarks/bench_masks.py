@@ -11,6 +11,9 @@ same mask (the baseline is the exactness reference too).
 The machine is shared: the 1-minute load average is printed before and after each case, and
 the median CPU seconds of this process (``time.process_time``, all threads) are reported next to
 the wall-clock medians; with ``--threads 1`` the CPU time approximates an unloaded core.
+
+Peak memory: one more call of each, measured by ``benchmarks/_memory.py`` (peak RSS above the RSS
+before the call, output included). For scale: the scores are 4 bytes each, the bool mask 1 byte.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _memory import peak_extra_mib
 
 from pruning_core.masks import MaskScope, generate_nm_mask, generate_unstructured_mask
 from pruning_core.validate import num_to_prune
@@ -94,8 +98,9 @@ def main() -> None:
     print(header)
     lines = [
         "| case | ours median s | ours M elem/s | sort baseline median s | baseline M elem/s | speedup "
-        "| ours CPU s | baseline CPU s | target M/s | load avg (before→after) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| ours CPU s | baseline CPU s | ours peak extra MiB | baseline peak extra MiB | target M/s "
+        "| load avg (before→after) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, (ours, baseline) in cases(scores, args.rows).items():
         if args.only and name not in args.only:
@@ -105,11 +110,15 @@ def main() -> None:
         t_ours, cpu_ours, all_ours, keep = timed(ours, args.repeats)
         t_base, cpu_base, all_base, ref = timed(baseline, args.baseline_repeats)
         assert torch.equal(keep, ref), f"{name}: mask differs from the sort baseline"
+        del keep, ref
+        _, mem_ours = peak_extra_mib(ours)
+        _, mem_base = peak_extra_mib(baseline)
         load1 = os.getloadavg()[0]
         target = TARGETS[name]
         row = (
             f"| {name} | {t_ours:.3f} | {n / t_ours / 1e6:.0f} | {t_base:.3f} | {n / t_base / 1e6:.0f} | "
-            f"{t_base / t_ours:.1f}x | {cpu_ours:.3f} | {cpu_base:.3f} | {target if target else '-'} | "
+            f"{t_base / t_ours:.1f}x | {cpu_ours:.3f} | {cpu_base:.3f} | {mem_ours:.0f} | {mem_base:.0f} | "
+            f"{target if target else '-'} | "
             f"{load0:.1f}→{load1:.1f} |"
         )
         lines.append(row)

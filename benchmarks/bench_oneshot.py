@@ -59,6 +59,7 @@ class Row:
     scope: str | None
     mode: str
     natural: bool
+    reverse: bool = False  # ref rows: the same windows in reverse order (the reference's own float spread)
 
     @property
     def sparsity(self) -> float | None:
@@ -86,14 +87,22 @@ def job_rows() -> list[Row]:
 
 
 def ref_rows() -> list[Row]:
-    """The reference procedures, compared with our job rows of the same method/pattern/mode."""
+    """The reference procedures, compared with our job rows of the same method/pattern/mode; then
+    Wanda and SparseGPT again on the calibration windows in reverse order (the reference's own
+    numerical spread: same data and math, another floating-point summation order)."""
     rows = []
-    for key in ("50", "2:4"):
+    for key in PATTERNS:
         tag = key.replace(":", "of")
-        layer, row = ("layer", "row") if key == "50" else (None, None)
+        layer, row = ("layer", "row") if PATTERNS[key][1] == "unstructured" else (None, None)
         rows += [Row(f"ref-magnitude-{tag}", "ref", "magnitude", key, layer, "one_pass", True),
                  Row(f"ref-wanda-{tag}", "ref", "wanda", key, row, "sequential", True),
                  Row(f"ref-sparsegpt-{tag}", "ref", "sparsegpt", key, layer, "sequential", True)]
+    for key in PATTERNS:
+        tag = key.replace(":", "of")
+        layer, row = ("layer", "row") if PATTERNS[key][1] == "unstructured" else (None, None)
+        rows += [Row(f"ref-wanda-{tag}-reversed", "ref", "wanda", key, row, "sequential", True, reverse=True),
+                 Row(f"ref-sparsegpt-{tag}-reversed", "ref", "sparsegpt", key, layer, "sequential", True,
+                     reverse=True)]
     return rows
 
 
@@ -210,6 +219,8 @@ def run_ref(row: Row, work: Path, jobs: dict[str, Any], ref_root: Path, env: dic
         cmd += ["--sparsity", str(row.sparsity)]
     if ours.get("masks") and Path(ours["masks"]).exists():
         cmd += ["--our-masks", ours["masks"]]
+    if row.reverse:
+        cmd += ["--reverse-calibration"]
     result = run_measured(cmd, ref_dir, env, ref_dir / "ref.log")
     if result["returncode"] != 0 or not out.exists():
         raise RuntimeError(f"{row.id}: reference run failed (exit {result['returncode']}); see {result['log']}")

@@ -4,8 +4,9 @@ For layer 15 of SmolLM2-135M, gate_proj (weight 1536x576) and down_proj (weight 
 Hessian XᵀX of 2048 calibration rows (8 windows x 256 tokens of Emma, seed 0) is collected, then
 ``sparsegpt_prune`` and a transcription of IST-DASLab/sparsegpt ``fasterprune``
 (tests/solvers/reference_fasterprune.py) prune the same weight with the same H, interleaved,
-``--repeats`` times each. Reported: median wall and CPU (process) seconds and their ratios, and
-agreement of the outputs:
+``--repeats`` times each. Reported: median wall and CPU (process) seconds and their ratios, the
+peak extra memory of one call each (``benchmarks/_memory.py``: peak RSS above the RSS before the
+call), and agreement of the outputs:
 
 - nominal: both at the same sparsity (the reference prunes one weight more per block, plus ties);
 - count-matched: ours asked for the reference's count per block (int(numel·s)+1), which must
@@ -30,6 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _memory import peak_extra_mib  # noqa: E402
 
 from pruning_core.calibration import collect_activation_stats  # noqa: E402
 from pruning_core.masks.pattern import NM  # noqa: E402
@@ -81,6 +85,8 @@ def bench(name: str, W: torch.Tensor, H: torch.Tensor, pattern, repeats: int) ->
         ref_t.append(t)
         ref_c.append(c)
     to, tr = statistics.median(ours_t), statistics.median(ref_t)
+    _, mem_o = peak_extra_mib(lambda: sparsegpt_prune(W, H, 0.5, pattern=pattern))
+    _, mem_r = peak_extra_mib(lambda: reference_fasterprune(W, H, *ref_args))
     co, cr = statistics.median(ours_c), statistics.median(ref_c)
     mask_agree = float((keep == (ref != 0)).float().mean())
     rel = float((ours - ref).norm() / ref.norm())
@@ -95,7 +101,7 @@ def bench(name: str, W: torch.Tensor, H: torch.Tensor, pattern, repeats: int) ->
     shape = "x".join(map(str, W.shape))
     pat = "2:4" if nm else "50%"
     return (f"| {name.split('.')[-1]} {shape} | {pat} | {to:.3f} | {tr:.3f} | {to / tr:.2f} | "
-            f"{co:.3f} | {cr:.3f} | {co / cr:.2f} | "
+            f"{co:.3f} | {cr:.3f} | {co / cr:.2f} | {mem_o:.1f} | {mem_r:.1f} | "
             f"{mask_agree:.5f} | {rel:.1e} | {matched} | {err_o:.4f} / {err_r:.4f} |")
 
 
@@ -164,8 +170,9 @@ def main() -> None:
     problems = synthetic_problems() if args.synthetic else real_problems()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
     print("| layer (weight) | pattern | ours wall s | ref wall s | ratio | ours CPU s | ref CPU s | ratio |"
+          " ours peak extra MiB | ref peak extra MiB |"
           " mask agreement | rel. weight diff | max abs diff, count-matched | rel. output error ours / ref |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (W, H) in problems.items():
         for pattern in (None, NM(2, 4)):
             print(bench(name, W, H, pattern, args.repeats), flush=True)
