@@ -159,6 +159,14 @@ def compare_masks(model, ours_path: str | None) -> dict:
     return {"mask_agreement": agree / total, "mask_agreement_worst_layers": worst}
 
 
+def save_zero_pattern(model, path: Path) -> str:
+    """The reference's keep masks (weight != 0) as our bit-packed masks file, for later comparisons."""
+    from pruning_core.io.masks import save_masks
+
+    save_masks(path, {name: m.weight.detach() != 0 for name, m in decoder_linears(model).items()})
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], required=True)
@@ -214,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
               "reverse_calibration": args.reverse_calibration, "perplexity_after": ppl, "sparsity": zeros / numel, "parameters_targeted": numel,
               "parameters_pruned": zeros, "dense_zero_weights": dense_zeros,
               "windows_identical_to_job": windows_match,
-              "seconds": {k: round(v, 3) for k, v in seconds.items()}, **compare_masks(model, args.our_masks)}
+              "seconds": {k: round(v, 3) for k, v in seconds.items()}, **compare_masks(model, args.our_masks),
+              "ref_masks": save_zero_pattern(model, args.out.with_name("ref_masks.safetensors"))}
     args.out.write_text(json.dumps(result, indent=1))
     return 0
 

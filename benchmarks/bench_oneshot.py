@@ -237,6 +237,23 @@ def matching_job_id(row: Row) -> str:
     return f"job-{row.method}-{tag}-sequential"
 
 
+def ref_self_agreement(rows: dict[str, Any]) -> None:
+    """For every reversed reference row: mask agreement with the in-order reference run.
+
+    Both runs see the same tokens, so where their masks differ is the reference's own float noise."""
+    from pruning_core.io.masks import load_masks
+
+    for rid, r in rows.items():
+        fwd = rows.get(rid.removesuffix("-reversed"))
+        if not r.get("reverse") or fwd is None or not r.get("ref_masks") or not fwd.get("ref_masks"):
+            continue
+        if not (Path(r["ref_masks"]).exists() and Path(fwd["ref_masks"]).exists()):
+            continue
+        a, b = load_masks(r["ref_masks"]), load_masks(fwd["ref_masks"])
+        same = sum(int((a[k] == b[k]).sum()) for k in a)
+        r["mask_agreement_ref_in_order"] = same / sum(a[k].numel() for k in a)
+
+
 # --------------------------------------------------------------------------- results file
 def load_results(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"rows": {}}
@@ -271,10 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--omp-wait-policy", default=None, choices=["PASSIVE", "ACTIVE"],
                    help="OMP_WAIT_POLICY for the child processes (default: unset, as prune run)")
     p.add_argument("--tables", action="store_true", help="print the Markdown tables from --out and exit")
+    p.add_argument("--ref-agreement", action="store_true",
+                   help="only fill in the in-order vs reversed reference mask agreement in --out")
     args = p.parse_args(argv)
     results = load_results(args.out)
     if args.tables:
         sys.stdout.write(render_tables(results))
+        return 0
+    if args.ref_agreement:
+        ref_self_agreement(results["rows"])
+        save_results(args.out, results)
         return 0
     results["machine"] = machine()
     env = child_env(args.work, args.omp_wait_policy)
@@ -297,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    ppl {result.get('perplexity_after')}, sparsity {result.get('sparsity')}, "
               f"wall {result['wall_s']} s, cpu {result['cpu_s']} s, peak RSS {result['peak_rss_mib']} MiB",
               flush=True)
+    ref_self_agreement(results["rows"])
+    save_results(args.out, results)
     return 0
 
 

@@ -77,16 +77,15 @@ def inverse_hessian(
     """
     if not (percdamp >= 0.0 and percdamp < float("inf")):
         raise ConfigError("percdamp", f"must be a finite number >= 0, got {percdamp}")
-    H = hessian.detach().to(dtype).clone()  # (in, in)
-    diag = torch.diagonal(H)  # a view: writes go into H
-    dead = diag == 0
-    diag[dead] = 1.0  # 1. dead inputs: H_jj = 1 (their weights are zeroed by the solver)
-    mean_diag = float(diag.mean())
+    base = torch.diagonal(hessian.detach()).to(dtype, copy=True)  # (in,) undamped diagonal
+    dead = base == 0
+    base[dead] = 1.0  # 1. dead inputs: H_jj = 1 (their weights are zeroed by the solver)
+    mean_diag = float(base.mean())
     lam = percdamp * mean_diag  # 2. dampening λ = percdamp · mean(diag H)
     tried = lam
     for attempt in range(max_retries + 1):
         tried = lam
-        result = _try_factor(H, lam, upper)
+        result = _try_factor(_damped(hessian, base, lam, dtype), upper)  # a fresh H + λI per try
         if result is not None:
             if attempt:
                 logger.warning("%s: Hessian needed damping %.3g (%d retries)", name or method, lam, attempt)
@@ -97,14 +96,24 @@ def inverse_hessian(
                 f"after {max_retries} retries (percdamp={percdamp})", layer=name)
 
 
-def _try_factor(H: torch.Tensor, lam: float, upper: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``(H + λI)⁻¹`` and its upper Cholesky factor, or None if a factorization fails."""
-    damped = H.clone()
-    torch.diagonal(damped).add_(lam)
+def _damped(hessian: torch.Tensor, diag: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of ``hessian`` in ``dtype`` with diagonal ``diag + λ``."""
+    H = hessian.detach().to(dtype, copy=True)
+    torch.diagonal(H).copy_(diag).add_(lam)
+    return H
+
+
+def _try_factor(damped: torch.Tensor, upper: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``damped⁻¹`` and its upper Cholesky factor, or None if a factorization fails.
+
+    Takes ownership of ``damped`` and frees each ``[in, in]`` matrix as soon as the next one
+    exists, so at most two are alive at once (plus LAPACK's workspace)."""
     L, info = torch.linalg.cholesky_ex(damped)  # 3. H = LLᵀ
+    del damped
     if int(info) != 0:
         return None
     hinv = torch.cholesky_inverse(L)  # 4. H⁻¹ from the factor
+    del L
     if not bool(torch.isfinite(hinv).all()):
         return None
     if not upper:

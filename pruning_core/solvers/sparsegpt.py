@@ -71,16 +71,18 @@ def sparsegpt_prune(
     """
     nm = _check_args(weight, hessian, sparsity, pattern, blocksize, name, mask)
     inv = inverse_hessian(hessian.to(weight.device), percdamp=percdamp, dtype=dtype, name=name)
-    assert inv.upper is not None
+    U, dead, damping = inv.upper, inv.dead, inv.damping
+    assert U is not None
+    del inv  # only U is needed from here on: free H⁻¹ before the column loop
     W = weight.detach().to(dtype).clone()  # (out, in)
-    W[:, inv.dead] = 0  # dead inputs never contribute: zero their weights (as the reference)
+    W[:, dead] = 0  # dead inputs never contribute: zero their weights (as the reference)
     forced = None if mask is None else ~mask.to(device=W.device, dtype=torch.bool)
-    if bool(inv.dead.any()):  # ... and report them as pruned, so the mask matches the zeros
-        dead = inv.dead.to(W.device)[None, :].expand_as(W)
-        forced = dead if forced is None else forced | dead
-    keep = _obs_prune(W, inv.upper, sparsity, nm, blocksize, forced)
+    if bool(dead.any()):  # ... and report them as pruned, so the mask matches the zeros
+        dead_w = dead.to(W.device)[None, :].expand_as(W)
+        forced = dead_w if forced is None else forced | dead_w
+    keep = _obs_prune(W, U, sparsity, nm, blocksize, forced)
     check_finite(W, method="sparsegpt", what="updated weight", layer=name)
-    logger.debug("%s: sparsegpt pruned %.4f (λ=%.3g)", name, 1 - keep.float().mean().item(), inv.damping)
+    logger.debug("%s: sparsegpt pruned %.4f (λ=%.3g)", name, 1 - keep.float().mean().item(), damping)
     return W.to(weight.dtype), keep
 
 
