@@ -78,7 +78,8 @@ def reference_table(rows: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"| {r['method']} | {PATTERN_NAME[r['pattern_key']]} | {ours['calibration_mode'].replace('_', '-')} | "
             f"{ours['perplexity_after']:.3f} | {r['perplexity_after']:.3f} | `{r['function']}` | "
-            f"{'reversed' if r.get('reverse') else 'in order'} | {diff:+.2%} | {'yes' if abs(diff) <= 0.01 else '**no**'} | {_f(agree, '{:.5f}')} | "
+            f"{'reversed' if r.get('reverse') else 'in order'} | {diff:+.2%} | "
+            f"{'yes' if abs(diff) <= 0.01 else '**no**'} | {_f(agree, '{:.5f}')} | "
             f"{ours['sparsity']:.6f} / {r['sparsity']:.6f} | {ours_s:.1f} | {r['seconds']['prune']:.1f} | "
             f"{ours['peak_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -100,7 +101,8 @@ def spread_table(rows: dict[str, dict[str, Any]]) -> str:
         nearest = min((a, b), key=lambda x: abs(o / x - 1))
         inside = lo * 0.99 <= o <= hi * 1.01
         lines.append(f"| {r['method']} | {PATTERN_NAME[r['pattern_key']]} | {o:.3f} | {a:.3f} | {b:.3f} | "
-                     f"{hi / lo - 1:.2%} | {_f(r.get('mask_agreement_ref_in_order'), '{:.5f}')} | {o / nearest - 1:+.2%} | {'yes' if inside else '**no**'} |")
+                     f"{hi / lo - 1:.2%} | {_f(r.get('mask_agreement_ref_in_order'), '{:.5f}')} | "
+                     f"{o / nearest - 1:+.2%} | {'yes' if inside else '**no**'} |")
     return "\n".join(lines) + "\n"
 
 

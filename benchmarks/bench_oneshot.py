@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,20 +90,15 @@ def ref_rows() -> list[Row]:
     """The reference procedures, compared with our job rows of the same method/pattern/mode; then
     Wanda and SparseGPT again on the calibration windows in reverse order (the reference's own
     numerical spread: same data and math, another floating-point summation order)."""
-    rows = []
+    rows, reversed_rows = [], []
     for key in PATTERNS:
         tag = key.replace(":", "of")
         layer, row = ("layer", "row") if PATTERNS[key][1] == "unstructured" else (None, None)
         rows += [Row(f"ref-magnitude-{tag}", "ref", "magnitude", key, layer, "one_pass", True),
                  Row(f"ref-wanda-{tag}", "ref", "wanda", key, row, "sequential", True),
                  Row(f"ref-sparsegpt-{tag}", "ref", "sparsegpt", key, layer, "sequential", True)]
-    for key in PATTERNS:
-        tag = key.replace(":", "of")
-        layer, row = ("layer", "row") if PATTERNS[key][1] == "unstructured" else (None, None)
-        rows += [Row(f"ref-wanda-{tag}-reversed", "ref", "wanda", key, row, "sequential", True, reverse=True),
-                 Row(f"ref-sparsegpt-{tag}-reversed", "ref", "sparsegpt", key, layer, "sequential", True,
-                     reverse=True)]
-    return rows
+        reversed_rows += [replace(r, id=f"{r.id}-reversed", reverse=True) for r in rows[-2:]]
+    return rows + reversed_rows
 
 
 def job_config(row: Row, tracking_uri: str) -> dict[str, Any]:
@@ -244,10 +239,8 @@ def ref_self_agreement(rows: dict[str, Any]) -> None:
     from pruning_core.io.masks import load_masks
 
     for rid, r in rows.items():
-        fwd = rows.get(rid.removesuffix("-reversed"))
-        if not r.get("reverse") or fwd is None or not r.get("ref_masks") or not fwd.get("ref_masks"):
-            continue
-        if not (Path(r["ref_masks"]).exists() and Path(fwd["ref_masks"]).exists()):
+        fwd = rows.get(rid.removesuffix("-reversed")) if r.get("reverse") else None
+        if fwd is None or not all(x.get("ref_masks") and Path(x["ref_masks"]).exists() for x in (r, fwd)):
             continue
         a, b = load_masks(r["ref_masks"]), load_masks(fwd["ref_masks"])
         same = sum(int((a[k] == b[k]).sum()) for k in a)
