@@ -1,215 +1,64 @@
-"""pruning_core: importance scoring, sparsity masks, sparse formats, calibration statistics,
-SparseGPT, structured (depth/width) pruning and Lottery Ticket search, on plain torch.
+"""pruning_core: one-shot pruning (magnitude, Wanda, SparseGPT), sparse formats, structured
+(Minitron depth/width) pruning and Lottery Ticket search, on plain torch.
 
-Stages: statistics (``calibration``) -> scores (``importance``) -> masks/plans (``masks``,
-``graph``, ``minitron``) -> apply (``pruning``, ``solvers``) -> formats (``sparse``), with
-``lottery`` (train-prune-rewind), ``lm`` (Hugging Face models, text, perplexity) and ``io``
-(atomic, checksummed artifacts) beside them. It imports no Prefect, MLflow or Dask.
+Stages, arrows pointing one way: ``errors``, ``validate`` -> ``calibration`` (statistics) ->
+``importance`` (tensor scores) -> ``masks`` (patterns, :class:`SparsitySpec`, selection) ->
+``solvers`` (SparseGPT) -> ``methods`` (the one-shot method registry) -> ``pruning``
+(``prune_module`` loop, results) -> ``sparse`` (formats). ``graph``/``minitron``, ``lottery``,
+``lm`` (models, text, perplexity) and ``io`` (atomic, checksummed artifacts) sit beside them. It
+imports no Prefect, MLflow or Dask.
 
-Masks are boolean tensors where True means *keep*. Every name of the seed module
-(``aprender::pruning``) is importable from here.
+This top level exports the entry point of each stage; everything else is one import deeper
+(``pruning_core.masks.keep_nm``, ``pruning_core.methods.Wanda``, ...). Masks are boolean tensors
+where True means *keep*. The interface of the Rust original (``aprender::pruning``:
+``MagnitudePruner``, ``generate_mask``/``apply_mask``, builders, ...) lives in
+:mod:`pruning_core.compat`, with the page that maps each of its names to ours.
+
+Example::
+
+    from pruning_core import SparsitySpec, collect_activation_stats, get_method, prune_module
+
+    stats = collect_activation_stats(model, batches)
+    result = prune_module(model, get_method("wanda"), SparsitySpec.parse(0.5), stats)
 """
 
-from pruning_core.calibration import (
-    ActivationStats,
-    BlockInputs,
-    CalibrationContext,
-    GradientStats,
-    calibrate_block,
-    capture_block_inputs,
-    collect_activation_stats,
-    collect_gradients,
-    run_block,
-)
-from pruning_core.errors import (
-    ArtifactError,
-    CalibrationRequired,
-    ConfigError,
-    GraphError,
-    InvalidMask,
-    InvalidPattern,
-    InvalidSparsity,
-    MissingActivationStats,
-    NoParameters,
-    NumericalInstability,
-    PruningError,
-    ServiceUnavailable,
-    ShapeMismatch,
-    UnsupportedOperation,
-)
-from pruning_core.graph import (
-    DependencyGraph,
-    DependencyType,
-    GraphEdge,
-    GraphNode,
-    NodeType,
-    PruningPlan,
-    StructuredPlan,
-    apply_plan_,
-    build_dependency_graph,
-    channel_group,
-    propagate_channel_pruning,
-)
-from pruning_core.importance import (
-    Importance,
-    ImportanceScores,
-    ImportanceStats,
-    MagnitudeImportance,
-    NormType,
-    SparseGPTImportance,
-    TaylorImportance,
-    WandaImportance,
-    wanda_scores,
-)
-from pruning_core.lottery import (
-    LotteryTicketConfig,
-    LotteryTicketPruner,
-    LotteryTicketPrunerBuilder,
-    RewindStrategy,
-    TicketStore,
-    WinningTicket,
-)
-from pruning_core.masks import (
-    MaskScope,
-    SparsityMask,
-    SparsityPattern,
-    generate_block_mask,
-    generate_column_mask,
-    generate_global_masks,
-    generate_mask,
-    generate_nm_mask,
-    generate_row_mask,
-    generate_unstructured_mask,
-)
-from pruning_core.minitron import (
-    Architecture,
-    BlockImportanceScores,
-    ChannelImportance,
-    DepthPruner,
-    DepthPruningResult,
-    MinitronScores,
-    MinitronTarget,
-    WidthImportanceConfig,
-    WidthPruner,
-    WidthPruningResult,
-    build_candidate,
-    candidate_plan,
-    compute_scores,
-    enumerate_candidates,
-    evaluate_candidate,
-    trace_decoder,
-)
-from pruning_core.pruning import (
-    MagnitudePruner,
-    Pruner,
-    PruningResult,
-    SparseGPTPruner,
-    WandaPruner,
-    prune_module,
-    prune_sequential,
-    prune_weight,
-)
+from pruning_core.calibration import ActivationStats, CalibrationContext, collect_activation_stats
+from pruning_core.errors import ConfigError, PruningError
+from pruning_core.graph import apply_plan_, build_dependency_graph
+from pruning_core.lottery import LotteryTicketConfig, LotteryTicketPruner
+from pruning_core.masks import MaskScope, SparsityMask, SparsityPattern, SparsitySpec, keep_topk
+from pruning_core.methods import METHODS, Method, get_method
+from pruning_core.minitron import build_candidate, candidate_plan, compute_scores, trace_decoder
+from pruning_core.pruning import PruningResult, prune_module, prune_sequential
 from pruning_core.solvers import sparsegpt_prune
-from pruning_core.sparse import (
-    BlockSparseTensor,
-    COOTensor,
-    CSRTensor,
-    SemiStructuredTensor,
-    SparseFormat,
-    SparseTensor,
-    sparsify,
-)
+from pruning_core.sparse import export_sparse, sparsify
 
 __all__ = [
+    "METHODS",
     "ActivationStats",
-    "Architecture",
-    "ArtifactError",
-    "BlockImportanceScores",
-    "BlockInputs",
-    "BlockSparseTensor",
-    "COOTensor",
-    "CSRTensor",
     "CalibrationContext",
-    "CalibrationRequired",
-    "ChannelImportance",
     "ConfigError",
-    "DependencyGraph",
-    "DependencyType",
-    "DepthPruner",
-    "DepthPruningResult",
-    "GradientStats",
-    "GraphEdge",
-    "GraphError",
-    "GraphNode",
-    "Importance",
-    "ImportanceScores",
-    "ImportanceStats",
-    "InvalidMask",
-    "InvalidPattern",
-    "InvalidSparsity",
     "LotteryTicketConfig",
     "LotteryTicketPruner",
-    "LotteryTicketPrunerBuilder",
-    "MagnitudeImportance",
-    "MagnitudePruner",
     "MaskScope",
-    "MinitronScores",
-    "MinitronTarget",
-    "MissingActivationStats",
-    "NoParameters",
-    "NodeType",
-    "NormType",
-    "NumericalInstability",
-    "Pruner",
+    "Method",
     "PruningError",
-    "PruningPlan",
     "PruningResult",
-    "RewindStrategy",
-    "SemiStructuredTensor",
-    "ServiceUnavailable",
-    "ShapeMismatch",
-    "SparseFormat",
-    "SparseGPTImportance",
-    "SparseGPTPruner",
-    "UnsupportedOperation",
-    "SparseTensor",
     "SparsityMask",
     "SparsityPattern",
-    "StructuredPlan",
-    "TaylorImportance",
-    "TicketStore",
-    "WandaImportance",
-    "WandaPruner",
-    "WidthImportanceConfig",
-    "WidthPruner",
-    "WidthPruningResult",
-    "WinningTicket",
+    "SparsitySpec",
     "apply_plan_",
     "build_candidate",
     "build_dependency_graph",
-    "calibrate_block",
     "candidate_plan",
-    "capture_block_inputs",
-    "channel_group",
     "collect_activation_stats",
-    "collect_gradients",
     "compute_scores",
-    "enumerate_candidates",
-    "evaluate_candidate",
-    "generate_block_mask",
-    "generate_column_mask",
-    "generate_global_masks",
-    "generate_mask",
-    "generate_nm_mask",
-    "generate_row_mask",
-    "generate_unstructured_mask",
-    "propagate_channel_pruning",
+    "export_sparse",
+    "get_method",
+    "keep_topk",
     "prune_module",
     "prune_sequential",
-    "prune_weight",
-    "run_block",
     "sparsegpt_prune",
     "sparsify",
     "trace_decoder",
-    "wanda_scores",
 ]

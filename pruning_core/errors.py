@@ -2,8 +2,7 @@
 
 Every error names the object it is about (a layer name, a file, a config field) and the
 numbers involved. Errors caused by bad input also subclass ``ValueError`` so callers that
-catch ``ValueError`` keep working. The names follow the seed module (``aprender::pruning``);
-its variants become subclasses of :class:`PruningError` with the same fields.
+catch ``ValueError`` keep working. (Origin of the names: :mod:`pruning_core.compat`.)
 """
 
 from __future__ import annotations

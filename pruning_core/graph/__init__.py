@@ -2,7 +2,7 @@
 
 Stage: structured plans and apply. ``build_dependency_graph`` traces a real model;
 ``channel_group``/``propagate_channel_pruning`` compute what pruning channels implies;
-``PruningPlan`` (seed surface) and ``StructuredPlan`` (plain-data edits, JSON) describe the
+``PruningPlan`` (removals by node id) and ``StructuredPlan`` (plain-data edits, JSON) describe the
 edits; ``apply_plan_`` performs them in place.
 """
 

@@ -23,7 +23,7 @@ class DependencyGraph:
 
     # ----------------------------------------------------------------- construction
     def add_node(self, node: GraphNode) -> None:
-        """Add ``node``; a node with the same id is replaced and keeps its edges (seed semantics)."""
+        """Add ``node``; a node with the same id is replaced and keeps its edges."""
         self._nodes[node.id] = node
         self._edges_out.setdefault(node.id, [])
         self._edges_in.setdefault(node.id, [])

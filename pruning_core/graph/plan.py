@@ -1,4 +1,4 @@
-"""The seed's ``PruningPlan``: channel and layer removals by graph node id, checked against a graph.
+"""``PruningPlan``: channel and layer removals by graph node id, checked against a graph.
 
 Stage: structured plans. Users state intent ("remove output channels 1, 5 of this node",
 "remove this layer"); :meth:`PruningPlan.validate` checks ids, ranges and that the entries do
@@ -39,7 +39,7 @@ class PruningPlan:
     def remove_layer(self, layer_id: str) -> PruningPlan:
         """Mark a layer (a node id, or a module-list entry like ``model.layers.3``) for removal.
 
-        Removing the same layer twice is a no-op (the seed counted it twice). Resets validation.
+        Removing the same layer twice is a no-op. Resets validation.
         """
         if layer_id not in self.layer_removals:
             self.layer_removals.append(layer_id)

@@ -94,7 +94,7 @@ def channel_group(
 
 
 def propagate_channel_pruning(graph: DependencyGraph, source: str, channels: Iterable[int]) -> dict[str, list[int]]:
-    """Seed-compatible view of :func:`channel_group` for ``source``'s output channels.
+    """A per-node view of :func:`channel_group` for ``source``'s output channels.
 
     Returns ``{node_id: channels}`` for every other affected node, in the space where it is
     affected (input columns for a consumer Linear, output rows for a producer coupled

@@ -25,7 +25,7 @@ from typing import Any
 
 
 class NodeType(enum.Enum):
-    """Kind of layer or operation a :class:`GraphNode` stands for (the seed's list, plus ops)."""
+    """Kind of layer or operation a :class:`GraphNode` stands for (layer kinds, plus traced ops)."""
 
     LINEAR = "linear"
     CONV = "conv"
@@ -115,11 +115,11 @@ class GraphNode:
 
     @classmethod
     def new(cls, id: str, name: str, node_type: NodeType) -> GraphNode:
-        """The seed's constructor: dims unknown, prunable."""
+        """A node with unknown dims, prunable."""
         return cls(id=id, name=name, node_type=node_type)
 
     def with_dims(self, input_dim: int, output_dim: int) -> GraphNode:
-        """Copy with dims set. Note the seed's argument order: **(input, output)**."""
+        """Copy with dims set. Note the argument order: **(input, output)**."""
         return replace(self, input_dim=int(input_dim), output_dim=int(output_dim))
 
     def with_prunable(self, prunable: bool) -> GraphNode:

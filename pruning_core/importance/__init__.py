@@ -1,26 +1,22 @@
 """Importance scoring: one non-negative score per weight, higher = keep longer.
 
-Stage: scores. ``MagnitudeImportance`` (|w|, w²), ``WandaImportance`` (|W|·‖X_j‖₂),
-``SparseGPTImportance`` (OBS saliency w²/[H⁻¹]_jj) and ``TaylorImportance`` (|w·∂L/∂w|) all
-implement the :class:`Importance` protocol; each has a pure tensor function beside it.
+Stage: scores. Pure tensor functions, float32 scores shaped like the weight:
+:func:`magnitude_scores` (|w|, w²), :func:`wanda_scores` (|W|·‖X_j‖₂), :func:`obs_saliency`
+(OBS saliency w²/[H⁻¹]_jj) and :func:`taylor_scores` (|w·∂L/∂w|). The pruning methods
+(:mod:`pruning_core.methods`) call them.
 """
 
-from pruning_core.importance.base import SCORE_DTYPE, Importance, ImportanceScores, ImportanceStats
-from pruning_core.importance.magnitude import MagnitudeImportance, NormType, magnitude_scores
-from pruning_core.importance.sparsegpt import SparseGPTImportance, obs_saliency
-from pruning_core.importance.taylor import TaylorImportance, taylor_scores
-from pruning_core.importance.wanda import WandaImportance, wanda_scores
+from pruning_core.importance.base import SCORE_DTYPE, check_weight_2d
+from pruning_core.importance.magnitude import NormType, magnitude_scores
+from pruning_core.importance.sparsegpt import obs_saliency
+from pruning_core.importance.taylor import TaylorReduction, taylor_scores
+from pruning_core.importance.wanda import wanda_scores
 
 __all__ = [
     "SCORE_DTYPE",
-    "Importance",
-    "ImportanceScores",
-    "ImportanceStats",
-    "MagnitudeImportance",
     "NormType",
-    "SparseGPTImportance",
-    "TaylorImportance",
-    "WandaImportance",
+    "TaylorReduction",
+    "check_weight_2d",
     "magnitude_scores",
     "obs_saliency",
     "taylor_scores",

@@ -9,13 +9,10 @@ pattern (rows, columns, blocks) reduces a group's scores: a sum for L1/L2, a max
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from pruning_core.calibration.context import CalibrationContext
-from pruning_core.importance.base import SCORE_DTYPE, ImportanceScores, module_weight
+from pruning_core.importance.base import SCORE_DTYPE
 from pruning_core.validate import check_finite
 
 
@@ -47,43 +44,4 @@ def magnitude_scores(weight: torch.Tensor, norm: NormType = NormType.L2, *,
     return scores
 
 
-@dataclass(frozen=True)
-class MagnitudeImportance:
-    """Magnitude importance; needs no calibration. Constructors :meth:`l1`, :meth:`l2`, :meth:`linf`."""
-
-    norm: NormType = NormType.L2
-
-    @classmethod
-    def l1(cls) -> MagnitudeImportance:
-        return cls(NormType.L1)
-
-    @classmethod
-    def l2(cls) -> MagnitudeImportance:
-        return cls(NormType.L2)
-
-    @classmethod
-    def linf(cls) -> MagnitudeImportance:
-        return cls(NormType.LINF)
-
-    @classmethod
-    def with_norm(cls, norm: NormType) -> MagnitudeImportance:
-        return cls(norm)
-
-    @property
-    def name(self) -> str:
-        return f"magnitude_{self.norm.value}"
-
-    @property
-    def requires_calibration(self) -> bool:
-        return False
-
-    def compute(
-        self, module: nn.Module | torch.Tensor, context: CalibrationContext | None = None, *,
-        layer_name: str | None = None,
-    ) -> ImportanceScores:
-        """Scores of ``module``'s weight (the context is ignored)."""
-        weight = module_weight(module, layer_name)
-        return ImportanceScores(magnitude_scores(weight, self.norm, layer_name=layer_name), self.name)
-
-
-__all__ = ["MagnitudeImportance", "NormType", "magnitude_scores"]
+__all__ = ["NormType", "magnitude_scores"]

@@ -6,25 +6,14 @@ Stage: scores. ``H = XᵀX / n`` comes from the calibration context (collected w
 ``λ = percdamp · mean(diag H)``). The score is the increase of ``‖WX - ŴX‖²`` (up to the factor
 ½) when weight ij alone is removed and the rest of its row is optimally updated. It ranks
 weights; the weight update itself is :func:`pruning_core.solvers.sparsegpt_prune` (used by
-``SparseGPTPruner``). The seed's rank-1 stand-in Hessian built from ``sqrt(E[x²])`` is gone.
+the ``sparsegpt`` method, :mod:`pruning_core.methods.sparsegpt`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import nn
 
-from pruning_core.calibration.context import CalibrationContext
-from pruning_core.errors import CalibrationRequired, ConfigError
-from pruning_core.importance.base import (
-    SCORE_DTYPE,
-    ImportanceScores,
-    check_weight_2d,
-    module_weight,
-    require_layer_stats,
-)
+from pruning_core.importance.base import SCORE_DTYPE, check_weight_2d
 from pruning_core.solvers.hessian import check_hessian, inverse_hessian
 
 
@@ -53,47 +42,4 @@ def obs_saliency(weight: torch.Tensor, hessian: torch.Tensor, *, percdamp: float
     return (w.square() / hinv_diag[None, :]).to(SCORE_DTYPE)
 
 
-@dataclass(frozen=True)
-class SparseGPTImportance:
-    """OBS saliency from the context's Hessian of the layer (``collect_activation_stats(..., hessian=True)``).
-
-    Args:
-        layer_name: default layer to look up (``compute(..., layer_name=)`` overrides).
-        percdamp: relative dampening (the reference's default 0.01).
-        block_size: kept for the seed's surface; used by ``SparseGPTPruner``.
-    """
-
-    layer_name: str | None = None
-    percdamp: float = 0.01
-    block_size: int = 128
-
-    def __post_init__(self) -> None:
-        if not (0.0 <= self.percdamp < float("inf")):
-            raise ConfigError("percdamp", f"must be a finite number >= 0, got {self.percdamp}")
-        if self.block_size <= 0:
-            raise ConfigError("block_size", f"must be positive, got {self.block_size}")
-
-    @property
-    def name(self) -> str:
-        return "sparsegpt"
-
-    @property
-    def requires_calibration(self) -> bool:
-        return True
-
-    def compute(
-        self, module: nn.Module | torch.Tensor, context: CalibrationContext | None = None, *,
-        layer_name: str | None = None,
-    ) -> ImportanceScores:
-        """Saliency of ``module``'s weight; CalibrationRequired if the stats carry no Hessian."""
-        name = layer_name or self.layer_name
-        stats = require_layer_stats(self.name, context, name)
-        hessian = stats.hessian
-        if hessian is None:
-            raise CalibrationRequired(f"{self.name} (statistics collected without hessian=True)", layer=name)
-        weight = module_weight(module, name)
-        return ImportanceScores(obs_saliency(weight, hessian, percdamp=self.percdamp, layer_name=name),
-                                "sparsegpt_saliency")
-
-
-__all__ = ["SparseGPTImportance", "obs_saliency"]
+__all__ = ["obs_saliency"]

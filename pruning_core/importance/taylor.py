@@ -13,15 +13,12 @@ gradients come from :func:`pruning_core.calibration.collect_gradients`, which st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 
-from pruning_core.calibration.context import CalibrationContext
-from pruning_core.errors import CalibrationRequired, ConfigError, ShapeMismatch
-from pruning_core.importance.base import SCORE_DTYPE, ImportanceScores, module_weight
+from pruning_core.errors import ShapeMismatch
+from pruning_core.importance.base import SCORE_DTYPE
 from pruning_core.validate import check_finite
 
 TaylorReduction = Literal["mean_gradient", "mean_abs"]
@@ -43,42 +40,4 @@ def taylor_scores(weight: torch.Tensor, gradient: torch.Tensor, *, layer_name: s
     return scores
 
 
-@dataclass(frozen=True)
-class TaylorImportance:
-    """First-order Taylor importance from the context's accumulated gradients."""
-
-    layer_name: str | None = None
-    reduction: TaylorReduction = "mean_gradient"
-
-    def __post_init__(self) -> None:
-        if self.reduction not in ("mean_gradient", "mean_abs"):
-            raise ConfigError("reduction", f"must be 'mean_gradient' or 'mean_abs', got {self.reduction!r}")
-
-    @property
-    def name(self) -> str:
-        return "taylor"
-
-    @property
-    def requires_calibration(self) -> bool:
-        return True
-
-    def compute(
-        self, module: nn.Module | torch.Tensor, context: CalibrationContext | None = None, *,
-        layer_name: str | None = None,
-    ) -> ImportanceScores:
-        """Scores of ``module``'s weight; MissingActivationStats if the layer has no gradients."""
-        name = layer_name or self.layer_name
-        if context is None or name is None:
-            raise CalibrationRequired(self.name, layer=name)
-        grads = context.require_gradients(name)
-        if grads.num_batches == 0:
-            raise CalibrationRequired(self.name, layer=name)
-        weight = module_weight(module, name)
-        if self.reduction == "mean_gradient":
-            values = taylor_scores(weight, grads.mean_gradient, layer_name=name)
-        else:
-            values = taylor_scores(weight.abs(), grads.mean_abs_gradient, layer_name=name)
-        return ImportanceScores(values, f"taylor_{self.reduction}")
-
-
-__all__ = ["TaylorImportance", "TaylorReduction", "taylor_scores"]
+__all__ = ["TaylorReduction", "taylor_scores"]

@@ -6,28 +6,16 @@ Stage: scores. ``‖X_j‖₂`` is the L2 norm of input channel j over *all* cal
 (locuslab/wanda ``lib/prune.py``) computes ``|W| * sqrt(scaler_row)`` where ``scaler_row`` is
 ``Σ_t x_tj² / n_samples``: the same metric up to a constant factor, so the same masks.
 
-The seed took the square root of an RMS (``|W|·E[x²]^¼``), halving the activation exponent,
-and added ``sqrt(eps)`` for dead channels; both are gone (a channel that is never active gives
-zero scores: its weights never influence the output on the calibration data).
+A channel that is never active gives zero scores: its weights never influence the output on the
+calibration data.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import nn
 
-from pruning_core.calibration.context import CalibrationContext
 from pruning_core.errors import NumericalInstability, ShapeMismatch
-from pruning_core.importance.base import (
-    SCORE_DTYPE,
-    ImportanceScores,
-    check_weight_2d,
-    module_weight,
-    require_layer_stats,
-)
-from pruning_core.masks.pattern import SparsityPattern
+from pruning_core.importance.base import SCORE_DTYPE, check_weight_2d
 from pruning_core.validate import check_finite
 
 
@@ -60,44 +48,4 @@ def wanda_scores(weight: torch.Tensor, sum_sq: torch.Tensor, *, layer_name: str 
     return scores
 
 
-@dataclass(frozen=True)
-class WandaImportance:
-    """Wanda importance; needs a calibration context with the layer's statistics.
-
-    Args:
-        layer_name: default layer to look up in the context (``compute(..., layer_name=)`` overrides).
-        pattern: the pattern the scores are meant for (informational; the pruner's pattern and
-            scope decide the comparison groups, per output row by default as in the paper).
-    """
-
-    layer_name: str | None = None
-    pattern: SparsityPattern | None = None
-
-    @property
-    def name(self) -> str:
-        return "wanda"
-
-    @property
-    def requires_calibration(self) -> bool:
-        return True
-
-    def with_pattern(self, pattern: SparsityPattern) -> WandaImportance:
-        return WandaImportance(self.layer_name, pattern)
-
-    def compute(
-        self, module: nn.Module | torch.Tensor, context: CalibrationContext | None = None, *,
-        layer_name: str | None = None,
-    ) -> ImportanceScores:
-        """Scores of ``module``'s weight from the layer's ``sum_sq`` in ``context``.
-
-        Raises:
-            CalibrationRequired: no context (or zero tokens); MissingActivationStats: layer absent;
-            ShapeMismatch / NumericalInstability: as :func:`wanda_scores`.
-        """
-        name = layer_name or self.layer_name
-        stats = require_layer_stats(self.name, context, name)
-        weight = module_weight(module, name)
-        return ImportanceScores(wanda_scores(weight, stats.sum_sq, layer_name=name), self.name)
-
-
-__all__ = ["WandaImportance", "wanda_scores"]
+__all__ = ["wanda_scores"]

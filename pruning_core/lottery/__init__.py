@@ -2,7 +2,7 @@
 
 Stage: lottery. Masks are boolean tensors per parameter name, True = keep.
 
-- :class:`LotteryTicketConfig` / :class:`LotteryTicketPrunerBuilder`: the search, validated once.
+- :class:`LotteryTicketConfig`: the search, validated once.
 - :class:`RewindStrategy` (``Init``, ``Early(k)``, ``Late(f)``, ``LearningRate(k)``, ``NoRewind``).
 - :class:`LotteryTicketPruner`: ``start`` (round 0), ``run_round`` (one resumable round),
   ``find_ticket`` (the whole search, resumable through a :class:`TicketStore`), ``apply_ticket``.
@@ -13,7 +13,6 @@ Stage: lottery. Masks are boolean tensors per parameter name, True = keep.
 
 from __future__ import annotations
 
-from pruning_core.lottery.builder import LotteryTicketPrunerBuilder
 from pruning_core.lottery.config import LotteryTicketConfig
 from pruning_core.lottery.controls import CONTROLS, control_start, default_reinit_, run_control
 from pruning_core.lottery.masking import (
@@ -49,7 +48,6 @@ __all__ = [
     "LearningRate",
     "LotteryTicketConfig",
     "LotteryTicketPruner",
-    "LotteryTicketPrunerBuilder",
     "NoRewind",
     "RewindStrategy",
     "RoundPlan",

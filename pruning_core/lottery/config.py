@@ -137,10 +137,10 @@ class LotteryTicketConfig:
         """True if the search may stop before ``pruning_rounds`` once ``target_sparsity`` is reached."""
         return self.prune_rate_per_round is not None and self.target_sparsity is not None
 
-    # -- seed-style constructors and builders ------------------------------------------------
+    # -- constructors ---------------------------------------------------------------------------
     @classmethod
     def new(cls, target_sparsity: float, pruning_rounds: int) -> LotteryTicketConfig:
-        """The seed's ``LotteryTicketConfig::new(s, r)`` (validated instead of clamped)."""
+        """``LotteryTicketConfig(target_sparsity=s, pruning_rounds=r)`` (validated, never clamped)."""
         return cls(target_sparsity=target_sparsity, pruning_rounds=pruning_rounds)
 
     def with_rewind_strategy(self, strategy: RewindStrategy | str) -> LotteryTicketConfig:

@@ -7,8 +7,8 @@ tensor of the parameter's shape, True = keep. The strategy follows open_lth's co
 
 Exact counts: after round r a group of n weights (one layer in layer-wise mode, all pruned
 layers together in global mode) keeps ``max(1, round_half_up(n · (1 - p)^r))`` weights. Counting
-from n rather than from the previous round keeps rounding errors from compounding (the seed's
-rule; for s = 0.9, R = 10 on 32,768 weights it gives sparsities .2057, .3690, ..., .9000).
+from n rather than from the previous round keeps rounding errors from compounding (for
+s = 0.9, R = 10 on 32,768 weights it gives sparsities .2057, .3690, ..., .9000).
 Ties in magnitude keep the lower flat index (stable sort).
 """
 

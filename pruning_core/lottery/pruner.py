@@ -20,7 +20,6 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -35,7 +34,6 @@ from pruning_core.lottery.masking import (
     dense_masks,
     layer_density,
     magnitude_prune,
-    one_shot_mask,
     overall_density,
     prunable_parameters,
 )
@@ -43,12 +41,7 @@ from pruning_core.lottery.runs import State, load_weights_, masked_state, snapsh
 from pruning_core.lottery.store import TicketStore
 from pruning_core.lottery.ticket import RoundRecord, WinningTicket, apply_result
 from pruning_core.lottery.training import TrainFn, TrainSpec, derive_seed
-from pruning_core.masks import SparsityMask
-from pruning_core.masks.pattern import SparsityPattern
 from pruning_core.pruning.result import PruningResult
-
-if TYPE_CHECKING:
-    from pruning_core.lottery.builder import LotteryTicketPrunerBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -87,25 +80,9 @@ class LotteryTicketPruner:
         self._config = config or LotteryTicketConfig()
         self.reinit_fn = reinit_fn
 
-    # -- seed surface -------------------------------------------------------------------------
     @property
     def config(self) -> LotteryTicketConfig:
         return self._config
-
-    @staticmethod
-    def builder() -> LotteryTicketPrunerBuilder:
-        """A seed-style builder (``LotteryTicketPruner.builder().target_sparsity(0.95).build()``)."""
-        from pruning_core.lottery.builder import LotteryTicketPrunerBuilder  # builder imports this module
-
-        return LotteryTicketPrunerBuilder()
-
-    def with_config(self, config: LotteryTicketConfig) -> LotteryTicketPruner:
-        return LotteryTicketPruner(config, reinit_fn=self.reinit_fn)
-
-    @property
-    def name(self) -> str:
-        """``"lottery_ticket_pruner"`` (a property, like every other pruner's)."""
-        return "lottery_ticket_pruner"
 
     @property
     def data_seed(self) -> int:
@@ -297,7 +274,7 @@ class LotteryTicketPruner:
         Args:
             weights: ``"rewind"`` (the captured rewind weights), ``"trained"`` (the latest round's
                 trained weights) or ``"current"`` (keep the model's weights, only mask them). Default:
-                ``"rewind"`` for weight-rewinding strategies, else ``"current"`` (the seed's behaviour).
+                ``"rewind"`` for weight-rewinding strategies, else ``"current"``.
 
         Raises:
             ConfigError: unknown ``weights``.
@@ -317,37 +294,6 @@ class LotteryTicketPruner:
             load_weights_(model, state, what=f"ticket {choice} weights")
         apply_masks_(model, ticket.masks)
         return apply_result(ticket.masks, params)
-
-    # -- Pruner protocol ----------------------------------------------------------------------
-    def generate_mask(
-        self, scores: torch.Tensor, target_sparsity: float, pattern: SparsityPattern | None = None
-    ) -> SparsityMask:
-        """One-shot magnitude mask: keep all but ``floor(n · s)`` of the largest scores (unstructured only).
-
-        Args:
-            scores: importance scores of any shape (or an object with a ``values`` tensor).
-            target_sparsity: fraction to prune, in [0, 1].
-            pattern: must be None or Unstructured.
-
-        Returns:
-            A :class:`SparsityMask` shaped like ``scores``; ties keep the lower flat index.
-
-        Raises:
-            InvalidPattern: a structured pattern (lottery tickets are unstructured).
-            InvalidSparsity / NumericalInstability: bad sparsity or non-finite scores.
-        """
-        return one_shot_mask(scores, target_sparsity, pattern)
-
-    def apply_mask(self, module: nn.Module, mask: SparsityMask | torch.Tensor, *,
-                   name: str = "weight") -> PruningResult:
-        """Zero ``module.<name>`` where ``mask`` is False (in place) and report the sparsity."""
-        params = dict(module.named_parameters())
-        if name not in params:
-            raise ConfigError("name", f"module has no parameter {name!r}; it has {list(params)}")
-        keep = mask.tensor if isinstance(mask, SparsityMask) else mask
-        check_masks({name: params[name]}, {name: keep})
-        apply_masks_(module, {name: keep})
-        return apply_result({name: keep}, params)
 
 
 def _fmt(metrics: Mapping[str, float]) -> str:

@@ -8,7 +8,7 @@ Stage: lottery. Each strategy answers three questions, and the answers differ be
 | ``Early(iteration=k)`` | the weights captured at iteration k of the dense run | k | Frankle et al. 2019/2020, arXiv:1903.01611, 1912.05671 |
 | ``Late(fraction=f)`` | as ``Early`` with k = floor(f · training_steps) | k | the same ("late resetting") |
 | ``LearningRate(iteration=k)`` | the trained weights of the previous round (not rewound) | k (the schedule is replayed) | Renda et al. 2020, arXiv:2003.02389 |
-| ``NoRewind()`` | the trained weights of the previous round | 0, with the learning rate held at its final value (fine-tuning) | Renda et al.'s fine-tuning baseline; the seed's ``None`` |
+| ``NoRewind()`` | the trained weights of the previous round | 0, with the learning rate held at its final value (fine-tuning) | Renda et al.'s fine-tuning baseline |
 
 With a constant learning rate ``LearningRate(0)`` and ``NoRewind()`` train identically; they
 differ under a schedule (milestones, warm-up).

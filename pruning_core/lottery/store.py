@@ -103,6 +103,26 @@ def load_ticket(directory: str | os.PathLike[str]) -> WinningTicket:
                           - set(meta))
     if missing_keys:
         raise ArtifactError(str(paths.meta_file(d)), f"ticket metadata lacks {missing_keys}")
+    groups = _read_groups(d, meta)
+    try:
+        return WinningTicket(
+            masks=groups["mask"],
+            rewind_weights=groups["rewind"],
+            trained_weights=groups["trained"],
+            round=int(meta["round"]),
+            rewind_step=int(meta["rewind_step"]),
+            records=tuple(RoundRecord.from_dict(r) for r in meta["records"]),
+            config=dict(meta["config"]),
+            config_hash=str(meta["config_hash"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:  # malformed metadata that still parsed as JSON
+        raise ArtifactError(
+            str(paths.meta_file(d)), f"ticket metadata does not form a valid ticket: {exc!r}"
+        ) from exc
+
+
+def _read_groups(d: Path, meta: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """The ticket's tensors by group (mask, rewind, trained), checksum and contents verified."""
     tfile = paths.tensors_file(d)
     if sha256_file(tfile) != meta["tensors_sha256"]:
         raise ArtifactError(str(tfile), "sha256 does not match ticket.json (corrupt or replaced file)")
@@ -125,21 +145,7 @@ def load_ticket(directory: str | os.PathLike[str]) -> WinningTicket:
     for group in ("rewind", "trained"):
         for name, t in groups[group].items():
             check_finite(t, method="load_ticket", what=f"{group} weight", layer=name)
-    try:
-        return WinningTicket(
-            masks=groups["mask"],
-            rewind_weights=groups["rewind"],
-            trained_weights=groups["trained"],
-            round=int(meta["round"]),
-            rewind_step=int(meta["rewind_step"]),
-            records=tuple(RoundRecord.from_dict(r) for r in meta["records"]),
-            config=dict(meta["config"]),
-            config_hash=str(meta["config_hash"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:  # malformed metadata that still parsed as JSON
-        raise ArtifactError(
-            str(paths.meta_file(d)), f"ticket metadata does not form a valid ticket: {exc!r}"
-        ) from exc
+    return groups
 
 
 class TicketStore:

@@ -91,7 +91,7 @@ class WinningTicket:
     config: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""
 
-    # -- seed surface -----------------------------------------------------------------------
+    # -- summary -----------------------------------------------------------------------------
     @property
     def total_parameters(self) -> int:
         return sum(m.numel() for m in self.masks.values())
@@ -119,7 +119,7 @@ class WinningTicket:
 
     @property
     def sparsity_history(self) -> list[float]:
-        """Sparsity after each pruning round 1..round (the seed's history; the dense round is left out)."""
+        """Sparsity after each pruning round 1..round (the dense round is left out)."""
         return [r.sparsity for r in self.records if r.round >= 1]
 
     @property
@@ -129,7 +129,7 @@ class WinningTicket:
 
     @property
     def initial_weights(self) -> dict[str, torch.Tensor]:
-        """The seed's name for the rewind weights."""
+        """Alias of :attr:`rewind_weights` (see :mod:`pruning_core.compat`)."""
         return self.rewind_weights
 
     # -- persistence (safetensors + JSON, atomic) ---------------------------------------------

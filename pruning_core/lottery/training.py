@@ -177,6 +177,14 @@ def evaluate(
     return {"accuracy": correct / n, "loss": loss_sum / n}
 
 
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float, current: float | None) -> float:
+    """Set every parameter group's learning rate to ``lr`` if it differs from ``current``; returns ``lr``."""
+    if lr != current:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    return lr
+
+
 class ClassifierTrainFn:
     """A :class:`TrainFn` for classifiers on in-memory tensors (no DataLoader).
 
@@ -225,30 +233,20 @@ class ClassifierTrainFn:
     def __call__(
         self, model: nn.Module, masks: Mapping[str, torch.Tensor], spec: TrainSpec
     ) -> dict[str, float]:
-        cfg, b = self.config, self.config.batch_size
+        cfg = self.config
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = cfg.make_optimizer(params)
         pairs = masked_pairs(model, masks)
         device = params[0].device
         losses = torch.zeros(spec.steps, device=device)
-        lr, epoch, perm = None, -1, torch.empty(0)
+        lr, epoch = None, {}  # current learning rate; the epoch's permutation, cached
         model.train()
         bar = tqdm(total=spec.steps, disable=not self.progress, desc=f"{spec.run} round {spec.round_index}")
         for step in range(spec.start_step, spec.end_step):
             if spec.on_capture is not None and step in spec.capture_steps:
                 spec.on_capture(step, model)
-            new_lr = cfg.lr_at(step if spec.lr_step is None else spec.lr_step)
-            if new_lr != lr:
-                lr = new_lr
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            if step // self.steps_per_epoch != epoch:
-                epoch = step // self.steps_per_epoch
-                perm = self._permutation(spec.seed, epoch)
-            i = (step % self.steps_per_epoch) * b
-            idx = perm[i : i + b]
-            x = self.inputs.index_select(0, idx).to(device, non_blocking=True)
-            y = self.targets.index_select(0, idx).to(device, non_blocking=True)
+            lr = _set_lr(optimizer, cfg.lr_at(step if spec.lr_step is None else spec.lr_step), lr)
+            x, y = self._batch(step, spec.seed, device, epoch)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
             loss.backward()
@@ -258,6 +256,27 @@ class ClassifierTrainFn:
         bar.close()
         if spec.on_capture is not None and spec.end_step in spec.capture_steps:
             spec.on_capture(spec.end_step, model)
+        return self._metrics(model, spec, losses)
+
+    def _batch(self, step: int, seed: int, device: torch.device,
+               epoch: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Iteration ``step``'s batch: batch ``step mod steps_per_epoch`` of its epoch's permutation.
+
+        ``epoch`` caches the current epoch's permutation (one entry) across calls.
+        """
+        index = step // self.steps_per_epoch
+        if index not in epoch:
+            epoch.clear()
+            epoch[index] = self._permutation(seed, index)
+        b = self.config.batch_size
+        i = (step % self.steps_per_epoch) * b
+        idx = epoch[index][i : i + b]
+        x = self.inputs.index_select(0, idx).to(device, non_blocking=True)
+        y = self.targets.index_select(0, idx).to(device, non_blocking=True)
+        return x, y
+
+    def _metrics(self, model: nn.Module, spec: TrainSpec, losses: torch.Tensor) -> dict[str, float]:
+        """Mean training loss of the last (up to) 100 iterations, and the test metrics if any."""
         tail = losses[-min(100, spec.steps) :]
         metrics = {"train_loss": float(tail.mean()), "steps": float(spec.steps)}
         if self.test is not None:

@@ -1,7 +1,9 @@
-"""Masks: sparsity patterns, scope, validated keep-masks and the vectorized generators.
+"""Masks: sparsity patterns and scopes, the validated :class:`SparsitySpec`, keep-masks and the
+vectorized selection kernels.
 
 ``True`` means keep. Exactly ``floor(L * s)`` elements are pruned per comparison group and
-equal scores keep the lower index.
+equal scores keep the lower index. :func:`select_mask` (scores + spec -> mask) is what the
+pruning methods call; the ``generate_*`` functions are its loose-argument forms.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pruning_core.masks.generate import (
     generate_nm_mask,
     generate_row_mask,
     generate_unstructured_mask,
+    select_mask,
 )
 from pruning_core.masks.mask import SparsityMask
 from pruning_core.masks.pattern import NM, Block, Column, MaskScope, Row, SparsityPattern, Unstructured
@@ -25,6 +28,7 @@ from pruning_core.masks.select import (
     keep_rows,
     keep_topk,
 )
+from pruning_core.masks.spec import SparsitySpec, parse_pattern, parse_scope
 
 __all__ = [
     "NM",
@@ -34,6 +38,7 @@ __all__ = [
     "Row",
     "SparsityMask",
     "SparsityPattern",
+    "SparsitySpec",
     "Unstructured",
     "generate_block_mask",
     "generate_column_mask",
@@ -48,4 +53,7 @@ __all__ = [
     "keep_nm",
     "keep_rows",
     "keep_topk",
+    "parse_pattern",
+    "parse_scope",
+    "select_mask",
 ]

@@ -1,9 +1,11 @@
-"""Mask generators: importance scores -> validated :class:`SparsityMask` (the seed's names).
+"""Mask generators: importance scores -> validated :class:`SparsityMask`.
 
-Stage: masks. Each generator checks its arguments (sparsity in [0, 1], a well-formed pattern,
-finite scores, a fitting shape), selects with the vectorized kernels of
-:mod:`pruning_core.masks.select` and wraps the result. Exactly ``floor(L * s)`` elements (or
-rows, columns, blocks) are pruned per comparison group; equal scores keep the lower index.
+Stage: masks. :func:`select_mask` is the entry point of the tensor-level contract: scores and a
+:class:`~pruning_core.masks.spec.SparsitySpec` (already validated) in, a mask out. The
+``generate_*`` functions take loose arguments and check them (sparsity in [0, 1], a well-formed
+pattern, finite scores, a fitting shape). Both select with the vectorized kernels of
+:mod:`pruning_core.masks.select`: exactly ``floor(L * s)`` elements (or rows, columns, blocks)
+are pruned per comparison group; equal scores keep the lower index.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from pruning_core.errors import ConfigError, InvalidPattern, InvalidSparsity
+from pruning_core.errors import InvalidPattern, InvalidSparsity
 from pruning_core.masks.mask import SparsityMask
 from pruning_core.masks.pattern import NM, Block, Column, MaskScope, Row, SparsityPattern, Unstructured
 from pruning_core.masks.select import (
@@ -23,18 +25,45 @@ from pruning_core.masks.select import (
     keep_topk,
     prepare_scores,
 )
+from pruning_core.masks.spec import NM_SPARSITY_TOL, SparsitySpec, parse_scope
 from pruning_core.validate import check_sparsity
 
-# N:M fixes the sparsity; a requested value this close to 1 - n/m is accepted as "the same".
-_NM_SPARSITY_TOL = 1e-6
+
+def select_mask(
+    scores: torch.Tensor, spec: SparsitySpec, *, name: str | None = None, reduce: str = "sum"
+) -> SparsityMask:
+    """The keep-mask of ``scores`` for ``spec`` (the spec is trusted: it validated itself).
+
+    Args:
+        scores: ``[out, in]`` importance scores (any shape for unstructured/N:M), higher = keep.
+        spec: sparsity, pattern and scope; GLOBAL scope on one tensor is the same as LAYER (use
+            :func:`generate_global_masks` across layers).
+        name: layer name for error messages and the mask.
+        reduce: how structured patterns (Row, Column, Block) combine a group's scores:
+            ``"sum"``, ``"max"`` or ``"l2"`` (see :func:`~pruning_core.masks.select.group_scores`).
+
+    Raises:
+        InvalidPattern / ShapeMismatch: the scores' shape cannot carry the pattern.
+        NumericalInstability: non-finite scores.
+    """
+    return _select(scores, spec.pattern, spec.sparsity, spec.scope, name, reduce)
 
 
-def _scope(scope: MaskScope | str) -> MaskScope:
-    try:
-        return MaskScope(scope.lower() if isinstance(scope, str) else scope)
-    except ValueError:
-        allowed = ", ".join(s.value for s in MaskScope)
-        raise ConfigError("scope", f"must be one of {allowed}; got {scope!r}") from None
+def _select(scores: torch.Tensor, pattern: SparsityPattern, sparsity: float | None, scope: MaskScope,
+            name: str | None, reduce: str) -> SparsityMask:
+    """Dispatch on the pattern (arguments already checked by the caller)."""
+    if isinstance(pattern, Unstructured):
+        return generate_unstructured_mask(scores, _required(sparsity, pattern, name), scope=scope, name=name)
+    if isinstance(pattern, NM):
+        return generate_nm_mask(scores, pattern.n, pattern.m, name=name)
+    s = _required(sparsity, pattern, name)
+    if isinstance(pattern, Block):
+        return generate_block_mask(scores, pattern.height, pattern.width, s, name=name, reduce=reduce)
+    if isinstance(pattern, Row):
+        return generate_row_mask(scores, s, name=name, reduce=reduce)
+    if isinstance(pattern, Column):
+        return generate_column_mask(scores, s, name=name, reduce=reduce)
+    raise InvalidPattern(f"unsupported pattern {pattern!r}", name=name)
 
 
 def generate_unstructured_mask(
@@ -54,7 +83,7 @@ def generate_unstructured_mask(
             same as LAYER; use :func:`generate_global_masks` for many layers).
         name: layer name for error messages and the mask.
     """
-    dim = -1 if _scope(scope) is MaskScope.ROW else None
+    dim = -1 if parse_scope(scope) is MaskScope.ROW else None
     return SparsityMask._trusted(keep_topk(scores, sparsity, dim=dim, name=name), Unstructured(), name)
 
 
@@ -103,7 +132,7 @@ def generate_block_mask(
 ) -> SparsityMask:
     """Prune ``floor(n_blocks * s)`` whole ``height x width`` blocks of a 2-D score matrix.
 
-    Blocks are ranked by ``reduce`` of their scores: ``"sum"`` (the seed), ``"max"`` (L-inf of
+    Blocks are ranked by ``reduce`` of their scores: ``"sum"`` (default), ``"max"`` (L-inf of
     the scores) or ``"l2"``.
     """
     keep = keep_blocks(scores, height, width, sparsity, reduce=reduce, name=name)
@@ -131,11 +160,13 @@ def generate_mask(
     *,
     scope: MaskScope | str = MaskScope.LAYER,
     name: str | None = None,
+    reduce: str = "sum",
 ) -> SparsityMask:
     """Dispatch on ``pattern`` (a :class:`SparsityPattern` or its text form, e.g. ``"2:4"``).
 
-    N:M fixes the sparsity at ``1 - n/m``: ``sparsity`` must then be None or that value (the
-    seed silently ignored any other value). ``scope`` applies to unstructured masks only.
+    The loose-argument form of :func:`select_mask`. N:M fixes the sparsity at ``1 - n/m``:
+    ``sparsity`` must then be None or that value. ``scope`` applies to unstructured masks only;
+    ``reduce`` to Row/Column/Block groups.
 
     Raises:
         InvalidSparsity: a sparsity that contradicts N:M, or a missing one for other patterns.
@@ -144,24 +175,14 @@ def generate_mask(
     if isinstance(pattern, str):
         pattern = SparsityPattern.parse(pattern)
     pattern.check()
-    scope = _scope(scope)
-    if isinstance(pattern, Unstructured):
-        return generate_unstructured_mask(scores, _required(sparsity, pattern, name), scope=scope, name=name)
-    if scope is not MaskScope.LAYER:
+    scope = parse_scope(scope)
+    if not isinstance(pattern, Unstructured) and scope is not MaskScope.LAYER:
         raise InvalidPattern(
             f"scope={scope.value} applies to unstructured masks only, not {pattern}", name=name
         )
     if isinstance(pattern, NM):
         _check_nm_sparsity(pattern, sparsity, name)
-        return generate_nm_mask(scores, pattern.n, pattern.m, name=name)
-    s = _required(sparsity, pattern, name)
-    if isinstance(pattern, Block):
-        return generate_block_mask(scores, pattern.height, pattern.width, s, name=name)
-    if isinstance(pattern, Row):
-        return generate_row_mask(scores, s, name=name)
-    if isinstance(pattern, Column):
-        return generate_column_mask(scores, s, name=name)
-    raise InvalidPattern(f"unsupported pattern {pattern!r}", name=name)
+    return _select(scores, pattern, sparsity, scope, name, reduce)
 
 
 def _required(sparsity: float | None, pattern: SparsityPattern, name: str | None) -> float:
@@ -175,7 +196,7 @@ def _check_nm_sparsity(pattern: NM, sparsity: float | None, name: str | None) ->
         return
     s = check_sparsity(sparsity, name=name)
     implied = pattern.theoretical_sparsity()
-    if implied is None or abs(s - implied) > _NM_SPARSITY_TOL:
+    if implied is None or abs(s - implied) > NM_SPARSITY_TOL:
         raise InvalidSparsity(
             s,
             f"N:M = {pattern} fixes the sparsity at {implied}; pass sparsity=None or {implied}",
@@ -191,4 +212,5 @@ __all__ = [
     "generate_nm_mask",
     "generate_row_mask",
     "generate_unstructured_mask",
+    "select_mask",
 ]

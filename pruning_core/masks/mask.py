@@ -79,6 +79,22 @@ class SparsityMask:
         obj._init(keep, pattern, name)
         return obj
 
+    @classmethod
+    def from_keep(cls, keep: torch.Tensor, pattern: SparsityPattern, *, name: str | None = None) -> SparsityMask:
+        """Wrap a bool keep tensor (no copy) with ``pattern`` if it satisfies it, else as unstructured.
+
+        For the result of a pruning step: a new mask ANDed with an earlier one keeps an N:M
+        pattern, and a Row/Column/Block pattern only while its groups stay uniform.
+        """
+        if keep.dtype != torch.bool:
+            raise InvalidMask(f"keep tensor must be torch.bool, got {keep.dtype}", name=name)
+        if not isinstance(pattern, Unstructured):
+            try:
+                pattern.validate(keep, name=name)
+            except ValueError:
+                pattern = _UNSTRUCTURED
+        return cls._trusted(keep, pattern, name)
+
     def __setattr__(self, key: str, value: object) -> None:
         raise AttributeError(f"SparsityMask is immutable; cannot set {key!r}")
 

@@ -1,9 +1,12 @@
 """Sparsity patterns (which shapes of zeros are allowed) and mask comparison scopes.
 
 Stage: masks. A pattern is a small frozen value object. Construction accepts any non-negative
-integers so that :meth:`SparsityPattern.is_valid` can answer for malformed ones (as the seed
-does); every use of a pattern (``check``, ``validate`` and the mask generators) raises
+integers so that :meth:`SparsityPattern.is_valid` can answer for malformed ones; every use of a
+pattern (``check``, ``validate`` and the mask generators) raises
 :class:`~pruning_core.errors.InvalidPattern` for a malformed one instead of dividing by zero.
+:meth:`SparsityPattern.check_prunable` (used by :meth:`SparsityPattern.parse` and
+:class:`~pruning_core.masks.spec.SparsitySpec`) is stricter: an N:M pattern must keep at least
+one and prune at least one element per group (``1 <= N < M``).
 
 Masks are boolean tensors where ``True`` means *keep*.
 """
@@ -35,7 +38,7 @@ class SparsityPattern:
     """Base of the five patterns: ``SparsityPattern.Unstructured()``, ``.NM(n, m)``,
     ``.Block(height, width)``, ``.Row()``, ``.Column()``."""
 
-    # Filled in below with the concrete classes, so the seed's spelling works.
+    # Filled in below with the concrete classes: ``SparsityPattern.NM(2, 4)`` also works.
     Unstructured: type[Unstructured]
     NM: type[NM]
     Block: type[Block]
@@ -56,6 +59,14 @@ class SparsityPattern:
         if reason is not None:
             raise InvalidPattern(reason)
 
+    def check_prunable(self) -> None:
+        """Raise :class:`InvalidPattern` unless pruning with this pattern is meaningful: well formed,
+        and (N:M) keeping at least one and pruning at least one element per group, ``1 <= N < M``.
+
+        ``0:M`` would prune every weight; ``M:M`` would prune none.
+        """
+        self.check()
+
     def theoretical_sparsity(self) -> float | None:
         """The sparsity the pattern itself implies (N:M: 1 - n/m), or None if it depends on a target."""
         return None
@@ -74,7 +85,12 @@ class SparsityPattern:
 
     @staticmethod
     def parse(text: str) -> SparsityPattern:
-        """Parse ``unstructured``, ``row``, ``column``, ``N:M`` (e.g. ``2:4``) or ``block:HxW``."""
+        """Parse ``unstructured``, ``row``, ``column``, ``N:M`` (e.g. ``2:4``) or ``block:HxW``.
+
+        Raises:
+            InvalidPattern: unparseable text, a malformed pattern, or an N:M pattern outside
+                ``1 <= N < M`` (``0:4`` would prune everything, ``4:4`` nothing).
+        """
         t = text.strip().lower()
         if t == "unstructured":
             return Unstructured()
@@ -90,7 +106,7 @@ class SparsityPattern:
             raise InvalidPattern(
                 f"cannot parse {text!r}; expected one of: unstructured, row, column, N:M (e.g. 2:4), block:HxW"
             )
-        pattern.check()
+        pattern.check_prunable()
         return pattern
 
 
@@ -131,6 +147,15 @@ class NM(SparsityPattern):
         if self.n > self.m:
             return f"N ({self.n}) must be <= M ({self.m})"
         return None
+
+    def check_prunable(self) -> None:
+        self.check()
+        if self.n == 0:
+            raise InvalidPattern(f"N:M = {self} keeps no weight of a group: it would prune everything "
+                                 f"(N:M needs 1 <= N < M)")
+        if self.n == self.m:
+            raise InvalidPattern(f"N:M = {self} keeps every weight of a group: it would prune nothing "
+                                 f"(N:M needs 1 <= N < M)")
 
     def theoretical_sparsity(self) -> float | None:
         return 1.0 - self.n / self.m if self.m else None

@@ -10,11 +10,9 @@ Exactness: a comparison group of ``L`` scores loses exactly ``k = floor(L * s)``
 (:func:`pruning_core.validate.num_to_prune`), and every kept score is >= every pruned score of
 its group.
 
-Tie rule (everywhere): among equal scores the LOWER index is kept. The seed prunes *every*
-score equal to the k-th smallest in unstructured masks (so ``[1, 1, 1, 1]`` at 50% prunes all
-four) and prunes the lower block/row/column index first in structured masks; we keep exactly
-``L - k`` and prefer the lower index in all patterns, which makes the result deterministic and
-identical to a stable descending sort (the N:M reference behaviour).
+Tie rule (everywhere): among equal scores the LOWER index is kept, exactly ``L - k`` are kept,
+so the result is deterministic and identical to a stable descending sort (the N:M reference
+behaviour). (How this differs from the seed: :mod:`pruning_core.compat`.)
 
 Non-finite scores (NaN, +-Inf) raise :class:`~pruning_core.errors.NumericalInstability` naming
 the layer: NaN has no rank, and an Inf score would make "keep the largest" meaningless.
@@ -232,7 +230,7 @@ REDUCTIONS = ("sum", "max", "l2")
 def group_scores(x: torch.Tensor, dims: tuple[int, ...], reduce: str) -> torch.Tensor:
     """Reduce element scores over ``dims`` into group scores, in float64.
 
-    ``"sum"``: the sum of the scores (the seed's group score). ``"max"``: max |score| (the L-inf
+    ``"sum"``: the sum of the scores. ``"max"``: max |score| (the L-inf
     norm). ``"l2"``: sqrt(sum score^2) (the L2 norm). Float64 accumulation cannot overflow for
     float32 inputs.
     """

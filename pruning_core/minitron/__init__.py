@@ -7,13 +7,10 @@ GQA-consistent head selection, slicing through the traced dependency graph. Sear
 under a budget, built from cached scores, scored by calibration LM loss (optional distillation).
 """
 
+from typing import Any
+
+from pruning_core.minitron.bi import BlockImportanceScores, block_importance
 from pruning_core.minitron.config import Architecture, MinitronTarget, WidthImportanceConfig
-from pruning_core.minitron.depth import (
-    BlockImportanceScores,
-    DepthPruner,
-    DepthPruningResult,
-    block_importance,
-)
 from pruning_core.minitron.depth_scores import (
     bi_iterative,
     block_drop_losses,
@@ -45,10 +42,24 @@ from pruning_core.minitron.structure import (
     decoder_structure,
     trace_decoder,
 )
-from pruning_core.minitron.width import ChannelImportance, WidthPruner, WidthPruningResult
 from pruning_core.minitron.width_plan import select_heads, top_k_indices, width_plan
 from pruning_core.minitron.width_scores import WidthScores, collect_width_scores
 from pruning_core.minitron.windows import disjoint_windows, window_positions
+
+# TRANSITIONAL: flows/minitron.py imports DepthPruner from here. The Depth/WidthPruner facades
+# live in pruning_core.compat now; remove this table (and __getattr__) once flows use
+# pruning_core.compat (or the library's own checks).
+_MOVED_TO_COMPAT = {"DepthPruner": "depth", "DepthPruningResult": "depth", "ChannelImportance": "width",
+                    "WidthPruner": "width", "WidthPruningResult": "width"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_COMPAT:
+        import importlib
+
+        return getattr(importlib.import_module(f"pruning_core.compat.{_MOVED_TO_COMPAT[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEPTH_CRITERIA",
@@ -56,17 +67,12 @@ __all__ = [
     "AttentionUnit",
     "BlockImportanceScores",
     "CandidateResult",
-    "ChannelImportance",
     "DecoderStructure",
-    "DepthPruner",
-    "DepthPruningResult",
     "MinitronScores",
     "MinitronTarget",
     "MlpUnit",
     "ModelShape",
     "WidthImportanceConfig",
-    "WidthPruner",
-    "WidthPruningResult",
     "WidthScores",
     "bi_iterative",
     "block_drop_losses",

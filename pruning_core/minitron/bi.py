@@ -2,7 +2,7 @@
 
 Stage: scores. BI of layer i is ``1 - E_t[cos(h_in[t], h_out[t])]``: the cosine between a
 layer's input and output hidden state for each token, averaged over all calibration tokens
-(the seed took one cosine over the flattened tensor, which weights tokens by their norm).
+(not one cosine over the flattened tensor, which would weight tokens by their norm).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Stage: plans. Frozen, validated on construction. Errors (documented choice):
 - :class:`ConfigError` for a target or architecture that cannot exist (zero heads, heads not a
   multiple of KV groups, a size above the dense model's, hidden not a multiple of the heads,
   a size not a multiple of its divisor) — the message names the field and the numbers;
-- :class:`InvalidSparsity` for removing more layers than allowed (the seed's ``DepthPruner``);
+- :class:`InvalidSparsity` for removing more layers than allowed (as ``DepthPruner`` does);
 - :class:`GraphError` when a plan does not fit a model.
 """
 

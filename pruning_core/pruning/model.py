@@ -1,12 +1,11 @@
 """Prune every targeted layer of a whole model: ``prune_module``.
 
-Stage: apply. Targets are ``nn.Linear`` modules selected by ``filter_fn(name, module)``; the
-default is every ``nn.Linear`` except the output head (``get_output_embeddings()``, a module
-named ``lm_head``, or any Linear whose weight is tied to an ``nn.Embedding``). Each target is
-pruned by ``pruner.prune_layer`` (its mask ANDed with the earlier mask or the weight's zeros, so
-iterative pruning is monotone) or, with ``scope=GLOBAL``, by one threshold across all targets.
-A postcondition checks the achieved sparsity against the target within the rounding of
-``floor(n·s)`` per comparison group.
+Stage: pruning (after methods). ``prune_module`` is a loop over the layers
+:func:`target_layers` selects, calling ``method.prune_weight`` on each weight and writing the
+result back; with ``scope=GLOBAL`` one threshold over every layer's ``method.score`` picks the
+masks instead. Each new mask is ANDed with the earlier one (or the weight's zeros), so iterative
+pruning is monotone. A postcondition checks the achieved sparsity against the target within the
+rounding of ``floor(n·s)`` per comparison group.
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pruning_core.calibration.context import CalibrationContext
-from pruning_core.errors import ConfigError, InvalidMask, NoParameters
+from pruning_core.calibration.stats import ActivationStats
+from pruning_core.errors import CalibrationRequired, InvalidMask, MissingActivationStats, NoParameters
 from pruning_core.masks import (
     NM,
     Block,
@@ -28,16 +28,18 @@ from pruning_core.masks import (
     Row,
     SparsityMask,
     SparsityPattern,
-    Unstructured,
+    SparsitySpec,
     generate_global_masks,
 )
+from pruning_core.methods.base import Method, check_scope, earlier_mask, zero_pruned
 from pruning_core.metrics import reconstruction_error
-from pruning_core.pruning.pruners import ImportancePruner, Pruner, existing_mask
+from pruning_core.pruning.legacy import accepts_legacy_call
 from pruning_core.pruning.result import PruningResult
 
 logger = logging.getLogger(__name__)
 
 LayerFilter = Callable[[str, nn.Module], bool]
+Stats = CalibrationContext | Mapping[str, ActivationStats]
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -57,6 +59,9 @@ def output_head_names(model: nn.Module) -> set[str]:
 def target_layers(model: nn.Module, filter_fn: LayerFilter | None = None, *, prefix: str = "") -> dict[str, nn.Module]:
     """The layers ``prune_module`` prunes, by qualified name (``prefix`` + name in ``model``).
 
+    The one layer selector of this module: every ``nn.Linear`` except the output head, or those
+    ``filter_fn(name, module)`` accepts.
+
     Raises:
         NoParameters: nothing is selected.
     """
@@ -74,15 +79,14 @@ def target_layers(model: nn.Module, filter_fn: LayerFilter | None = None, *, pre
     return selected
 
 
+@accepts_legacy_call(spec_position=2)
 def prune_module(
     model: nn.Module,
-    pruner: Pruner,
-    sparsity: float | None,
-    pattern: SparsityPattern | str | None = None,
-    context: CalibrationContext | None = None,
+    method: Method,
+    spec: SparsitySpec,
+    stats: Stats | None = None,
     *,
     filter_fn: LayerFilter | None = None,
-    scope: MaskScope | str | None = None,
     prefix: str = "",
     masks: Mapping[str, SparsityMask] | None = None,
     measure_memory: bool = True,
@@ -92,14 +96,13 @@ def prune_module(
 
     Args:
         model: any torch module (a whole model or one decoder block).
-        pruner: e.g. ``MagnitudePruner()``, ``WandaPruner()``, ``SparseGPTPruner()``.
-        sparsity: target fraction (None allowed for N:M, which fixes it at ``1 - n/m``).
-        pattern: sparsity pattern (default unstructured), or its text form (``"2:4"``).
-        context: calibration statistics by layer name (Wanda, SparseGPT, Taylor).
+        method: e.g. ``get_method("wanda")`` (see :mod:`pruning_core.methods`).
+        spec: sparsity, pattern and scope, e.g. ``SparsitySpec.parse(0.5, "2:4")``; a GLOBAL scope
+            uses one threshold over all targeted layers.
+        stats: per-layer statistics by qualified layer name (a :class:`CalibrationContext` or a
+            mapping); required by methods with ``needs_stats``.
         filter_fn: ``(name, module) -> bool`` over the ``nn.Linear`` layers; default all but the head.
-        scope: LAYER, ROW or GLOBAL (or ``"layer"``, ...) for unstructured masks; None = the
-            pruner's default (ROW for Wanda, LAYER otherwise).
-        prefix: prepended to layer names (to match the context when ``model`` is one block).
+        prefix: prepended to layer names (to match ``stats`` when ``model`` is one block).
         masks: earlier masks by layer name; new masks are ANDed with them (default: the
             weights' current zeros).
         measure_memory: store each pruned weight in its sparse format to measure the bytes saved.
@@ -107,74 +110,92 @@ def prune_module(
 
     Returns:
         The :class:`PruningResult` with per-layer sparsity, masks, memory saved and, where the
-        context has ``XᵀX``, per-layer relative output reconstruction errors.
+        statistics hold ``XᵀX``, per-layer relative output reconstruction errors.
+
+    Raises:
+        ConfigError: a scope the method does not support. CalibrationRequired: the method needs
+        statistics and none were given. InvalidMask: the postcondition failed.
     """
-    pattern, scope = parse_pattern_scope(pattern, scope)
-    chosen = scope if scope is not None else pruner.default_scope
     layers = target_layers(model, filter_fn, prefix=prefix)
-    originals = _originals(layers, context)
-    prior_pruned = sum(existing_mask(m.weight, None if masks is None else masks.get(n), n).num_zeros
-                       for n, m in layers.items())
-    if chosen is MaskScope.GLOBAL:
-        final = _prune_global(layers, pruner, sparsity, pattern, context, masks)
+    check_scope(method, spec)
+    if method.needs_stats and stats is None:
+        raise CalibrationRequired(method.name)  # before any work, not at the first layer
+    originals = {n: m.weight.detach().clone() for n, m in layers.items() if _xtx_stats(stats, n) is not None}
+    if spec.scope is MaskScope.GLOBAL:
+        keeps, had_prior = _prune_global(layers, method, spec, stats, masks)
     else:
-        final = {}
-        for name, module in tqdm(layers.items(), desc=pruner.name, unit="layer", disable=not progress):
-            final[name] = pruner.prune_layer(module, sparsity, pattern, context, name=name, scope=scope,
-                                             mask=None if masks is None else masks.get(name))
-    results = []
-    for name, module in layers.items():
-        weight = module.weight.detach()
-        err = reconstruction_error(originals[name], weight, context.require_stats(name), name=name) \
-            if name in originals and context is not None else None
-        results.append(PruningResult.for_layer(name, weight, final[name], measure_memory=measure_memory, error=err))
-    result = PruningResult.merge(results)
-    _check_postcondition(result, layers, sparsity, pattern, chosen, pruner, had_prior=prior_pruned > 0)
-    logger.info("%s: %d layers, achieved sparsity %.4f", pruner.name, len(layers), result.achieved_sparsity)
+        keeps, had_prior = {}, False
+        for name, module in tqdm(layers.items(), desc=method.name, unit="layer", disable=not progress):
+            prior = _prior(module, masks, name)
+            had_prior = had_prior or not bool(prior.all())
+            new, keeps[name] = method.prune_weight(module.weight, _layer_stats(stats, name, method), spec,
+                                                   mask=prior, name=name)
+            _write(module, new)
+    result = _result(layers, keeps, spec, stats, originals, measure_memory)
+    _check_postcondition(result, layers, spec, method, had_prior=had_prior)
+    logger.info("%s: %d layers, achieved sparsity %.4f", method.name, len(layers), result.achieved_sparsity)
     return result
 
 
-def parse_pattern_scope(pattern: SparsityPattern | str | None,
-                        scope: MaskScope | str | None) -> tuple[SparsityPattern, MaskScope | None]:
-    """Accept the text forms (``"2:4"``, ``"row"``) of a pattern and a scope."""
-    if pattern is None:
-        pattern = Unstructured()
-    elif isinstance(pattern, str):
-        pattern = SparsityPattern.parse(pattern)
-    if isinstance(scope, str):
-        try:
-            scope = MaskScope(scope.lower())
-        except ValueError:
-            allowed = ", ".join(s.value for s in MaskScope)
-            raise ConfigError("scope", f"must be one of {allowed}; got {scope!r}") from None
-    return pattern, scope
+def _prior(module: nn.Module, masks: Mapping[str, SparsityMask] | None, name: str) -> torch.Tensor:
+    """The layer's earlier keep mask: from ``masks``, else the weight's non-zeros."""
+    earlier = masks.get(name) if masks is not None else None
+    return earlier_mask(module.weight, None if earlier is None else earlier.tensor, name=name)
 
 
-def _originals(layers: Mapping[str, nn.Module], context: CalibrationContext | None) -> dict[str, torch.Tensor]:
-    """Copies of the weights whose layers have ``XᵀX`` (for the reconstruction error)."""
-    if context is None:
-        return {}
-    return {n: m.weight.detach().clone() for n, m in layers.items()
-            if context.has_stats(n) and context.require_stats(n).xtx is not None}
+def _layer_stats(stats: Stats | None, name: str, method: Method) -> ActivationStats | None:
+    """The layer's statistics: required when the method needs them, else whatever is there."""
+    if stats is None:
+        return None
+    if isinstance(stats, CalibrationContext):
+        return stats.require_stats(name) if method.needs_stats else stats.get_stats(name)
+    if method.needs_stats and name not in stats:
+        raise MissingActivationStats(name, available=list(stats))
+    return stats.get(name)
 
 
-def _prune_global(layers: Mapping[str, nn.Module], pruner: Pruner, sparsity: float | None,
-                  pattern: SparsityPattern, context: CalibrationContext | None,
-                  masks: Mapping[str, SparsityMask] | None) -> dict[str, SparsityMask]:
-    """One threshold across all layers (unstructured, score-based pruners only)."""
-    if not isinstance(pattern, Unstructured) or not isinstance(pruner, ImportancePruner):
-        raise ConfigError("scope", f"GLOBAL scope needs an unstructured pattern and a score-based pruner, "
-                                   f"got {pattern} with {pruner.name}")
-    if sparsity is None:
-        raise ConfigError("sparsity", "a sparsity is required for unstructured pruning")
-    scores = {n: pruner.importance.compute(m, context, layer_name=n).values for n, m in layers.items()}
-    new = generate_global_masks(scores, sparsity)
-    final = {}
+def _xtx_stats(stats: Stats | None, name: str) -> ActivationStats | None:
+    """The layer's statistics if they carry ``XᵀX`` (for the reconstruction error), else None."""
+    if stats is None:
+        return None
+    layer = stats.get_stats(name) if isinstance(stats, CalibrationContext) else stats.get(name)
+    return layer if layer is not None and layer.xtx is not None else None
+
+
+def _write(module: nn.Module, weight: torch.Tensor) -> None:
+    """Copy the pruned ``weight`` into ``module.weight`` (same storage, dtype and device)."""
+    with torch.no_grad():
+        module.weight.copy_(weight)
+
+
+def _prune_global(layers: Mapping[str, nn.Module], method: Method, spec: SparsitySpec, stats: Stats | None,
+                  masks: Mapping[str, SparsityMask] | None) -> tuple[dict[str, torch.Tensor], bool]:
+    """One threshold across every layer's ``method.score``; kept weights unchanged.
+
+    Returns the keep masks (ANDed with the earlier ones) and whether any earlier mask pruned.
+    """
+    scores = {n: method.score(m.weight, _layer_stats(stats, n, method), name=n) for n, m in layers.items()}
+    new = generate_global_masks(scores, spec.sparsity)
+    keeps, had_prior = {}, False
     for name, module in layers.items():
-        prior = existing_mask(module.weight, None if masks is None else masks.get(name), name)
-        final[name] = (new[name] & prior)
-        final[name].apply_(module.weight)
-    return final
+        prior = _prior(module, masks, name)
+        had_prior = had_prior or not bool(prior.all())
+        keeps[name] = new[name].tensor.to(module.weight.device) & prior
+        _write(module, zero_pruned(module.weight, keeps[name]))
+    return keeps, had_prior
+
+
+def _result(layers: Mapping[str, nn.Module], keeps: Mapping[str, torch.Tensor], spec: SparsitySpec,
+            stats: Stats | None, originals: Mapping[str, torch.Tensor], measure_memory: bool) -> PruningResult:
+    """Per-layer results (masks with the spec's pattern where it still holds), merged."""
+    results = []
+    for name, module in layers.items():
+        weight = module.weight.detach()
+        layer_stats = _xtx_stats(stats, name)
+        err = reconstruction_error(originals[name], weight, layer_stats, name=name) if layer_stats else None
+        mask = SparsityMask.from_keep(keeps[name], spec.pattern, name=name)
+        results.append(PruningResult.for_layer(name, weight, mask, measure_memory=measure_memory, error=err))
+    return PruningResult.merge(results)
 
 
 def _slack(shape: torch.Size, pattern: SparsityPattern, scope: MaskScope, blocksize: int | None) -> int:
@@ -193,24 +214,23 @@ def _slack(shape: torch.Size, pattern: SparsityPattern, scope: MaskScope, blocks
     return rows if scope is MaskScope.ROW else 1
 
 
-def _check_postcondition(result: PruningResult, layers: Mapping[str, nn.Module], sparsity: float | None,
-                         pattern: SparsityPattern, scope: MaskScope, pruner: Pruner, *, had_prior: bool) -> None:
+def _check_postcondition(result: PruningResult, layers: Mapping[str, nn.Module], spec: SparsitySpec,
+                         method: Method, *, had_prior: bool) -> None:
     """Raise InvalidMask if the achieved count is off the target by more than the rounding allows.
 
     With earlier masks or zeros the AND may prune more than the target; only the lower bound is
     checked then.
     """
-    target = pattern.theoretical_sparsity() if isinstance(pattern, NM) else sparsity
-    if target is None or result.total_parameters == 0:
+    if result.total_parameters == 0:
         return
-    blocksize = getattr(pruner, "blocksize", None)
-    expected = target * result.total_parameters
-    slack = 1 if scope is MaskScope.GLOBAL else sum(
-        _slack(m.weight.shape, pattern, scope, blocksize) for m in layers.values())
+    blocksize = getattr(method, "blocksize", None)
+    expected = spec.sparsity * result.total_parameters
+    slack = 1 if spec.scope is MaskScope.GLOBAL else sum(
+        _slack(m.weight.shape, spec.pattern, spec.scope, blocksize) for m in layers.values())
     pruned = result.parameters_pruned
     if pruned < expected - slack - 1e-6 * expected or (not had_prior and pruned > expected * (1 + 1e-9) + 1e-6):
         raise InvalidMask(f"postcondition: {pruned} of {result.total_parameters} weights pruned, expected "
-                          f"{expected:.1f} (at most {slack} fewer by rounding) for sparsity {target} with {pattern}")
+                          f"{expected:.1f} (at most {slack} fewer by rounding) for {spec} ({method.name})")
 
 
-__all__ = ["output_head_names", "parse_pattern_scope", "prune_module", "target_layers"]
+__all__ = ["LayerFilter", "output_head_names", "prune_module", "target_layers"]

@@ -47,7 +47,7 @@ class PruningResult:
         return 1.0 / (1.0 - self.achieved_sparsity)
 
     def with_layer_sparsity(self, name: str, sparsity: float) -> PruningResult:
-        """Record one layer's sparsity (the seed's builder); returns self."""
+        """Record one layer's sparsity (a chainable builder); returns self."""
         self.layer_sparsity[name] = sparsity
         return self
 

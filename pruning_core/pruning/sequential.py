@@ -5,7 +5,7 @@ Stage: apply. For each decoder block i: collect the statistics of its Linear lay
 inputs, prune all of them, then run the *pruned* block to get block i+1's inputs. Only Linear
 layers inside the decoder blocks are pruned (the output head never is). Flows that run each block
 in its own task use the steps directly: ``capture_block_inputs``, ``calibrate_block``,
-``prune_module(block, ..., prefix=...)``, ``run_block``.
+``prune_module(block, method, spec, stats, prefix=...)``, ``run_block``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pruning_core.calibration.capture import Batch
-from pruning_core.calibration.context import CalibrationContext
 from pruning_core.calibration.sequential import (
     calibrate_block,
     capture_block_inputs,
@@ -25,22 +24,22 @@ from pruning_core.calibration.sequential import (
     run_block,
 )
 from pruning_core.errors import ConfigError
-from pruning_core.masks import MaskScope, SparsityPattern
-from pruning_core.pruning.model import LayerFilter, parse_pattern_scope, prune_module
-from pruning_core.pruning.pruners import Pruner
+from pruning_core.masks import MaskScope, SparsitySpec
+from pruning_core.methods.base import Method, check_scope
+from pruning_core.pruning.legacy import accepts_legacy_call
+from pruning_core.pruning.model import LayerFilter, prune_module
 from pruning_core.pruning.result import PruningResult
 
 logger = logging.getLogger(__name__)
 
 
+@accepts_legacy_call(spec_position=3, takes_stats=False)
 def prune_sequential(
     model: nn.Module,
     batches: Iterable[Batch],
-    pruner: Pruner,
-    sparsity: float | None,
-    pattern: SparsityPattern | str | None = None,
+    method: Method,
+    spec: SparsitySpec,
     *,
-    scope: MaskScope | str | None = None,
     filter_fn: LayerFilter | None = None,
     dataset: str = "",
     measure_memory: bool = True,
@@ -52,25 +51,28 @@ def prune_sequential(
         model: a decoder model whose blocks :func:`find_decoder_blocks` finds (Llama family:
             ``model.model.layers``).
         batches: calibration token tensors ``[B, T]`` or dicts of model keyword arguments.
-        pruner, sparsity, pattern, scope, filter_fn: as :func:`prune_module` (``filter_fn``
-            sees full qualified names); GLOBAL scope is not possible block by block.
+        method, spec, filter_fn: as :func:`prune_module` (``filter_fn`` sees full qualified
+            names); GLOBAL scope is not possible block by block.
+        dataset: the calibration dataset's name (recorded in the statistics).
 
     Returns:
         The merged :class:`PruningResult` over all blocks.
+
+    Raises:
+        ConfigError: a GLOBAL scope, or one the method does not support.
     """
-    pattern, scope = parse_pattern_scope(pattern, scope)
-    if scope is MaskScope.GLOBAL:
+    if spec.scope is MaskScope.GLOBAL:
         raise ConfigError("scope", "GLOBAL scope needs every layer at once; use prune_module, not prune_sequential")
+    check_scope(method, spec)
     path, blocks = find_decoder_blocks(model)
-    needs_stats = pruner.requires_hessian or pruner.importance.requires_calibration
     inputs = capture_block_inputs(model, batches, progress=False)
     results = []
-    for i, block in enumerate(tqdm(blocks, desc=f"{pruner.name} (sequential)", unit="block", disable=not progress)):
+    for i, block in enumerate(tqdm(blocks, desc=f"{method.name} (sequential)", unit="block", disable=not progress)):
         prefix = f"{path}.{i}."
-        ctx = (calibrate_block(block, inputs, hessian=pruner.requires_hessian, prefix=prefix, dataset=dataset)
-               if needs_stats else CalibrationContext(dataset))
-        results.append(prune_module(block, pruner, sparsity, pattern, ctx, filter_fn=filter_fn, scope=scope,
-                                    prefix=prefix, measure_memory=measure_memory))
+        ctx = (calibrate_block(block, inputs, hessian=method.needs_hessian, prefix=prefix, dataset=dataset)
+               if method.needs_stats or method.needs_hessian else None)
+        results.append(prune_module(block, method, spec, ctx, filter_fn=filter_fn, prefix=prefix,
+                                    measure_memory=measure_memory))
         inputs = run_block(block, inputs)
         logger.debug("block %d: sparsity %.4f", i, results[-1].achieved_sparsity)
     return PruningResult.merge(results)

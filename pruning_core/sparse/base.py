@@ -135,7 +135,7 @@ class SparseTensor(abc.ABC):
 
 # --------------------------------------------------------------------- shared checks
 def check_dense(dense: torch.Tensor, fmt: str) -> None:
-    """A sparse format stores 2-D matrices only (the seed's rule): else ShapeMismatch."""
+    """A sparse format stores 2-D matrices only: else ShapeMismatch."""
     if not isinstance(dense, torch.Tensor):
         raise TypeError(f"{fmt}: dense must be a torch.Tensor, got {type(dense).__name__}")
     if dense.dim() != 2:

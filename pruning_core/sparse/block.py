@@ -1,8 +1,8 @@
 """Block-sparse matrices: dense ``bh x bw`` tiles at (block row, block column) coordinates.
 
 Stage: formats. Shapes that do not divide by the block are zero-padded to whole blocks for
-storage, but the ORIGINAL shape is kept, so ``to_dense()`` and ``shape`` are exact (the seed
-returned the padded shape). ``matmul`` runs torch's BSR kernel on the padded matrix.
+storage, but the ORIGINAL shape is kept, so ``to_dense()`` and ``shape`` are exact.
+``matmul`` runs torch's BSR kernel on the padded matrix.
 """
 
 from __future__ import annotations

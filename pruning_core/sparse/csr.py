@@ -177,7 +177,7 @@ class COOTensor(SparseTensor):
 
     The constructor sorts the entries into row-major order and REJECTS duplicate coordinates
     (InvalidMask naming the first one) rather than summing them silently; out-of-range indices
-    are rejected too (the seed panicked on them in ``to_csr``).
+    are rejected too.
     """
 
     format = SparseFormat.COO

@@ -6,18 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_core.errors import NoParameters, NumericalInstability
-from pruning_core.importance import (
+from pruning_core.compat import (
     Importance,
     ImportanceScores,
     ImportanceStats,
     MagnitudeImportance,
-    NormType,
     SparseGPTImportance,
     TaylorImportance,
     WandaImportance,
-    magnitude_scores,
 )
+from pruning_core.errors import NoParameters, NumericalInstability
+from pruning_core.importance import NormType, magnitude_scores
 
 
 # ---------------------------------------------------------------- ImportanceStats (seed IMP-*)

@@ -8,6 +8,7 @@ from torch import nn
 
 from pruning_core.calibration import ActivationStats, CalibrationContext, collect_gradients
 from pruning_core.calibration.gradients import GradientStats
+from pruning_core.compat import SparseGPTImportance, TaylorImportance
 from pruning_core.errors import (
     CalibrationRequired,
     ConfigError,
@@ -15,7 +16,7 @@ from pruning_core.errors import (
     NumericalInstability,
     ShapeMismatch,
 )
-from pruning_core.importance import SparseGPTImportance, TaylorImportance, obs_saliency, taylor_scores
+from pruning_core.importance import obs_saliency, taylor_scores
 from pruning_core.solvers import inverse_hessian
 
 

@@ -11,6 +11,7 @@ from hypothesis.extra.numpy import arrays
 from torch import nn
 
 from pruning_core.calibration import ActivationStats, CalibrationContext
+from pruning_core.compat import WandaImportance
 from pruning_core.errors import (
     CalibrationRequired,
     ConfigError,
@@ -19,7 +20,7 @@ from pruning_core.errors import (
     NumericalInstability,
     ShapeMismatch,
 )
-from pruning_core.importance import NormType, WandaImportance, magnitude_scores, wanda_scores
+from pruning_core.importance import NormType, magnitude_scores, wanda_scores
 from pruning_core.masks.pattern import NM
 
 

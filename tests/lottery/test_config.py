@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pruning_core.compat import LotteryTicketPruner
 from pruning_core.errors import ConfigError, InvalidSparsity
 from pruning_core.lottery import (
     Early,
@@ -15,7 +16,6 @@ from pruning_core.lottery import (
     Late,
     LearningRate,
     LotteryTicketConfig,
-    LotteryTicketPruner,
     NoRewind,
     RewindStrategy,
 )

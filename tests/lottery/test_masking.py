@@ -9,6 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pruning_core.compat import LotteryTicketPruner
 from pruning_core.errors import (
     InvalidMask,
     InvalidPattern,
@@ -18,7 +19,6 @@ from pruning_core.errors import (
 )
 from pruning_core.lottery import (
     LotteryTicketConfig,
-    LotteryTicketPruner,
     check_masks,
     magnitude_prune,
     random_masks_like,

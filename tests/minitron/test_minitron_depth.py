@@ -12,12 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
+from pruning_core.compat import DepthPruner, DepthPruningResult
 from pruning_core.errors import InvalidSparsity, ShapeMismatch
 from pruning_core.graph import apply_plan_
 from pruning_core.minitron import (
     BlockImportanceScores,
-    DepthPruner,
-    DepthPruningResult,
     block_importance,
     collect_block_importance,
     depth_plan,

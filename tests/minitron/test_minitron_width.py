@@ -12,13 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
+from pruning_core.compat import WidthPruner, WidthPruningResult
 from pruning_core.errors import ConfigError, InvalidPattern, InvalidSparsity, ShapeMismatch
 from pruning_core.graph import apply_plan_
 from pruning_core.minitron import (
     Architecture,
     WidthImportanceConfig,
-    WidthPruner,
-    WidthPruningResult,
     collect_width_scores,
     select_heads,
     width_plan,

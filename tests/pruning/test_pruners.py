@@ -1,4 +1,4 @@
-"""Pruners and PruningResult: seed cases (§5 Pruner) and per-layer behaviour."""
+"""The seed's pruners (pruning_core.compat) and PruningResult: seed cases (§5 Pruner) and per-layer behaviour."""
 
 from __future__ import annotations
 
@@ -9,19 +9,20 @@ import torch
 from torch import nn
 
 from pruning_core.calibration import ActivationStats, CalibrationContext
-from pruning_core.errors import CalibrationRequired, ConfigError, InvalidSparsity, NoParameters
-from pruning_core.importance import ImportanceScores, MagnitudeImportance, TaylorImportance
-from pruning_core.masks import NM, Block, Column, MaskScope, Row, SparsityMask, Unstructured
-from pruning_core.pruning import (
+from pruning_core.compat import (
     ImportancePruner,
+    ImportanceScores,
+    MagnitudeImportance,
     MagnitudePruner,
     Pruner,
-    PruningResult,
     SparseGPTPruner,
+    TaylorImportance,
     WandaPruner,
     prune_weight,
-    sparse_savings_bytes,
 )
+from pruning_core.errors import CalibrationRequired, ConfigError, InvalidSparsity, NoParameters
+from pruning_core.masks import NM, Block, Column, MaskScope, Row, SparsityMask, Unstructured
+from pruning_core.pruning import PruningResult, sparse_savings_bytes
 from pruning_core.sparse import SparseFormat, sparsify
 
 

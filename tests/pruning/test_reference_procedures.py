@@ -18,8 +18,9 @@ import math
 import torch
 
 from pruning_core.calibration import capture_block_inputs, run_block
-from pruning_core.masks import NM
-from pruning_core.pruning import SparseGPTPruner, WandaPruner, prune_sequential
+from pruning_core.masks import NM, MaskScope, SparsitySpec
+from pruning_core.methods import get_method
+from pruning_core.pruning import prune_sequential
 from tests.conftest import make_tiny_llama
 from tests.solvers.reference_fasterprune import reference_fasterprune
 
@@ -117,7 +118,7 @@ def _linear_weights(model):
 
 def test_wanda_unstructured_equals_reference():
     ours, ref = make_tiny_llama(), make_tiny_llama()
-    prune_sequential(ours, _batches(), WandaPruner(), 0.5, progress=False)
+    prune_sequential(ours, _batches(), get_method("wanda"), SparsitySpec(0.5, scope=MaskScope.ROW), progress=False)
     reference_prune_wanda(ref, _batches(), 0.5)
     for name, w in _linear_weights(ours).items():
         assert torch.equal(w, ref.get_submodule(name).weight), name
@@ -125,7 +126,7 @@ def test_wanda_unstructured_equals_reference():
 
 def test_wanda_2_4_equals_reference():
     ours, ref = make_tiny_llama(), make_tiny_llama()
-    prune_sequential(ours, _batches(), WandaPruner(), None, NM(2, 4), progress=False)
+    prune_sequential(ours, _batches(), get_method("wanda"), SparsitySpec.parse(None, NM(2, 4)), progress=False)
     reference_prune_wanda(ref, _batches(), 0.5, prune_n=2, prune_m=4)
     for name, w in _linear_weights(ours).items():
         assert torch.equal(w, ref.get_submodule(name).weight), name
@@ -134,7 +135,7 @@ def test_wanda_2_4_equals_reference():
 def test_sparsegpt_2_4_equals_reference():
     # 2:4 has no count difference (the unstructured reference prunes one weight more per block).
     ours, ref = make_tiny_llama(), make_tiny_llama()
-    prune_sequential(ours, _batches(), SparseGPTPruner(), 0.5, NM(2, 4), progress=False)
+    prune_sequential(ours, _batches(), get_method("sparsegpt"), SparsitySpec(0.5, NM(2, 4)), progress=False)
     reference_llama_sequential(ref, _batches(), 0.5, prunen=2, prunem=4)
     for name, w in _linear_weights(ours).items():
         r = ref.get_submodule(name).weight

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from pruning_core.calibration import collect_activation_stats
-from pruning_core.masks import NM
-from pruning_core.pruning import SparseGPTPruner, WandaPruner, prune_module
+from pruning_core.masks import NM, SparsitySpec
+from pruning_core.methods import SparseGPT, Wanda
+from pruning_core.pruning import prune_module
 from pruning_core.solvers import sparsegpt_prune
 from tests.conftest import make_tiny_llama
 
@@ -38,6 +39,29 @@ def test_collect_and_prune_on_cuda():
     assert ctx_g.require_stats(name).sum_sq.device.type == "cuda"
     torch.testing.assert_close(ctx_g.require_stats(name).sum_sq.cpu(), ctx_c.require_stats(name).sum_sq,
                                rtol=1e-4, atol=1e-6)
-    for pruner in (WandaPruner(), SparseGPTPruner()):
-        result = prune_module(gpu, pruner, 0.5, None, ctx_g)
+    for method in (Wanda(), SparseGPT()):
+        result = prune_module(gpu, method, SparsitySpec.parse(0.5, default_scope=method.default_scope), ctx_g)
         assert result.achieved_sparsity == 0.5
+
+
+@pytest.mark.parametrize("method", [Wanda(), SparseGPT()])
+def test_prune_weight_bf16_on_cuda_comes_back_bf16_on_cuda(method):
+    """The contract on the device: bf16 in, bf16 out, on the input's device, a valid 2:4 mask; Wanda:
+    kept weights unchanged and the same mask as on the CPU (SparseGPT's float32 solve may round
+    differently on the device, so only its structure is compared)."""
+    from pruning_core.calibration import ActivationStats
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    stats = ActivationStats(64, hessian=True)
+    stats.update(x)
+    w = torch.randn(32, 64, generator=g).to(torch.bfloat16)
+    spec = SparsitySpec(0.5, NM(2, 4))
+    new, keep = method.prune_weight(w.cuda(), stats, spec, name="fc")
+    assert new.dtype == torch.bfloat16 and new.device.type == "cuda" and keep.device.type == "cuda"
+    NM(2, 4).validate(keep.cpu())
+    assert int(keep.sum()) == keep.numel() // 2 and bool((new[~keep] == 0).all())
+    if isinstance(method, Wanda):
+        _, keep_cpu = method.prune_weight(w, stats, spec, name="fc")
+        assert torch.equal(keep.cpu(), keep_cpu)
+        assert torch.equal(new.cpu()[keep_cpu], w[keep_cpu])

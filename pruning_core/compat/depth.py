@@ -1,14 +1,11 @@
-"""Depth pruning: Block Importance scores, layer selection, result record (the seed's surface).
+"""The seed's ``DepthPruner`` facade: Block Importance scores, layer selection, result record.
 
-Stage: scores -> plan. Block Importance (Men et al. 2024, ShortGPT, arXiv:2403.03853, Eq. 1;
-used by Minitron, Muralidharan et al. 2024, arXiv:2407.14679) of layer i is
-
-    BI_i = 1 - E_t[ cos(h_in[t], h_out[t]) ]
-
-the cosine between a layer's input and output hidden state *per token*, averaged over all
-calibration tokens. (The seed took one cosine over the flattened tensor, which weights tokens
-by their norm; :func:`block_importance` fixes that.) A layer that barely changes the residual
-stream (BI near 0) is the first to remove.
+Stage: compat (see :mod:`pruning_core.compat`). Block Importance (Men et al. 2024, ShortGPT,
+arXiv:2403.03853, Eq. 1; used by Minitron, Muralidharan et al. 2024, arXiv:2407.14679) of layer i
+is ``BI_i = 1 - E_t[cos(h_in[t], h_out[t])]``, per token, averaged over all calibration tokens
+(:func:`~pruning_core.minitron.bi.block_importance`). A layer that barely changes the residual
+stream (BI near 0) is the first to remove. The library's own depth pruning is
+:mod:`pruning_core.minitron.depth_scores` (BI, LM-loss drop, iterative selection, ``depth_plan``).
 """
 
 from __future__ import annotations
@@ -58,9 +55,8 @@ class DepthPruner:
         """Score ``model``'s decoder layers by Block Importance on ``batches``, remove the least
         important ``num_layers_to_remove`` physically (in place), and report them.
 
-        ``iterative`` recomputes BI on the shallower model after each removal (the seed stored
-        the flag but never used it); otherwise one ranking is used. The reported scores are the
-        dense model's BI of the removed layers.
+        ``iterative`` recomputes BI on the shallower model after each removal; otherwise one
+        ranking is used. The reported scores are the dense model's BI of the removed layers.
         """
         num_layers = len(decoder_layers(model))
         self.validate(num_layers)
@@ -74,7 +70,7 @@ class DepthPruner:
 
     @staticmethod
     def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
-        """Cosine of two tensors taken as flat vectors (the seed's helper, kept as is).
+        """Cosine of two tensors taken as flat vectors.
 
         Empty or both (near) zero -> 1.0; one zero -> 0.0; clamped to [-1, 1].
         """

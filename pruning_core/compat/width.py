@@ -1,11 +1,11 @@
-"""Width pruning, the seed's surface: targets, channel importance from activations, result record.
+"""The seed's ``WidthPruner`` facade: targets, channel importance from activations, result record.
 
-Stage: scores -> selection. :class:`WidthPruner` holds hidden/intermediate targets and the
-head count; :meth:`WidthPruner.compute_channel_importance` is the seed's ``mean(x^2)`` per
-channel over caller-supplied ``[N, C]`` activations. The full Minitron pipeline (per-head,
-per-neuron and residual-channel importance from hooks, GQA-consistent head selection, and
-physical slicing) is :func:`~pruning_core.minitron.width_scores.collect_width_scores` +
-:func:`~pruning_core.minitron.width_plan.width_plan`.
+Stage: compat (see :mod:`pruning_core.compat`). :class:`WidthPruner` holds hidden/intermediate
+targets and the head count; :meth:`WidthPruner.compute_channel_importance` is ``mean(x^2)`` per
+channel over caller-supplied ``[N, C]`` activations, and :meth:`WidthPruner.prune_` runs the
+library's Minitron width pruning: per-head, per-neuron and residual-channel importance from hooks
+(:func:`~pruning_core.minitron.width_scores.collect_width_scores`), GQA-consistent head
+selection and physical slicing (:func:`~pruning_core.minitron.width_plan.width_plan`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class ChannelImportance:
 
 @dataclass(frozen=True, slots=True)
 class WidthPruner:
-    """Width targets. ``num_attention_heads`` must be >= 1 if given (the seed divided by zero).
+    """Width targets. ``num_attention_heads`` must be >= 1 if given.
 
     ``num_attention_heads`` and ``num_key_value_heads`` (GQA) default to ``None``: the model's
     own counts, i.e. attention is left alone unless asked (``WidthPruner(48, 64)`` only narrows
@@ -143,7 +143,7 @@ class WidthPruner:
 
     @staticmethod
     def generate_hidden_mask(original_dim: int, keep: Sequence[int]) -> torch.Tensor:
-        """Boolean ``[original_dim]`` mask, True = keep. An out-of-range index is an error (the seed ignored it)."""
+        """Boolean ``[original_dim]`` mask, True = keep. An out-of-range index is an error."""
         bad = [i for i in keep if not 0 <= int(i) < original_dim]
         if bad:
             raise InvalidSparsity(float(bad[0]), f"channel index outside [0, {original_dim})")
@@ -152,7 +152,7 @@ class WidthPruner:
         return mask
 
     def head_dim_after_pruning(self, original_heads: int | None = None) -> int:
-        """``target_hidden_dim // num_attention_heads`` (the seed's notion; Minitron keeps head_dim fixed).
+        """``target_hidden_dim // num_attention_heads`` (Minitron itself keeps head_dim fixed).
 
         Raises:
             ConfigError: the head count is left unchanged and ``original_heads`` is not given.
