@@ -171,9 +171,8 @@ from pruning_core.compat.pruners import (
     Pruner,
     SparseGPTPruner,
     WandaPruner,
-    prune_weight,
-    score_weight,
 )
+from pruning_core.compat.transitional import prune_weight, score_weight
 from pruning_core.compat.width import ChannelImportance, WidthPruner, WidthPruningResult
 from pruning_core.errors import (
     CalibrationRequired,

@@ -6,14 +6,12 @@ Stage: compat (see :mod:`pruning_core.compat` for the seed -> Python map). A pru
 name, builds a :class:`SparsitySpec` from the loose ``sparsity, pattern, scope`` values, calls
 its method's ``prune_weight`` on ``module.weight`` and writes the result back in place.
 ``method`` gives the registry method a pruner stands for (``prune_module`` accepts either).
-:func:`prune_weight` / :func:`score_weight` are the pre-contract per-tensor helpers (TRANSITIONAL:
-``flows/oneshot_tasks.py`` still calls them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -26,9 +24,8 @@ from pruning_core.compat.importance import (
     MagnitudeImportance,
     SparseGPTImportance,
     WandaImportance,
-    require_layer_stats,
 )
-from pruning_core.errors import CalibrationRequired, NoParameters
+from pruning_core.errors import CalibrationRequired, ConfigError, NoParameters
 from pruning_core.importance import NormType
 from pruning_core.masks import (
     MaskScope,
@@ -37,7 +34,6 @@ from pruning_core.masks import (
     SparsitySpec,
     Unstructured,
     generate_mask,
-    parse_pattern,
 )
 from pruning_core.methods import BaseMethod, Magnitude, Method, SparseGPT, Wanda, prune_by_scores
 from pruning_core.pruning.result import PruningResult
@@ -90,13 +86,14 @@ def context_stats(method: Method, context: CalibrationContext | None, name: str 
     Raises (only when the method needs statistics): CalibrationRequired (no context),
     ConfigError (no layer name), MissingActivationStats (the layer is not in the context).
     """
-    if context is None or name is None:
-        if method.needs_stats and context is None:
-            raise CalibrationRequired(method.name, layer=name)
-        if method.needs_stats:
-            require_layer_stats(method.name, context, name)  # raises ConfigError naming layer_name
-        return None
-    return context.require_stats(name) if method.needs_stats else context.get_stats(name)
+    if not method.needs_stats:
+        return context.get_stats(name) if context is not None and name is not None else None
+    if context is None:
+        raise CalibrationRequired(method.name, layer=name)
+    if name is None:
+        raise ConfigError("layer_name", f"{method.name} needs the layer's name to find its statistics in the "
+                                        f"calibration context; pass name=")
+    return context.require_stats(name)
 
 
 class _PrunerBase:
@@ -273,50 +270,6 @@ class SparseGPTPruner(_PrunerBase):
         return SparseGPT(blocksize=self.blocksize, percdamp=self.percdamp, dtype=self.dtype)
 
 
-def _spec_for(pruner: Pruner, sparsity: float | None, pattern: SparsityPattern | str | None,
-              scope: MaskScope | str | None) -> SparsitySpec:
-    """The pre-contract rule: a scope applies to unstructured patterns only (else it is ignored)."""
-    p = parse_pattern(pattern)
-    chosen = scope if isinstance(p, Unstructured) else None
-    return SparsitySpec.parse(sparsity, p, chosen, default_scope=pruner.default_scope)
-
-
-def _layer_stats(pruner: Pruner, stats: ActivationStats | CalibrationContext | None, name: str) -> Any:
-    if isinstance(stats, CalibrationContext):
-        return context_stats(pruner.method, stats, name)
-    return stats
-
-
-def prune_weight(
-    pruner: Pruner,
-    weight: torch.Tensor,
-    sparsity: float | None,
-    pattern: SparsityPattern | str | None,
-    stats: ActivationStats | CalibrationContext | None = None,
-    *,
-    name: str = "layer",
-    scope: MaskScope | str | None = None,
-    mask: SparsityMask | None = None,
-) -> tuple[torch.Tensor, SparsityMask]:
-    """TRANSITIONAL pre-contract helper: ``pruner.method.prune_weight`` with loose arguments.
-
-    Returns:
-        ``(pruned weight, keep mask)``; ``weight`` is not modified.
-    """
-    spec = _spec_for(pruner, sparsity, pattern, scope)
-    new, keep = pruner.method.prune_weight(weight, _layer_stats(pruner, stats, name), spec,
-                                           mask=None if mask is None else mask.tensor, name=name)
-    return new, SparsityMask.from_keep(keep, spec.pattern, name=name)
-
-
-def score_weight(
-    pruner: Pruner, weight: torch.Tensor, stats: ActivationStats | CalibrationContext | None = None, *,
-    name: str = "layer",
-) -> torch.Tensor:
-    """TRANSITIONAL pre-contract helper: ``pruner.method.score`` (scores shaped like ``weight``)."""
-    return pruner.method.score(weight, _layer_stats(pruner, stats, name), name=name)
-
-
 __all__ = [
     "ImportancePruner",
     "MagnitudePruner",
@@ -325,6 +278,4 @@ __all__ = [
     "WandaPruner",
     "context_stats",
     "prunable_weight",
-    "prune_weight",
-    "score_weight",
 ]

@@ -20,9 +20,9 @@ _MOVED_TO_COMPAT = ("ImportancePruner", "MagnitudePruner", "Pruner", "SparseGPTP
 
 def __getattr__(name: str) -> Any:
     if name in _MOVED_TO_COMPAT:
-        from pruning_core.compat import pruners
+        import pruning_core.compat
 
-        return getattr(pruners, name)
+        return getattr(pruning_core.compat, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
