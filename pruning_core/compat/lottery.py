@@ -42,17 +42,7 @@ class LotteryTicketPruner(_LotteryTicketPruner):
     def generate_mask(
         self, scores: torch.Tensor, target_sparsity: float, pattern: SparsityPattern | None = None
     ) -> SparsityMask:
-        """One-shot magnitude mask: keep all but ``floor(n · s)`` of the largest scores (unstructured only).
-
-        Args:
-            scores: importance scores of any shape (or an object with a ``values`` tensor).
-            target_sparsity: fraction to prune, in [0, 1].
-            pattern: must be None or Unstructured.
-
-        Raises:
-            InvalidPattern: a structured pattern (lottery tickets are unstructured).
-            InvalidSparsity / NumericalInstability: bad sparsity or non-finite scores.
-        """
+        """One-shot magnitude mask, unstructured only: :func:`~pruning_core.lottery.one_shot_mask`."""
         return one_shot_mask(scores, target_sparsity, pattern)
 
     def apply_mask(self, module: nn.Module, mask: SparsityMask | torch.Tensor, *,
