@@ -138,6 +138,32 @@ class GraphError(PruningError, ValueError):
     """A dependency graph or a structured pruning plan is inconsistent with the model."""
 
 
+class UnsupportedArchitecture(ConfigError, GraphError):
+    """A model whose structure the pipeline cannot map: no decoder blocks where any supported
+    family keeps them, a weight inside a block that is neither a prunable unit nor a known
+    non-prunable part, or a job (e.g. Minitron) that does not support the family.
+
+    A :class:`ConfigError` (field ``"model"``: the wrong model was configured) and a
+    :class:`GraphError` (the structure does not map), so callers catching either keep working.
+
+    Attributes:
+        model_class: the model's class name (``"GPT2LMHeadModel"``).
+        block: the decoder block (or other module path) where mapping failed, or ``""``.
+        pattern: the module pattern that could not be mapped (``"mlp.experts.down_proj:
+            FooExperts parameter [4, 64, 128]"``), or ``""``.
+        reason: what is unsupported and what would be needed.
+    """
+
+    def __init__(self, model_class: str, reason: str, *, block: str = "", pattern: str = "") -> None:
+        self.model_class = model_class
+        self.block = block
+        self.pattern = pattern
+        self.reason = reason
+        where = f" in block '{block}'" if block else ""
+        what = f" at '{pattern}'" if pattern else ""
+        super().__init__("model", f"{model_class}{where}{what}: {reason}")
+
+
 class ArtifactError(PruningError):
     """An artifact (model, statistics, mask, ticket) is missing, corrupt or fails its checksum."""
 
@@ -170,6 +196,7 @@ __all__ = [
     "NumericalInstability",
     "PruningError",
     "ServiceUnavailable",
+    "UnsupportedArchitecture",
     "UnsupportedOperation",
     "ShapeMismatch",
 ]

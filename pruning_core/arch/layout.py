@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruning_core.errors import ConfigError
+from pruning_core.errors import UnsupportedArchitecture
 
 BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
                "model.language_model.layers", "layers")
@@ -32,14 +32,14 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder blocks of ``model`` and their qualified name (e.g. ``"model.layers"``).
 
     Raises:
-        ConfigError: none of :data:`BLOCK_PATHS` holds a non-empty ``nn.ModuleList`` (names the
-            model class and the paths tried).
+        UnsupportedArchitecture: none of :data:`BLOCK_PATHS` holds a non-empty ``nn.ModuleList``
+            (names the model class and the paths tried; a ``ConfigError`` and a ``GraphError``).
     """
     for path in BLOCK_PATHS:
         blocks = _submodule(model, path)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
             return path, blocks
-    raise ConfigError("model", f"{type(model).__name__} has no decoder blocks at any of {list(BLOCK_PATHS)}")
+    raise UnsupportedArchitecture(type(model).__name__, f"no decoder blocks at any of {list(BLOCK_PATHS)}")
 
 
 def model_device(module: nn.Module) -> torch.device:

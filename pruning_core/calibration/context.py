@@ -49,6 +49,10 @@ class CalibrationContext:
     def has_stats(self, name: str) -> bool:
         return name in self.activation_stats
 
+    def empty_layers(self) -> list[str]:
+        """Names of the layers whose statistics saw no token (e.g. MoE experts no token was routed to)."""
+        return [name for name, stats in self.activation_stats.items() if stats.count == 0]
+
     def layer_names(self) -> list[str]:
         """Names of the layers with activation statistics, in insertion order."""
         return list(self.activation_stats)

@@ -23,13 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruning_core.calibration.capture import (
-    Batch,
-    LayerSelection,
-    batch_size_of,
-    model_device,
-    select_linear_layers,
-)
+from pruning_core.arch import eval_mode, model_device
+from pruning_core.calibration.capture import Batch, LayerSelection, batch_size_of, select_linear_layers
 from pruning_core.calibration.context import CalibrationContext
 from pruning_core.errors import ConfigError, NumericalInstability, ShapeMismatch
 from pruning_core.validate import check_finite
@@ -135,20 +130,18 @@ def collect_gradients(
     stats = {name: GradientStats(tuple(m.weight.shape), name=name, device=m.weight.device)
              for name, m in modules.items()}
     flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
     try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-        for batch in tqdm(batches, desc="gradients", unit="batch", disable=not progress):
-            _accumulate_batch(model, batch, loss_fn, weights, stats)
-            ctx.increment_samples(batch_size_of(batch))
+        with eval_mode(model):
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for w in weights:
+                w.requires_grad_(True)
+            for batch in tqdm(batches, desc="gradients", unit="batch", disable=not progress):
+                _accumulate_batch(model, batch, loss_fn, weights, stats)
+                ctx.increment_samples(batch_size_of(batch))
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-        model.train(was_training)
     for name, g in stats.items():
         ctx.add_gradient_stats(name, g)
     logger.info("gradients: %d layers over %d samples", len(stats), ctx.num_samples)

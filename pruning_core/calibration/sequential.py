@@ -12,8 +12,8 @@ three steps, so that a flow can run each block in its own task:
 2. :func:`calibrate_block` collects the statistics of one block's Linear layers on those inputs.
 3. :func:`run_block` runs the (pruned) block and returns the next block's inputs.
 
-Blocks are found with :func:`find_decoder_blocks` (``model.model.layers`` for Llama-family
-Hugging Face models, and a few other common layouts).
+Blocks are found with :func:`pruning_core.arch.decoder_blocks` (``find_decoder_blocks`` is its
+old name, kept as an alias); units and their statistics as in :mod:`pruning_core.calibration.hooks`.
 """
 
 from __future__ import annotations
@@ -27,19 +27,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruning_core.calibration.capture import (
-    Batch,
-    LayerSelection,
-    attach_stat_hooks,
-    model_device,
-    select_linear_layers,
-)
+from pruning_core.arch import decoder_blocks, eval_mode, model_device
+from pruning_core.calibration.capture import Batch, LayerSelection, select_units
 from pruning_core.calibration.context import CalibrationContext
+from pruning_core.calibration.hooks import attach_unit_hooks, report_unrouted
 from pruning_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-_BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers")
 _SCALAR_TAGS = {"bool": bool, "int": int, "float": float}
 
 
@@ -47,19 +42,7 @@ class _StopForward(BaseException):
     """Private signal that stops a forward pass once block 0's inputs are recorded (never a real error)."""
 
 
-def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks of ``model`` and their attribute path (e.g. ``"model.layers"``).
-
-    Raises:
-        ConfigError: none of the known layouts holds an ``nn.ModuleList``.
-    """
-    for path in _BLOCK_PATHS:
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return path, obj
-    raise ConfigError("model", f"{type(model).__name__} has no decoder blocks at any of {list(_BLOCK_PATHS)}")
+find_decoder_blocks = decoder_blocks  # the old name (lm/weights, flows, tests import it)
 
 
 @dataclass
@@ -159,7 +142,7 @@ def capture_block_inputs(model: nn.Module, batches: Iterable[Batch], *, progress
     Token tensors are passed as ``input_ids`` with ``use_cache=False``; dict batches are passed
     as keyword arguments (``use_cache`` defaults to False).
     """
-    _, blocks = find_decoder_blocks(model)
+    _, blocks = decoder_blocks(model)
     device = model_device(model)
     hidden: list[torch.Tensor] = []
     kwargs_list: list[dict[str, Any]] = []
@@ -171,10 +154,8 @@ def capture_block_inputs(model: nn.Module, batches: Iterable[Batch], *, progress
         raise _StopForward
 
     handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in tqdm(batches, desc="block inputs", unit="batch", disable=not progress):
                 kwargs = ({"input_ids": batch} if isinstance(batch, torch.Tensor) else dict(batch))
                 kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
@@ -186,7 +167,6 @@ def capture_block_inputs(model: nn.Module, batches: Iterable[Batch], *, progress
                 raise ConfigError("model", "the forward pass finished without calling decoder block 0")
     finally:
         handle.remove()
-        model.train(was_training)
     return BlockInputs(hidden, kwargs_list)
 
 
@@ -208,18 +188,16 @@ def calibrate_block(
     batch_dtype: torch.dtype = torch.float32,
     dataset: str = "",
 ) -> CalibrationContext:
-    """Statistics of ``block``'s Linear layers on ``inputs`` (names are ``prefix + name in block``).
+    """Statistics of ``block``'s units on ``inputs`` (names are ``prefix + unit name in block``).
 
-    ``layers`` selects within the block (names relative to the block, or a filter on them).
+    ``layers`` selects within the block (unit names relative to the block, or a filter on them);
+    the default is every Linear, Conv1D and fused-expert unit (see :func:`select_units`).
     """
-    modules = select_linear_layers(block, layers)
-    named = {f"{prefix}{name}": m for name, m in modules.items()}
+    units = select_units(block, layers)
     ctx = CalibrationContext(dataset)
-    handles, cache = attach_stat_hooks(named, ctx, hessian=hessian, batch_dtype=batch_dtype)
-    was_training = block.training
+    handles, cache = attach_unit_hooks(block, units, ctx, hessian=hessian, batch_dtype=batch_dtype, prefix=prefix)
     try:
-        block.eval()
-        with torch.no_grad():
+        with eval_mode(block), torch.no_grad():
             for hs, kw in zip(inputs.hidden_states, inputs.kwargs, strict=True):
                 _call_block(block, hs, kw)
                 ctx.increment_samples(int(hs.shape[0]))
@@ -228,20 +206,15 @@ def calibrate_block(
         for handle in handles:
             handle.remove()
         cache.clear()
-        block.train(was_training)
+    report_unrouted(ctx, units, prefix)
     return ctx
 
 
 def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     """Run ``block`` on every batch of ``inputs``; the result is the next block's inputs."""
-    was_training = block.training
-    try:
-        block.eval()
-        with torch.no_grad():
-            outs = [_call_block(block, hs, kw).detach() for hs, kw in
-                    zip(inputs.hidden_states, inputs.kwargs, strict=True)]
-    finally:
-        block.train(was_training)
+    with eval_mode(block), torch.no_grad():
+        outs = [_call_block(block, hs, kw).detach()
+                for hs, kw in zip(inputs.hidden_states, inputs.kwargs, strict=True)]
     return inputs.with_hidden_states(outs)
 
 

@@ -22,20 +22,15 @@ from typing import Any
 
 from torch import nn
 
+from pruning_core.arch import decoder_blocks
 from pruning_core.errors import GraphError
 
 logger = logging.getLogger(__name__)
 
 
 def decoder_layers_path(model: nn.Module) -> str:
-    """Qualified name of the decoder ``ModuleList`` (``model.layers`` for ``LlamaForCausalLM``)."""
-    for path in ("model.layers", "layers", "model.decoder.layers", "transformer.h"):
-        try:
-            if isinstance(model.get_submodule(path), nn.ModuleList):
-                return path
-        except AttributeError:
-            continue
-    raise GraphError(f"{type(model).__name__}: no decoder layer list found (tried model.layers, layers, ...)")
+    """Qualified name of the decoder ``ModuleList`` (old name of :func:`pruning_core.arch.decoder_blocks`)."""
+    return decoder_blocks(model)[0]
 
 
 def remove_layers_(model: nn.Module, container: str, kept: Sequence[int]) -> None:

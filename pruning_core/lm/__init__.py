@@ -6,6 +6,14 @@ Needs the ``lm`` extra (transformers, accelerate, gguf); transformers is importe
 
 from __future__ import annotations
 
+from pruning_core.lm.checks import (
+    check_causal_lm,
+    check_window_length,
+    inspect_model,
+    max_positions,
+    read_config,
+    stored_dtype,
+)
 from pruning_core.lm.evaluate import generate_text, perplexity, window_nll
 from pruning_core.lm.models import (
     check_finite_weights,
@@ -22,25 +30,35 @@ from pruning_core.lm.text import (
     evaluation_windows,
     load_text,
     shipped_text_path,
+    start_tokens,
+    text_windows,
     tokenize_corpus,
 )
 
 __all__ = [
     "SHIPPED_TEXTS",
     "calibration_windows",
+    "check_causal_lm",
     "check_finite_weights",
     "check_model_dir",
+    "check_window_length",
     "default_cache_root",
     "evaluation_windows",
     "generate_text",
+    "inspect_model",
     "load_causal_lm",
     "load_text",
+    "max_positions",
     "model_fingerprint",
     "perplexity",
+    "read_config",
     "resolve_device",
     "save_pretrained_atomic",
     "shipped_text_path",
     "smollm2_dir",
+    "start_tokens",
+    "stored_dtype",
+    "text_windows",
     "tokenize_corpus",
     "window_nll",
 ]

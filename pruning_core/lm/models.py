@@ -1,8 +1,9 @@
 """Loading and saving Hugging Face causal LMs, with the checks a pruning job needs up front.
 
 Stage: inputs/outputs. :func:`load_causal_lm` validates a model directory before any long work
-(it exists, has ``config.json``, its safetensors headers are intact, no weight is missing or
-non-finite) and never touches the network: every ``from_pretrained`` call passes
+(it exists, has ``config.json``, its safetensors headers are intact, it is a decoder-only causal
+LM (:mod:`pruning_core.lm.checks`, from the config alone), no weight is missing or non-finite),
+loads it in the dtype it is stored in unless told otherwise, and never touches the network: every ``from_pretrained`` call passes
 ``local_files_only=True`` on a local directory, and ``HF_HUB_OFFLINE=1`` is set in the process
 environment before transformers is imported here (huggingface_hub reads it once, at import, so
 it covers the rest of the process only if nothing imported transformers earlier).
@@ -12,7 +13,6 @@ that looks complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,22 +24,15 @@ import torch
 
 from pruning_core.errors import ArtifactError, ConfigError
 from pruning_core.io.atomic import atomic_dir
-from pruning_core.io.manifest import MANIFEST_NAME, Manifest, checksum
+from pruning_core.io.manifest import MANIFEST_NAME, Manifest
 from pruning_core.io.tensors import check_safetensors
+from pruning_core.lm.checks import check_causal_lm, offline_transformers, read_config, stored_dtype
+from pruning_core.lm.fingerprint import model_fingerprint
 from pruning_core.validate import check_finite
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
-
-
-def offline_transformers():
-    """Import transformers after setting ``HF_HUB_OFFLINE=1`` (process-wide, deliberately: this
-    package never downloads; huggingface_hub reads the variable when it is first imported)."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import transformers
-
-    return transformers
 
 
 def resolve_device(spec: str | torch.device | None = None) -> torch.device:
@@ -102,24 +95,6 @@ def check_finite_weights(model: torch.nn.Module, *, method: str = "load_causal_l
         check_finite(tensor.detach(), method=method, what="weight", layer=name)
 
 
-def model_fingerprint(path: str | os.PathLike[str]) -> str:
-    """A sha256 identifying a model directory's contents, for artifact metadata and caching keys.
-
-    It is the tree hash of :func:`pruning_core.io.manifest.checksum` (sha256 over the sorted
-    ``"<file> <sha256>"`` lines). For a directory written by :func:`save_pretrained_atomic` the
-    file hashes come from its manifest (files are only checked for presence and size);
-    otherwise every file is hashed.
-    """
-    root = Path(path)
-    if (root / MANIFEST_NAME).is_file():
-        manifest = Manifest(root)
-        manifest.verify(checksums=False)
-        entries = manifest.entries()
-        lines = [f"{e.path} {e.sha256}\n" for e in sorted(entries.values(), key=lambda e: e.path)]
-        return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
-    return checksum(root)[0]
-
-
 def _resolve_model_path(path: str | os.PathLike[str] | None) -> Path:
     if path is None or str(path) == DEFAULT_MODEL:
         from pruning_core.lm.smollm2 import smollm2_dir
@@ -131,15 +106,16 @@ def _resolve_model_path(path: str | os.PathLike[str] | None) -> Path:
 def load_causal_lm(
     path: str | os.PathLike[str] | None = None,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device | None = "cpu",
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer from a local Hugging Face directory, in eval mode.
 
     Args:
-        path: A model directory (Llama family first; any ``AutoModelForCausalLM``), or
+        path: A model directory (any decoder-only ``AutoModelForCausalLM``), or
             ``"smollm2"`` / None for the default SmolLM2-135M (converted once and cached).
-        dtype: Parameter dtype; float32 by default (this CPU has no fast bf16).
+        dtype: Parameter dtype; None (default) loads the dtype the checkpoint is stored in
+            (:func:`pruning_core.lm.checks.stored_dtype`: bf16 stays bf16; SmolLM2 is float32).
         device: ``"cpu"``, ``"cuda[:N]"`` or ``"auto"``.
 
     Returns:
@@ -149,11 +125,15 @@ def load_causal_lm(
         ArtifactError: a missing/corrupt directory or file, a missing tokenizer, or weights
             the checkpoint does not provide (they would be silently random-initialized).
         NumericalInstability: a weight holds NaN/Inf (names the parameter and the index).
+        UnsupportedArchitecture: not a decoder-only causal LM (checked from ``config.json``
+            before the tokenizer or any weight is read; names the architecture).
         ConfigError: an unusable ``device``.
     """
     target = resolve_device(device)
     root = _resolve_model_path(path)
     check_model_dir(root)
+    check_causal_lm(read_config(root))
+    dtype = dtype if dtype is not None else stored_dtype(root)
     tf = offline_transformers()
     start = time.perf_counter()
     try:
@@ -171,9 +151,8 @@ def load_causal_lm(
         raise ArtifactError(str(root), f"{len(missing)} weights missing from the checkpoint: {missing[:5]}")
     check_finite_weights(model)
     model = model.to(target).eval()
-    logger.info(
-        "loaded %s (%s, %s) in %.2f s", root, model.__class__.__name__, target, time.perf_counter() - start
-    )
+    logger.info("loaded %s (%s, %s, %s) in %.2f s", root, model.__class__.__name__, dtype, target,
+                time.perf_counter() - start)
     return model, tokenizer
 
 

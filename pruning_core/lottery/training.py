@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from pruning_core.arch import eval_mode
 from pruning_core.errors import ConfigError, ShapeMismatch
 
 logger = logging.getLogger(__name__)
@@ -163,16 +164,14 @@ def evaluate(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 5000
 ) -> dict[str, float]:
     """Top-1 ``accuracy`` and mean cross-entropy ``loss`` of ``model`` on ``inputs [N, ...]``, ``targets [N]``."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     correct, loss_sum = 0, 0.0
-    for i in range(0, inputs.shape[0], batch_size):
-        x, y = inputs[i : i + batch_size].to(device), targets[i : i + batch_size].to(device)
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == y).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, inputs.shape[0], batch_size):
+            x, y = inputs[i : i + batch_size].to(device), targets[i : i + batch_size].to(device)
+            logits = model(x)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == y).sum())
     n = max(1, inputs.shape[0])
     return {"accuracy": correct / n, "loss": loss_sum / n}
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pruning_core.arch import decoder_blocks
 from pruning_core.errors import CalibrationRequired, InvalidSparsity
 from pruning_core.graph.hf import decoder_layers_path
 from pruning_core.graph.structured import LayerRemoval, StructuredPlan
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.get_submodule(decoder_layers_path(model))
+    return decoder_blocks(model)[1]
 
 
 @contextlib.contextmanager

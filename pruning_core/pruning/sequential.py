@@ -16,13 +16,9 @@ from collections.abc import Iterable
 from torch import nn
 from tqdm.auto import tqdm
 
+from pruning_core.arch import decoder_blocks
 from pruning_core.calibration.capture import Batch
-from pruning_core.calibration.sequential import (
-    calibrate_block,
-    capture_block_inputs,
-    find_decoder_blocks,
-    run_block,
-)
+from pruning_core.calibration.sequential import calibrate_block, capture_block_inputs, run_block
 from pruning_core.errors import ConfigError
 from pruning_core.masks import MaskScope, SparsitySpec
 from pruning_core.methods.base import Method, check_scope
@@ -48,7 +44,7 @@ def prune_sequential(
     """Prune ``model``'s decoder blocks one after the other, in memory.
 
     Args:
-        model: a decoder model whose blocks :func:`find_decoder_blocks` finds (Llama family:
+        model: a decoder model whose blocks :func:`pruning_core.arch.decoder_blocks` finds (Llama family:
             ``model.model.layers``).
         batches: calibration token tensors ``[B, T]`` or dicts of model keyword arguments.
         method, spec, filter_fn: as :func:`prune_module` (``filter_fn`` sees full qualified
@@ -64,7 +60,7 @@ def prune_sequential(
     if spec.scope is MaskScope.GLOBAL:
         raise ConfigError("scope", "GLOBAL scope needs every layer at once; use prune_module, not prune_sequential")
     check_scope(method, spec)
-    path, blocks = find_decoder_blocks(model)
+    path, blocks = decoder_blocks(model)
     inputs = capture_block_inputs(model, batches, progress=False)
     results = []
     for i, block in enumerate(tqdm(blocks, desc=f"{method.name} (sequential)", unit="block", disable=not progress)):
