@@ -109,7 +109,10 @@ def conv1d_class() -> type[nn.Module] | None:
 
 
 def _fused_params(module: nn.Module) -> list[str]:
-    return [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+    """Names of the 3-D parameters of a fused-experts module (``[]`` for any other module)."""
+    names = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+    expert_like = hasattr(module, "num_experts") or any(n in EXPERT_PARAMS for n in names)
+    return names if expert_like else []
 
 
 def _expert_problem(module: nn.Module) -> str | None:
