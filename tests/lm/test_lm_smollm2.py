@@ -15,6 +15,8 @@ from pruning_core.lm import (
     load_text,
     perplexity,
     save_pretrained_atomic,
+    start_tokens,
+    text_windows,
     tokenize_corpus,
 )
 
@@ -46,6 +48,15 @@ def test_architecture_is_smollm2_135m(smollm2):
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (9, 3, 49152)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
     assert tok("Hello")["input_ids"] == [19556]  # no BOS added
+
+
+def test_loaded_as_stored_and_windows_without_bos_are_unchanged(smollm2):
+    model, tok = smollm2
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # stored float32: loaded as stored
+    assert tok("a")["input_ids"] == [81] and start_tokens(tok) == ()
+    tokens = tokenize_corpus(tok, load_text("pride_and_prejudice"))
+    windows = text_windows(tok, "pride_and_prejudice", 16, 256, kind="evaluation")
+    assert torch.equal(windows, evaluation_windows(tokens, 16, 256))  # the windows of PPL_16x256
 
 
 def test_greedy_generation_knows_the_capital_of_france(smollm2):

@@ -18,6 +18,8 @@ from pruning_core.lm.text import (
     evaluation_windows,
     load_text,
     shipped_text_path,
+    start_tokens,
+    text_windows,
     tokenize_corpus,
 )
 
@@ -159,3 +161,66 @@ def test_undecodable_or_corrupt_text_is_an_artifact_error(tmp_path):
     (tmp_path / "bad.txt.gz").write_bytes(b"not gzip")
     with pytest.raises(ArtifactError, match="bad.txt.gz"):
         load_text(tmp_path / "bad.txt.gz")
+
+
+# ------------------------------------------------------------------ windows start as the model expects
+@pytest.fixture(scope="module")
+def bos_tokenizer(tiny_tokenizer):
+    """The tiny tokenizer, but starting every sequence with ``<s>`` (id 1), as Gemma's and Llama's do."""
+    import copy
+
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tiny_tokenizer.backend_tokenizer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_start_tokens_come_from_the_tokenizer(tiny_tokenizer, bos_tokenizer):
+    assert start_tokens(tiny_tokenizer) == ()
+    assert start_tokens(bos_tokenizer) == (1,)
+    assert bos_tokenizer("Emma")["input_ids"][0] == 1
+    assert torch.equal(tokenize_corpus(bos_tokenizer, "Emma"), tokenize_corpus(tiny_tokenizer, "Emma"))  # no BOS
+
+
+def _old_calibration_windows(tokens, n, length, seed):
+    """The windows before start tokens existed (kept bit for bit for tokenizers without BOS)."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - length + 1, (n,), generator=generator)
+    return tokens[starts[:, None] + torch.arange(length)]
+
+
+def test_windows_without_start_tokens_are_unchanged_bit_for_bit():
+    tokens = torch.arange(1000) * 7 % 383
+    assert torch.equal(calibration_windows(tokens, 9, 32, 5), _old_calibration_windows(tokens, 9, 32, 5))
+    assert torch.equal(calibration_windows(tokens, 9, 32, 5, start=()), _old_calibration_windows(tokens, 9, 32, 5))
+    assert torch.equal(evaluation_windows(tokens, 4, 50, start=()), tokens[:200].reshape(4, 50))
+
+
+def test_windows_with_a_bos_hold_it_plus_length_minus_one_text_tokens():
+    tokens = torch.arange(3, 1003)
+    cal = calibration_windows(tokens, 6, 16, 2, start=(1,))
+    assert cal.shape == (6, 16) and bool((cal[:, 0] == 1).all())
+    assert torch.equal(cal[:, 1:], _old_calibration_windows(tokens, 6, 15, 2))  # same draws, 15 text tokens
+    ev = evaluation_windows(tokens, 4, 16, start=(1,))
+    assert torch.equal(ev[:, 0], torch.ones(4, dtype=torch.long))
+    assert torch.equal(ev[:, 1:], tokens[:60].reshape(4, 15))  # consecutive, nothing skipped
+    with pytest.raises(ConfigError, match="needs 75"):
+        evaluation_windows(tokens[:70], 5, 16, start=(1,))
+    with pytest.raises(ConfigError, match="hold the 2 start tokens"):
+        calibration_windows(tokens, 1, 2, 0, start=(1, 2))
+
+
+def test_text_windows_start_every_window_as_the_tokenizer_does(tmp_path, tiny_tokenizer, bos_tokenizer):
+    text = tmp_path / "t.txt"
+    text.write_text(load_text("emma")[:20_000], encoding="utf-8")
+    tokens = tokenize_corpus(tiny_tokenizer, load_text(text))
+    plain = text_windows(tiny_tokenizer, text, 5, 24, kind="calibration", seed=4)
+    assert torch.equal(plain, calibration_windows(tokens, 5, 24, 4))
+    with_bos = text_windows(bos_tokenizer, text, 5, 24, kind="calibration", seed=4)
+    assert bool((with_bos[:, 0] == 1).all()) and torch.equal(with_bos[:, 1:], calibration_windows(tokens, 5, 23, 4))
+    ev = text_windows(bos_tokenizer, text, 3, 24, kind="evaluation")
+    assert torch.equal(ev, evaluation_windows(tokens, 3, 24, start=(1,)))
+    with pytest.raises(ConfigError, match="kind"):
+        text_windows(tiny_tokenizer, text, 1, 8, kind="train")  # type: ignore[arg-type]
