@@ -11,7 +11,6 @@ afterwards, also when a batch raises. Experts that received no tokens are report
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -84,11 +83,6 @@ def select_linear_layers(model: nn.Module, layers: LayerSelection = None) -> dic
     if not linears:
         raise ConfigError("layers", f"no nn.Linear layer selected ({len(units)} units selected)")
     return linears  # type: ignore[return-value]
-
-
-def with_prefix(units: Sequence[PrunableUnit], prefix: str) -> list[PrunableUnit]:
-    """The same units named ``prefix + name`` (module paths unchanged)."""
-    return [dataclasses.replace(u, name=prefix + u.name) for u in units] if prefix else list(units)
 
 
 def batch_size_of(batch: Batch) -> int:
@@ -184,5 +178,4 @@ __all__ = [
     "run_batch",
     "select_linear_layers",
     "select_units",
-    "with_prefix",
 ]
