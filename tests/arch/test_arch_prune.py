@@ -1,8 +1,10 @@
-"""One-shot pruning through prunable units on every family (fp32 and bf16), and the GPT-2 Conv1D golden case.
+"""One-shot pruning through prunable units on every family (fp32 and bf16), the rule for experts
+without calibration tokens, and the GPT-2 Conv1D golden case.
 
-The pruning loop here is the current library API applied per unit: ``wanda_scores`` / ``keep_nm`` /
-``keep_topk`` and ``sparsegpt_prune`` on ``unit.read(model)``, written back with ``unit.write``;
-for Linear-only families it is also checked against ``prune_module`` with a ``filter_fn``.
+The pruning loop here is the library's tensor contract applied per unit:
+``get_method(name).prune_weight(unit.read(model), stats[unit.name], spec)``, written back with
+``unit.write``; for Linear-only families it is also checked against ``prune_module`` with a
+``filter_fn`` over the unit names.
 """
 
 from __future__ import annotations
@@ -15,42 +17,48 @@ from torch import nn
 
 from pruning_core.arch import prunable_units
 from pruning_core.calibration import collect_activation_stats
+from pruning_core.errors import CalibrationRequired
 from pruning_core.importance.wanda import wanda_scores
-from pruning_core.masks import NM, keep_nm, keep_topk
-from pruning_core.pruning import WandaPruner, prune_module
+from pruning_core.masks import NM, SparsitySpec, keep_nm
+from pruning_core.methods import get_method
+from pruning_core.pruning import prune_module
 from pruning_core.solvers.sparsegpt import sparsegpt_prune
 from tests.tiny_models import ARCHITECTURES, MOE, VOCAB, make_tiny
 
 DTYPES = [torch.float32, torch.bfloat16]
+WANDA_50 = SparsitySpec.parse(0.5, "unstructured", "row")
+NM_2_4 = SparsitySpec.parse(None, "2:4")
 
 
-def _calibrate(model, units):
-    ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+def _calibrate(model, units, ids=None):
+    ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0)) if ids is None else ids
     return collect_activation_stats(model, [ids], layers=[u.name for u in units], hessian=True, progress=False)
 
 
-def _wanda(model, units, ctx, pattern):
+def _prune(model, units, ctx, method, spec):
+    """The per-unit loop; an expert with no calibration tokens is pruned by magnitude (the stated rule)."""
     masks = {}
     for u in units:
-        w = u.read(model)
-        scores = wanda_scores(w, ctx.require_stats(u.name).sum_sq, layer_name=u.name)
-        masks[u.name] = keep_nm(scores, 2, 4) if pattern == "2:4" else keep_topk(scores, 0.5, dim=-1)
-        u.write(model, w * masks[u.name])
-    return masks
-
-
-def _sparsegpt(model, units, ctx):
-    masks = {}
-    for u in units:
-        w = u.read(model)
-        new, masks[u.name] = sparsegpt_prune(w, ctx.require_stats(u.name).xtx, 0.5, pattern=NM(2, 4), name=u.name)
-        assert new.dtype == w.dtype
+        stats = ctx.require_stats(u.name)
+        chosen = get_method("magnitude") if u.expert is not None and stats.count == 0 else get_method(method)
+        new, masks[u.name] = chosen.prune_weight(u.read(model), stats, spec, name=u.name)
+        assert new.dtype == u.read(model).dtype
         u.write(model, new)
     return masks
 
 
 def _is_2_4(mask):
     return bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all())
+
+
+def _exact(model, units, masks, spec):
+    for u in units:
+        w, keep = u.read(model), masks[u.name]
+        assert bool((w[~keep] == 0).all())
+        if spec.pattern == NM(2, 4):
+            assert _is_2_4(keep)
+        else:  # per output row, floor(in / 2) pruned
+            assert bool((keep.sum(1) == u.in_features - u.in_features // 2).all())
 
 
 def _generates(model):
@@ -68,20 +76,31 @@ def test_wanda_and_sparsegpt_exact_per_unit_sparsity_dtype_and_generation(family
     units = prunable_units(model)
     ctx = _calibrate(model, units)
     assert ctx.empty_layers() == []  # every expert got tokens from 64 calibration tokens
-    for pattern in ("2:4", "unstructured"):
+    for method, spec in (("wanda", WANDA_50), ("wanda", NM_2_4), ("sparsegpt", NM_2_4)):
         pruned = copy.deepcopy(model)
-        masks = _wanda(pruned, units, ctx, pattern)
-        for u in units:
-            w, keep = u.read(pruned), masks[u.name]
-            assert w.dtype == dtype
-            assert int((w == 0).sum()) == w.numel() // 2  # exact: random weights have no zeros of their own
-            assert torch.equal(w != 0, keep)
-            assert _is_2_4(keep) if pattern == "2:4" else bool((keep.sum(1) == u.in_features // 2).all())
+        masks = _prune(pruned, units, ctx, method, spec)
+        _exact(pruned, units, masks, spec)
+        assert {u.read(pruned).dtype for u in units} == {dtype}
+        if method == "wanda":  # kept weights unchanged; random weights have no zeros of their own
+            assert all(int((u.read(pruned) == 0).sum()) == u.read(pruned).numel() // 2 for u in units)
         _generates(pruned)
-    masks = _sparsegpt(model, units, ctx)
-    for u in units:
-        w = u.read(model)
-        assert w.dtype == dtype and _is_2_4(masks[u.name]) and bool((w[~masks[u.name]] == 0).all())
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_experts_without_tokens_are_pruned_by_magnitude_to_the_same_sparsity(family):
+    model = make_tiny(family)
+    units = prunable_units(model)
+    ctx = _calibrate(model, units, ids=torch.tensor([[7]]))  # one token: 2 of 4 experts per layer get none
+    empty = set(ctx.empty_layers())
+    assert len(empty) == 8
+    unit = next(u for u in units if u.name in empty)
+    with pytest.raises(CalibrationRequired):  # statistics methods refuse them: never silently skipped
+        get_method("wanda").prune_weight(unit.read(model), ctx.require_stats(unit.name), NM_2_4)
+    original = {u.name: u.read(model).clone() for u in units}
+    masks = _prune(model, units, ctx, "sparsegpt", NM_2_4)
+    _exact(model, units, masks, NM_2_4)
+    for name in empty:  # the rule: magnitude at the same pattern
+        assert torch.equal(masks[name], keep_nm(original[name].abs(), 2, 4))
     _generates(model)
 
 
@@ -91,9 +110,9 @@ def test_prune_module_with_a_unit_filter_gives_the_same_model(family):
     units = prunable_units(model)
     ctx = _calibrate(model, units)
     reference = copy.deepcopy(model)
-    _wanda(reference, units, ctx, "2:4")
+    _prune(reference, units, ctx, "wanda", NM_2_4)
     names = {u.name for u in units}
-    result = prune_module(model, WandaPruner(), None, "2:4", ctx, filter_fn=lambda n, m: n in names,
+    result = prune_module(model, get_method("wanda"), NM_2_4, ctx, filter_fn=lambda n, m: n in names,
                           measure_memory=False)
     assert set(result.layer_sparsity) == names and set(result.layer_sparsity.values()) == {0.5}
     for u in units:
