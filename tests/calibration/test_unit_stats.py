@@ -19,7 +19,7 @@ from pruning_core.calibration import (
 )
 from pruning_core.calibration.stats import batch_partials
 from pruning_core.errors import CalibrationRequired, ConfigError
-from pruning_core.importance.base import require_layer_stats
+from pruning_core.methods.base import require_stats
 from tests.tiny_models import MOE, VOCAB, make_tiny
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -162,7 +162,7 @@ def test_an_expert_without_tokens_is_reported_never_silently_skipped(family, cap
     table = expert_token_table(ctx, prunable_units(model))
     assert all(sorted(c) == [0, 0, 1, 1] for c in table.values())
     with pytest.raises(CalibrationRequired):  # a statistics-based method refuses zero-token statistics
-        require_layer_stats("wanda", ctx, empty[0])
+        require_stats("wanda", ctx.require_stats(empty[0]), empty[0])
 
 
 def test_unit_selection_by_name_filter_and_errors():
