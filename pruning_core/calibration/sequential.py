@@ -9,7 +9,7 @@ three steps, so that a flow can run each block in its own task:
    rotary position embeddings, ...). It stops the forward pass with a private ``BaseException``
    subclass that no model code can mistake for a real error (the references raise ValueError
    and swallow every ValueError).
-2. :func:`calibrate_block` collects the statistics of one block's Linear layers on those inputs.
+2. :func:`calibrate_block` collects the statistics of one block's prunable units on those inputs.
 3. :func:`run_block` runs the (pruned) block and returns the next block's inputs.
 
 Blocks are found with :func:`pruning_core.arch.decoder_blocks` (``find_decoder_blocks`` is its
