@@ -104,19 +104,39 @@ def test_experts_without_tokens_are_pruned_by_magnitude_to_the_same_sparsity(fam
     _generates(model)
 
 
-@pytest.mark.parametrize("family", sorted(set(ARCHITECTURES) - {"gpt2", *MOE}))
-def test_prune_module_with_a_unit_filter_gives_the_same_model(family):
+@pytest.mark.parametrize("family", sorted(ARCHITECTURES))
+def test_prune_module_prunes_every_unit_like_the_per_unit_loop(family):
+    """prune_module selects the prunable units (Conv1D and experts included, routers and heads
+    never) and gives exactly the per-unit loop's model."""
     model = make_tiny(family)
     units = prunable_units(model)
     ctx = _calibrate(model, units)
     reference = copy.deepcopy(model)
     _prune(reference, units, ctx, "wanda", NM_2_4)
-    names = {u.name for u in units}
-    result = prune_module(model, get_method("wanda"), NM_2_4, ctx, filter_fn=lambda n, m: n in names,
-                          measure_memory=False)
-    assert set(result.layer_sparsity) == names and set(result.layer_sparsity.values()) == {0.5}
+    untouched = {n: p.clone() for n, p in model.named_parameters()}
+    result = prune_module(model, get_method("wanda"), NM_2_4, ctx, measure_memory=False)
+    assert set(result.layer_sparsity) == {u.name for u in units}
+    assert set(result.layer_sparsity.values()) == {0.5}
     for u in units:
         assert torch.equal(u.read(model), u.read(reference))
+    stored = {u.tensor_name for u in units}
+    for name, param in model.named_parameters():  # heads, embeddings, norms, routers unchanged
+        if not any(name.endswith(t) for t in stored):
+            assert torch.equal(param, untouched[name]), name
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_prune_module_prunes_experts_without_tokens_by_magnitude(family):
+    model = make_tiny(family)
+    units = prunable_units(model)
+    ctx = _calibrate(model, units, ids=torch.tensor([[7]]))
+    empty = set(ctx.empty_layers())
+    original = {u.name: u.read(model).clone() for u in units}
+    prune_module(model, get_method("sparsegpt"), NM_2_4, ctx, measure_memory=False)
+    assert empty
+    for name in empty:
+        unit = next(u for u in units if u.name == name)
+        assert torch.equal(unit.read(model) != 0, keep_nm(original[name].abs(), 2, 4) & (original[name] != 0))
 
 
 # ------------------------------------------------------------------ GPT-2 Conv1D: the math input dimension
