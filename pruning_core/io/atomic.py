@@ -92,19 +92,27 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        _fsync_tree(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-            os.replace(final, old / final.name)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        install_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def install_dir(staging: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Fsync the finished directory ``staging`` and rename it to ``path`` (a sibling), replacing
+    any existing ``path`` as :func:`atomic_dir` does (moved aside first, deleted afterwards)."""
+    tmp, final = Path(staging), Path(path)
+    _fsync_tree(tmp)
+    os.chmod(tmp, 0o777 & ~_umask())
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        os.replace(final, old / final.name)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 @contextlib.contextmanager
@@ -195,6 +203,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "install_dir",
     "is_temporary",
     "safe_child",
     "sha256_file",

@@ -29,7 +29,9 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _check_windows(model: Any, windows: torch.Tensor, batch_size: int) -> None:
+def check_windows(windows: torch.Tensor, batch_size: int, vocab: int) -> None:
+    """Raise :class:`ConfigError` unless ``windows`` is an ``[n >= 1, L >= 2]`` int tensor of ids in
+    ``[0, vocab)`` and ``batch_size`` an int >= 1."""
     check_rank(windows, 2, name="windows", what="[n, length] token tensor")
     if windows.dtype not in (torch.int64, torch.int32):
         raise ConfigError("windows", f"token ids must be int64 or int32, got {windows.dtype}")
@@ -38,7 +40,6 @@ def _check_windows(model: Any, windows: torch.Tensor, batch_size: int) -> None:
         raise ConfigError("windows", f"need at least 1 window of at least 2 tokens, got shape {[n, length]}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError("batch_size", f"must be an int >= 1, got {batch_size!r}")
-    vocab = model.get_input_embeddings().num_embeddings
     low, high = int(windows.min()), int(windows.max())
     if low < 0 or high >= vocab:
         raise ConfigError(
@@ -46,13 +47,9 @@ def _check_windows(model: Any, windows: torch.Tensor, batch_size: int) -> None:
         )
 
 
-def window_nll(model: Any, batch: torch.Tensor) -> torch.Tensor:
-    """Summed next-token negative log-likelihood of each window: ``[b, L]`` ids -> ``[b]`` float64.
-
-    Logits come from the model's own forward (so any output head or logit transform is honoured);
-    the cross-entropy is computed in float32 or wider.
-    """
-    logits = model(input_ids=batch, use_cache=False).logits  # [b, L, V]
+def nll_from_logits(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood per window: logits ``[b, L, V]`` (any float dtype)
+    and ids ``[b, L]`` -> ``[b]`` float64. The cross-entropy is computed in float32."""
     b, length, vocab = logits.shape
     # Position t predicts token t+1; the last position predicts nothing (ignore_index), which
     # avoids copying the [b, L-1, V] slice of the logits.
@@ -60,6 +57,22 @@ def window_nll(model: Any, batch: torch.Tensor) -> torch.Tensor:
     targets[:, :-1] = batch[:, 1:]  # [b, L]
     nll = F.cross_entropy(logits.reshape(b * length, vocab).float(), targets.reshape(-1), reduction="none")
     return nll.reshape(b, length).double().sum(dim=1)
+
+
+def check_nll(nll: float, lo: int, hi: int) -> float:
+    """``nll`` if finite, else :class:`NumericalInstability` naming windows ``lo..hi``."""
+    if not math.isfinite(nll):
+        raise NumericalInstability("perplexity", f"non-finite loss {nll} on windows {lo}..{hi}")
+    return nll
+
+
+def window_nll(model: Any, batch: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of each window: ``[b, L]`` ids -> ``[b]`` float64.
+
+    Logits come from the model's own forward (so any output head or logit transform is honoured);
+    the cross-entropy is computed in float32 or wider (:func:`nll_from_logits`).
+    """
+    return nll_from_logits(model(input_ids=batch, use_cache=False).logits, batch)
 
 
 def perplexity(model: Any, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = True) -> float:
@@ -78,7 +91,7 @@ def perplexity(model: Any, windows: torch.Tensor, *, batch_size: int = 8, progre
         ConfigError: a malformed ``windows`` tensor or token ids outside the vocabulary.
         NumericalInstability: the model produced a non-finite loss (names the windows).
     """
-    _check_windows(model, windows, batch_size)
+    check_windows(windows, batch_size, model.get_input_embeddings().num_embeddings)
     model.eval()
     device = _model_device(model)
     n, length = windows.shape
@@ -87,11 +100,7 @@ def perplexity(model: Any, windows: torch.Tensor, *, batch_size: int = 8, progre
     with torch.inference_mode():
         for lo in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch", disable=not progress):
             batch = windows[lo : lo + batch_size].to(device=device, dtype=torch.long)
-            nll = float(window_nll(model, batch).sum())
-            if not math.isfinite(nll):
-                hi = min(lo + batch_size, n) - 1
-                raise NumericalInstability("perplexity", f"non-finite loss {nll} on windows {lo}..{hi}")
-            total += nll
+            total += check_nll(float(window_nll(model, batch).sum()), lo, min(lo + batch_size, n) - 1)
     seconds = time.perf_counter() - start
     result = math.exp(total / (n * (length - 1)))
     logger.info(
@@ -129,4 +138,4 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-__all__ = ["generate_text", "perplexity", "window_nll"]
+__all__ = ["check_nll", "check_windows", "generate_text", "nll_from_logits", "perplexity", "window_nll"]

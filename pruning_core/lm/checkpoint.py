@@ -1,0 +1,330 @@
+"""Read a causal LM checkpoint one decoder block at a time, by module names.
+
+Stage: inputs. :class:`CheckpointReader` opens a (possibly sharded) safetensors Hugging Face
+directory without loading it: the config, the storage dtype, the number of decoder blocks, one
+decoder block materialized on a device, or the *shell* (everything outside the decoder list:
+embeddings, final norm, head, rotary buffers) with the blocks left on the meta device.
+
+Names go through transformers' own saved <-> in-memory mapping
+(``transformers.conversion_mapping.get_model_conversion_mapping`` and the ``WeightConverter``
+operations of ``transformers.core_model_loading``), applied exactly as ``from_pretrained``
+applies it: e.g. Mixtral checkpoints store ``block_sparse_moe.experts.N.w1/w2/w3`` per expert
+while the transformers 5 module holds fused ``mlp.experts.gate_up_proj [E, 2F, H]`` and
+``mlp.experts.down_proj``; a checkpoint that already stores the fused names loads as is.
+:meth:`CheckpointReader.to_checkpoint` maps a (pruned) block back to the saved names.
+
+Dtypes follow ``from_pretrained(dtype=...)``: floating tensors are cast to the requested dtype
+except where the model keeps a module in another dtype. Non-persistent buffers (rotary
+``inv_freq``, Gemma's ``embed_scale``) are not in checkpoints: they are recomputed by the
+model's own ``_init_weights``, as ``from_pretrained`` does, and checked to be filled.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pruning_core.arch import decoder_blocks
+from pruning_core.errors import ArtifactError
+from pruning_core.lm.shards import CheckpointLayout
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class _Group:
+    """The checkpoint tensors that produce one in-memory tensor (several for a WeightConverter)."""
+
+    converter: Any | None  # transformers WeightConverter, or None for a plain (renamed) tensor
+    sources: list[tuple[str, str]] = field(default_factory=list)  # (saved name, matched pattern)
+
+
+def _transformers() -> Any:
+    from pruning_core.lm.models import offline_transformers
+
+    return offline_transformers()
+
+
+class CheckpointReader:
+    """A Hugging Face causal LM directory, read block by block (see the module docstring).
+
+    Attributes:
+        root: the model directory.
+        layout: the shards' headers (:class:`pruning_core.lm.shards.CheckpointLayout`).
+        config: the ``transformers`` config.
+        stored_dtype: the floating dtype holding most of the checkpoint's bytes.
+        block_prefix: qualified name of the decoder list, e.g. ``"model.layers"``.
+        num_blocks: number of decoder blocks.
+
+    Raises (constructor):
+        ArtifactError: no config or weights, a corrupt header, or a model tensor that no
+            checkpoint tensor provides (named), so nothing fails after long work.
+    """
+
+    def __init__(self, model_dir: PathLike) -> None:
+        self.root = Path(model_dir)
+        if not (self.root / "config.json").is_file():
+            raise ArtifactError(str(self.root), "not a Hugging Face model directory: no config.json")
+        self.layout = CheckpointLayout.read(self.root)
+        tf = _transformers()
+        self.config = tf.AutoConfig.from_pretrained(self.root, local_files_only=True)
+        self.stored_dtype = self.layout.dominant_dtype()
+        self._templates: dict[torch.dtype, nn.Module] = {}
+        template = self.template(self.stored_dtype)
+        self.block_prefix, blocks = decoder_blocks(template)
+        self.num_blocks = len(blocks)
+        self._groups, self._used = self._map_names(template)
+        self._check_complete(template)
+
+    # ------------------------------------------------------------------ skeletons and names
+    def template(self, dtype: torch.dtype) -> nn.Module:
+        """The model built on the meta device in ``dtype`` (no memory; cached per dtype)."""
+        if dtype not in self._templates:
+            self._templates[dtype] = self.new_skeleton(dtype)
+        return self._templates[dtype]
+
+    def new_skeleton(self, dtype: torch.dtype) -> Any:
+        """A fresh ``AutoModelForCausalLM`` of this config on the meta device, in eval mode."""
+        tf = _transformers()
+        with torch.device("meta"):
+            model = tf.AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        return model.eval()
+
+    def _map_names(self, template: Any) -> tuple[dict[str, _Group], list[Any]]:
+        """In-memory name -> the saved tensors that build it, as ``from_pretrained`` renames them."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
+
+        conversions = get_model_conversion_mapping(template)
+        converters = [c for c in conversions if isinstance(c, WeightConverter)]
+        renamings = [c for c in conversions if not isinstance(c, WeightConverter)]
+        by_pattern = {p: c for c in converters for p in c.source_patterns}
+        meta = template.state_dict()
+        groups: dict[str, _Group] = {}
+        unexpected = []
+        for key in sorted(self.layout.tensors, key=dot_natural_key):
+            name, pattern = rename_source_key(key, renamings, converters, template.base_model_prefix, meta)
+            if name not in meta and key in meta:
+                name, pattern = key, None
+            if name not in meta:
+                unexpected.append(key)
+                continue
+            group = groups.setdefault(name, _Group(by_pattern[pattern] if pattern else None))
+            group.sources.append((key, pattern or key))
+        if unexpected:
+            logger.warning("%s: %d checkpoint tensors are not used by %s (kept as is when writing): %s",
+                           self.root, len(unexpected), type(template).__name__, unexpected[:5])
+        return groups, [c for c in conversions if c.was_used()]
+
+    def _covered(self) -> set[str]:
+        covered = set()
+        for name, group in self._groups.items():
+            covered.add(name)
+            if group.converter is not None:  # a one-to-many converter fills every target pattern
+                first = group.converter.target_patterns[0]
+                covered.update(name.replace(first, t) for t in group.converter.target_patterns)
+        return covered
+
+    def _check_complete(self, template: Any) -> None:
+        covered = self._covered()
+        tied = getattr(template, "all_tied_weights_keys", {}) or {}
+        missing = [k for k in template.state_dict() if k not in covered and tied.get(k) not in covered]
+        if missing:
+            raise ArtifactError(str(self.root), f"{len(missing)} model tensors are not in the checkpoint: {missing[:5]}")
+        for name, group in self._groups.items():
+            if group.converter is None:
+                saved = self.layout.tensors[group.sources[0][0]]
+                expected = tuple(template.state_dict()[name].shape)
+                if saved.shape != expected:
+                    raise ArtifactError(str(self.root), f"tensor '{saved.name}' has shape {list(saved.shape)}, "
+                                                        f"the model expects {list(expected)} for '{name}'")
+
+    def block_names(self, index: int) -> list[str]:
+        """The saved names of decoder block ``index``'s tensors (what a writer replaces)."""
+        self._check_index(index)
+        prefix = f"{self.block_prefix}.{index}."
+        return sorted(k for name, g in self._groups.items() if name.startswith(prefix) for k, _ in g.sources)
+
+    def _check_index(self, index: int) -> None:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_blocks:
+            raise ArtifactError(str(self.root), f"decoder block {index!r} does not exist (the model has {self.num_blocks})")
+
+    # ------------------------------------------------------------------ reading tensors
+    def _read_saved(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Saved tensors by name; each shard is mapped only while it is read (bounded RSS)."""
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for key in keys:
+            by_file[self.layout.tensors[key].file].append(key)
+        out: dict[str, torch.Tensor] = {}
+        for file, names in by_file.items():
+            with safe_open(str(self.root / file), framework="pt", device="cpu") as f:
+                for name in names:
+                    out[name] = f.get_tensor(name)
+        return out
+
+    def read_model_tensors(self, wanted: Callable[[str], bool], dtype: torch.dtype,
+                           device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """In-memory name -> tensor for every model tensor whose name passes ``wanted``.
+
+        Floating tensors get the dtype the model built in ``dtype`` gives them (``from_pretrained``'s
+        rule); converter groups (fused experts) are assembled by transformers' own operations.
+        """
+        meta = {k: v.dtype for k, v in self.template(dtype).state_dict().items()}
+        out: dict[str, torch.Tensor] = {}
+        for name, group in self._groups.items():
+            if not wanted(name):
+                continue
+            raw = self._read_saved([k for k, _ in group.sources])
+            cast = {k: t.to(meta[name]) if t.is_floating_point() and meta[name].is_floating_point else t
+                    for k, t in raw.items()}
+            del raw
+            if group.converter is None:
+                out[name] = cast[group.sources[0][0]]
+                continue
+            converter = copy.deepcopy(group.converter)
+            for key, pattern in group.sources:
+                converter.add_tensor(name, key, pattern, cast.pop(key))
+            for target, value in converter.convert(name, model=self.template(dtype), config=self.config).items():
+                out[target] = (value[0] if isinstance(value, list) else value).contiguous()
+        return {k: v.to(device) for k, v in out.items()}
+
+    # ------------------------------------------------------------------ blocks and shell
+    def load_block(self, index: int, *, dtype: torch.dtype | None = None,
+                   device: str | torch.device = "cpu") -> nn.Module:
+        """Decoder block ``index`` with its checkpoint weights, on ``device``, in eval mode.
+
+        Args:
+            index: block number, ``0 <= index < num_blocks``.
+            dtype: compute dtype (default: the stored dtype).
+            device: where the block's tensors live.
+
+        Returns:
+            The block module (the class the model uses, ``layer_idx`` and attributes such as
+            ``attention_type`` intact), independent of the reader: dropping it frees its memory.
+        """
+        self._check_index(index)
+        dtype = dtype or self.stored_dtype
+        block = copy.deepcopy(decoder_blocks(self.template(dtype))[1][index])
+        prefix = f"{self.block_prefix}.{index}."
+        tensors = self.read_model_tensors(lambda n: n.startswith(prefix), dtype, device)
+        for name, tensor in tensors.items():
+            _set_tensor(block, name[len(prefix):], tensor)
+        _init_nonpersistent(self.template(dtype), block, device)
+        _check_materialized(block, f"{prefix}", str(self.root))
+        return block.requires_grad_(False).eval()
+
+    def load_shell(self, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                   head: bool = True) -> Any:
+        """The whole model with every decoder block left on the meta device.
+
+        Embeddings, final norm, head and everything else outside the decoder list are loaded
+        (``head=False`` leaves an untied output head on meta, for passes that stop before it);
+        tied heads are tied as ``from_pretrained`` ties them; non-persistent buffers are recomputed.
+        """
+        dtype = dtype or self.stored_dtype
+        shell = self.new_skeleton(dtype)
+        prefix = self.block_prefix + "."
+        skipped = set() if head else self._untied_head(shell)
+        tensors = self.read_model_tensors(lambda n: not n.startswith(prefix) and n not in skipped, dtype, device)
+        for name, tensor in tensors.items():
+            _set_tensor(shell, name, tensor)
+        missing = {k for k in shell.state_dict() if not k.startswith(prefix) and k not in tensors}
+        shell.tie_weights(missing_keys=missing, recompute_mapping=False)
+        _init_nonpersistent(shell, shell, device, skip=prefix)
+        _check_materialized(shell, "", str(self.root), skip=(prefix, *skipped))
+        return shell.requires_grad_(False).eval()
+
+    def _untied_head(self, shell: Any) -> set[str]:
+        head = shell.get_output_embeddings()
+        if head is None or head.weight is shell.get_input_embeddings().weight:
+            return set()
+        name = next(n for n, m in shell.named_modules() if m is head)
+        return {f"{name}.{p}" for p, _ in head.named_parameters()}
+
+    # ------------------------------------------------------------------ back to saved names
+    def to_checkpoint(self, index: int, block: nn.Module) -> dict[str, torch.Tensor]:
+        """Block ``index``'s tensors under their saved names and layout (per-expert splits undone).
+
+        Raises:
+            ArtifactError: the block's tensors do not map back onto exactly :meth:`block_names`.
+        """
+        from transformers.core_model_loading import revert_weight_conversion
+
+        prefix = f"{self.block_prefix}.{index}."
+        state = {prefix + k: v for k, v in block.state_dict().items()}
+        plain = {n: g.sources[0][0] for n, g in self._groups.items() if g.converter is None and n in state}
+        out = {saved: state.pop(name) for name, saved in plain.items()}
+        if state:
+            template = self.template(self.stored_dtype)
+            template._weight_conversions = self._used
+            out.update(revert_weight_conversion(template, state))
+        expected = set(self.block_names(index))
+        if set(out) != expected:
+            extra, lost = sorted(set(out) - expected), sorted(expected - set(out))
+            raise ArtifactError(str(self.root), f"block {index} maps back to unknown tensors {extra[:3]} "
+                                                f"and misses {lost[:3]}")
+        return out
+
+    @cached_property
+    def vocab_size(self) -> int:
+        return int(self.template(self.stored_dtype).get_input_embeddings().num_embeddings)
+
+
+def _set_tensor(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    if attr in owner._parameters:
+        owner._parameters[attr] = value = nn.Parameter(tensor, requires_grad=False)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value = tensor
+    else:
+        raise ArtifactError(name, f"{type(owner).__name__} has no parameter or buffer '{attr}'")
+    value._is_hf_initialized = True  # transformers' init functions skip loaded tensors
+
+
+def _init_nonpersistent(model: Any, root: nn.Module, device: str | torch.device, *, skip: str | None = None) -> None:
+    """Recompute ``root``'s non-persistent buffers with the model's own ``_init_weights``."""
+    from transformers.initialization import guard_torch_init_functions
+
+    owners: dict[int, nn.Module] = {}
+    for name, module in root.named_modules():
+        if skip and (name + ".").startswith(skip):
+            continue
+        for attr in module._non_persistent_buffers_set:
+            buf = module._buffers.get(attr)
+            if buf is not None and buf.is_meta:
+                filler = float("nan") if buf.is_floating_point() else 0
+                module._buffers[attr] = torch.full_like(buf, filler, device=device)
+                owners[id(module)] = module
+    with torch.no_grad(), guard_torch_init_functions():
+        for module in owners.values():
+            model._init_weights(module)
+    for module in owners.values():
+        for attr in module._non_persistent_buffers_set:
+            buf = module._buffers.get(attr)
+            if buf is not None and buf.is_floating_point() and bool(torch.isnan(buf).any()):
+                raise ArtifactError(type(module).__name__, f"non-persistent buffer '{attr}' was not recomputed "
+                                                           "by the model's _init_weights")
+
+
+def _check_materialized(root: nn.Module, prefix: str, where: str, *, skip: tuple[str, ...] = ()) -> None:
+    left = [n for n, t in [*root.named_parameters(), *root.named_buffers()]
+            if t.is_meta and not any(n == s or n.startswith(s) for s in skip)]
+    if left:
+        raise ArtifactError(where, f"{len(left)} tensors of '{prefix or 'the model'}' were not loaded: {left[:5]}")
+
+
+__all__ = ["CheckpointReader"]
