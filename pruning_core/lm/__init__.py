@@ -1,11 +1,15 @@
 """Causal language models for the one-shot compression job: loading (the default SmolLM2-135M
-included), text corpora and token windows, perplexity and generation.
+included), text corpora and token windows, perplexity and generation, and block-by-block
+streaming of checkpoints (:class:`CheckpointReader`, :class:`LayerStream`,
+:func:`streaming_perplexity`, :func:`calibrate_blocks`, :class:`CheckpointWriter`).
 
 Needs the ``lm`` extra (transformers, accelerate, gguf); transformers is imported lazily.
 """
 
 from __future__ import annotations
 
+from pruning_core.lm.activations import Activations
+from pruning_core.lm.checkpoint import CheckpointReader
 from pruning_core.lm.checks import (
     check_causal_lm,
     check_window_length,
@@ -24,6 +28,7 @@ from pruning_core.lm.models import (
     save_pretrained_atomic,
 )
 from pruning_core.lm.smollm2 import default_cache_root, smollm2_dir
+from pruning_core.lm.stream import LayerCall, LayerInputs, LayerStream, calibrate_blocks, streaming_perplexity
 from pruning_core.lm.text import (
     SHIPPED_TEXTS,
     calibration_windows,
@@ -34,9 +39,17 @@ from pruning_core.lm.text import (
     text_windows,
     tokenize_corpus,
 )
+from pruning_core.lm.writer import CheckpointWriter
 
 __all__ = [
     "SHIPPED_TEXTS",
+    "Activations",
+    "CheckpointReader",
+    "CheckpointWriter",
+    "LayerCall",
+    "LayerInputs",
+    "LayerStream",
+    "calibrate_blocks",
     "calibration_windows",
     "check_causal_lm",
     "check_finite_weights",
@@ -58,6 +71,7 @@ __all__ = [
     "smollm2_dir",
     "start_tokens",
     "stored_dtype",
+    "streaming_perplexity",
     "text_windows",
     "tokenize_corpus",
     "window_nll",

@@ -299,7 +299,7 @@ def _init_nonpersistent(model: Any, root: nn.Module, device: str | torch.device,
     """Recompute ``root``'s non-persistent buffers with the model's own ``_init_weights``."""
     from transformers.initialization import guard_torch_init_functions
 
-    owners: dict[int, nn.Module] = {}
+    owners: dict[str, nn.Module] = {}
     for name, module in root.named_modules():
         if skip and (name + ".").startswith(skip):
             continue
@@ -308,16 +308,16 @@ def _init_nonpersistent(model: Any, root: nn.Module, device: str | torch.device,
             if buf is not None and buf.is_meta:
                 filler = float("nan") if buf.is_floating_point() else 0
                 module._buffers[attr] = torch.full_like(buf, filler, device=device)
-                owners[id(module)] = module
+                owners[name] = module
     with torch.no_grad(), guard_torch_init_functions():
         for module in owners.values():
             model._init_weights(module)
-    for module in owners.values():
-        for attr in module._non_persistent_buffers_set:
+    for name, module in owners.items():
+        for attr in sorted(module._non_persistent_buffers_set):
             buf = module._buffers.get(attr)
             if buf is not None and buf.is_floating_point() and bool(torch.isnan(buf).any()):
-                raise ArtifactError(type(module).__name__, f"non-persistent buffer '{attr}' was not recomputed "
-                                                           "by the model's _init_weights")
+                raise ArtifactError(name or type(module).__name__, f"non-persistent buffer '{attr}' was not "
+                                    "recomputed by the model's _init_weights")
 
 
 def _check_materialized(root: nn.Module, prefix: str, where: str, *, skip: tuple[str, ...] = ()) -> None:

@@ -73,6 +73,8 @@ def _parse_header(path: Path) -> tuple[bytes, dict]:
         if length > 100 << 20:
             raise ArtifactError(str(path), f"safetensors header of {length} bytes is implausible")
         text = f.read(length)
+    if len(text) != length:
+        raise ArtifactError(str(path), f"truncated safetensors header ({len(text)} of {length} bytes)")
     try:
         return prefix + text, json.loads(text)
     except ValueError as exc:

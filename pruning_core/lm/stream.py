@@ -352,11 +352,11 @@ def streaming_perplexity(source: PathLike | CheckpointReader, windows: torch.Ten
 
 
 def calibrate_blocks(stream: LayerStream, finish: Callable[[int, nn.Module], Any], *,
-                     observe: Callable[[int, nn.Module], AbstractContextManager[Any]] | None = None,
+                     observe: Callable[[int, nn.Module, LayerInputs], AbstractContextManager[Any]] | None = None,
                      sequential: bool = True, writer: Any | None = None) -> dict[int, Any]:
     """Calibrate and finish (prune, write) every block, streaming; resumable through ``writer``.
 
-    For each block ``i``: ``observe(i, block)`` is entered while the block runs on its inputs
+    For each block ``i``: ``observe(i, block, inputs)`` is entered while the block runs on its inputs
     (attach statistics hooks there), then ``record = finish(i, block)`` prunes it in place, then
     ``writer.write_block(i, block, record=record)`` when a writer is given. The next block's
     inputs come from the finished block (``sequential``, the Wanda/SparseGPT references' default)
@@ -379,7 +379,7 @@ def calibrate_blocks(stream: LayerStream, finish: Callable[[int, nn.Module], Any
         return stream.load(i)
 
     def callback(i: int, block: nn.Module, inputs: LayerInputs) -> Activations | None:
-        with observe(i, block) if observe is not None else contextlib.nullcontext():
+        with observe(i, block, inputs) if observe is not None else contextlib.nullcontext():
             dense = inputs.run(block, keep=not sequential and i < stream.num_blocks - 1)
         records[i] = finish(i, block)
         if writer is not None:

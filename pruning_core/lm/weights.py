@@ -3,7 +3,7 @@
 Stage: inputs. Per-layer tasks of a pruning job run in other threads or processes (Dask
 workers); each reads only the tensors it needs from the model's safetensors files
 (``safe_open`` maps the file and copies one tensor), and a sequential-mode task builds just one
-decoder block.
+decoder block (:mod:`pruning_core.lm.checkpoint` does the block-level work).
 """
 
 from __future__ import annotations
@@ -63,27 +63,13 @@ def load_decoder_block(model_dir: PathLike, index: int, *, dtype: torch.dtype = 
                        device: str | torch.device = "cpu") -> torch.nn.Module:
     """Build decoder block ``index`` of a causal LM with its checkpoint weights, and nothing else.
 
-    The model skeleton is created on the meta device (no memory, no initialization), the block
-    is materialized on ``device`` and filled from the safetensors files.
+    A shortcut for :meth:`pruning_core.lm.checkpoint.CheckpointReader.load_block` (names go through
+    transformers' saved <-> in-memory mapping; non-persistent buffers are recomputed). Open one
+    ``CheckpointReader`` when reading several blocks of one model.
     """
-    from pruning_core.calibration.sequential import find_decoder_blocks
-    from pruning_core.lm.models import offline_transformers
+    from pruning_core.lm.checkpoint import CheckpointReader
 
-    tf = offline_transformers()
-    config = tf.AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    with torch.device("meta"):
-        skeleton = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    prefix, blocks = find_decoder_blocks(skeleton)
-    if not 0 <= index < len(blocks):
-        raise ArtifactError(str(model_dir), f"decoder block {index} does not exist (the model has {len(blocks)})")
-    block = blocks[index].to_empty(device=device)
-    unsaved = [n for n, _ in block.named_buffers() if n not in block.state_dict()]
-    if unsaved:  # non-persistent buffers are not in the checkpoint: they would stay uninitialized
-        raise ArtifactError(str(model_dir), f"block {index} has non-persistent buffers {unsaved}; load the whole model")
-    names = {f"{prefix}.{index}.{k}": k for k in block.state_dict()}
-    tensors = read_tensors(model_dir, list(names), dtype=dtype)
-    block.load_state_dict({names[n]: t for n, t in tensors.items()}, strict=True, assign=False)
-    return block.eval()
+    return CheckpointReader(model_dir).load_block(index, dtype=dtype, device=device)
 
 
 __all__ = ["load_decoder_block", "read_tensors", "read_weight", "weight_files"]
