@@ -33,7 +33,6 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,107 +45,12 @@ from pruning_core.lm.activations import Activations
 from pruning_core.lm.checkpoint import CheckpointReader
 from pruning_core.lm.evaluate import check_nll, check_windows, nll_from_logits
 from pruning_core.lm.models import resolve_device
+from pruning_core.lm.recording import LayerCall, OutputSpec, StopForward, stubbed
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 Callback = Callable[[int, nn.Module, "LayerInputs"], "Activations | None"]
-
-
-class _StopForward(BaseException):
-    """Private signal that ends a recording forward pass at the last decoder layer (never an error)."""
-
-
-def _is_cache(value: Any) -> bool:
-    from transformers.cache_utils import Cache
-
-    return isinstance(value, Cache)
-
-
-def _capture(value: Any, memo: dict[int, tuple[Any, Any]], device: torch.device) -> Any:
-    """``value`` with tensors moved to ``device`` once per object (``memo``) and caches dropped."""
-    if isinstance(value, torch.Tensor):
-        if id(value) not in memo:  # the original stays referenced, so its id cannot be reused
-            memo[id(value)] = (value, value.detach().to(device))
-        return memo[id(value)][1]
-    if _is_cache(value):
-        return None
-    if isinstance(value, tuple | list):
-        return type(value)(_capture(v, memo, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _capture(v, memo, device) for k, v in value.items()}
-    return value
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple | list):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
-@dataclass
-class LayerCall:
-    """What the model passed one decoder layer for one batch, hidden states excluded."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    hidden_keyword: bool = False  # the hidden states came as ``hidden_states=``
-
-    @classmethod
-    def split(cls, args: tuple[Any, ...], kwargs: dict[str, Any], memo: dict[int, tuple[Any, Any]],
-              device: torch.device) -> tuple[torch.Tensor, LayerCall]:
-        """``(hidden states, the rest)`` of one layer call, captured (see :func:`_capture`)."""
-        if args:
-            return args[0], cls(_capture(args[1:], memo, device), _capture(kwargs, memo, device))
-        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        return kwargs["hidden_states"], cls((), _capture(rest, memo, device), True)
-
-    def __call__(self, block: nn.Module, hidden: torch.Tensor, device: torch.device) -> Any:
-        args, kwargs = _to(self.args, device), _to(self.kwargs, device)
-        if self.hidden_keyword:
-            return block(*args, hidden_states=hidden, **kwargs)
-        return block(hidden, *args, **kwargs)
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """What a decoder layer returns: a tensor (``arity`` None) or a tuple of ``arity`` items."""
-
-    arity: int | None
-
-    @classmethod
-    def of(cls, output: Any) -> OutputSpec:
-        if isinstance(output, torch.Tensor):
-            return cls(None)
-        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            return cls(len(output))
-        raise ConfigError("model", f"a decoder layer returned {type(output).__name__}; "
-                                   "expected a tensor or a tuple that starts with the hidden states")
-
-    def wrap(self, hidden: torch.Tensor) -> Any:
-        return hidden if self.arity is None else (hidden,) + (None,) * (self.arity - 1)
-
-    def unwrap(self, output: Any) -> torch.Tensor:
-        return output if self.arity is None else output[0]
-
-
-@contextlib.contextmanager
-def _stubbed(blocks: nn.ModuleList, stubs: list[Callable[..., Any]]) -> Iterator[None]:
-    """Swap each block's ``forward`` for a stub (instance attribute), restoring it afterwards."""
-    saved = [b.__dict__.get("forward") for b in blocks]
-    try:
-        for block, stub in zip(blocks, stubs, strict=True):
-            block.forward = stub
-        yield
-    finally:
-        for block, old in zip(blocks, saved, strict=True):
-            del block.forward
-            if old is not None:
-                block.forward = old
 
 
 class LayerInputs:
@@ -236,10 +140,10 @@ class LayerStream:
         return self.reader.load_block(index, dtype=self.dtype, device=self.device)
 
     def _forward(self, tokens: torch.Tensor, stubs: list[Callable[..., Any]]) -> Any:
-        with _stubbed(self._blocks, stubs), torch.no_grad():
+        with stubbed(self._blocks, stubs), torch.no_grad():
             try:
                 return self.shell(input_ids=tokens.to(self.device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 return None
 
     def _probe(self) -> OutputSpec:
@@ -248,7 +152,7 @@ class LayerStream:
 
         def stop(*args: Any, **kwargs: Any) -> Any:
             seen.append(LayerCall.split(args, kwargs, {}, self.device))
-            raise _StopForward
+            raise StopForward
 
         self._forward(next(self.batches())[1], [stop] + [stop] * (self.num_blocks - 1))
         if not seen:
@@ -271,7 +175,7 @@ class LayerStream:
                 if i == 0:
                     hidden.append(h)
                 if i == n - 1:
-                    raise _StopForward
+                    raise StopForward
                 return self.spec.wrap(h)
             return forward
 
