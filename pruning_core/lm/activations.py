@@ -24,27 +24,35 @@ class Activations:
     """Per-batch tensors ``[b, T, D]`` of one depth, appended in batch order.
 
     Args:
-        spill_dir: None keeps the tensors in memory (on the CPU when ``offload``); a directory
-            writes each batch to ``<spill_dir>/act-<id>-<batch>.safetensors`` instead.
+        spill_dir: None keeps every tensor in memory (on the CPU when ``offload``); a directory
+            receives the batches that do not fit in ``budget`` as
+            ``<spill_dir>/act-<id>-<batch>.safetensors``.
+        budget: bytes kept in memory before spilling (None: spill every batch when ``spill_dir``
+            is given).
         offload: keep in-memory tensors on the CPU even if they were computed on an accelerator.
     """
 
-    def __init__(self, spill_dir: str | os.PathLike[str] | None = None, *, offload: bool = True) -> None:
+    def __init__(self, spill_dir: str | os.PathLike[str] | None = None, *, budget: int | None = None,
+                 offload: bool = True) -> None:
         self._dir = Path(spill_dir) if spill_dir is not None else None
+        self._budget = budget
         self._offload = offload
         self._tag = f"{os.getpid()}-{next(_counter)}-{uuid.uuid4().hex[:8]}"
         self._items: list[torch.Tensor | Path] = []
         self.nbytes = 0
 
     @property
-    def spilled(self) -> bool:
-        return self._dir is not None
+    def spilled(self) -> int:
+        """How many batches live on disk."""
+        return sum(isinstance(item, Path) for item in self._items)
 
     def append(self, tensor: torch.Tensor) -> None:
         """Store the next batch's tensor (detached; copied to the CPU when spilled or offloaded)."""
         tensor = tensor.detach()
-        self.nbytes += tensor.numel() * tensor.element_size()
-        if self._dir is None:
+        size = tensor.numel() * tensor.element_size()
+        fits = self._budget is not None and self.nbytes + size <= self._budget
+        self.nbytes += size
+        if self._dir is None or fits:
             self._items.append(tensor.cpu() if self._offload else tensor)
             return
         self._dir.mkdir(parents=True, exist_ok=True)

@@ -278,6 +278,20 @@ class CheckpointReader:
                                                 f"and misses {lost[:3]}")
         return out
 
+    def check_writable(self) -> None:
+        """Map every block of the meta model back to saved names and shapes (no data is read), so a
+        writer fails before long work rather than at block ``k``.
+
+        Raises:
+            ArtifactError: a block does not map back onto its saved tensors, or a shape differs.
+        """
+        blocks = decoder_blocks(self.template(self.stored_dtype))[1]
+        for i, block in enumerate(blocks):
+            for name, tensor in self.to_checkpoint(i, block).items():
+                if tuple(tensor.shape) != self.layout.tensors[name].shape:
+                    raise ArtifactError(str(self.root), f"'{name}' maps back with shape {list(tensor.shape)}, "
+                                                        f"the checkpoint stores {list(self.layout.tensors[name].shape)}")
+
     @cached_property
     def vocab_size(self) -> int:
         return int(self.template(self.stored_dtype).get_input_embeddings().num_embeddings)

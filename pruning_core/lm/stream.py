@@ -100,7 +100,8 @@ class LayerStream:
         batch_size: windows per forward pass.
         device: ``"cpu"``, ``"cuda[:N]"``, ``"auto"`` or None (CPU): where blocks run.
         dtype: compute dtype; default float32 on CPU, the stored dtype elsewhere.
-        spill_dir: keep activations in safetensors files there instead of memory.
+        spill_dir: keep activations in safetensors files there instead of memory ...
+        activation_budget: ... once one depth's activations exceed this many bytes (None: all).
         head: load the output head (needed for logits; calibration passes can skip it).
         progress: tqdm bars over blocks.
 
@@ -111,13 +112,14 @@ class LayerStream:
 
     def __init__(self, source: PathLike | CheckpointReader, windows: torch.Tensor, *, batch_size: int = 8,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 spill_dir: PathLike | None = None, head: bool = True, progress: bool = True) -> None:
+                 spill_dir: PathLike | None = None, activation_budget: int | None = None,
+                 head: bool = True, progress: bool = True) -> None:
         self.reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
         check_windows(windows, batch_size, self.reader.vocab_size)
         self.windows, self.batch_size = windows.to(torch.long), batch_size
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else self.reader.stored_dtype)
-        self.spill_dir, self.progress = spill_dir, progress
+        self.spill_dir, self.activation_budget, self.progress = spill_dir, activation_budget, progress
         self.shell = self.reader.load_shell(dtype=self.dtype, device=self.device, head=head)
         self._blocks = decoder_blocks(self.shell)[1]
         self._store = torch.device("cpu")  # recorded arguments and activations live on the host
@@ -133,7 +135,7 @@ class LayerStream:
             yield lo, self.windows[lo : lo + self.batch_size]
 
     def new_activations(self) -> Activations:
-        return Activations(self.spill_dir, offload=True)
+        return Activations(self.spill_dir, budget=self.activation_budget, offload=True)
 
     def load(self, index: int) -> nn.Module:
         """Decoder block ``index`` from the checkpoint, in the compute dtype on the device."""
@@ -232,7 +234,8 @@ class LayerStream:
 
 def streaming_perplexity(source: PathLike | CheckpointReader, windows: torch.Tensor, *, batch_size: int = 8,
                          device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                         spill_dir: PathLike | None = None, progress: bool = True) -> float:
+                         spill_dir: PathLike | None = None, activation_budget: int | None = None,
+                         progress: bool = True) -> float:
     """Perplexity of a checkpoint, block by block; the same definition as
     :func:`pruning_core.lm.evaluate.perplexity` (``exp`` of the mean NLL of every predicted token,
     float32 cross-entropy, float64 sums), with memory bounded by the shell + one block + activations.
@@ -241,7 +244,7 @@ def streaming_perplexity(source: PathLike | CheckpointReader, windows: torch.Ten
         ConfigError: malformed windows; NumericalInstability: a non-finite loss (names the windows).
     """
     stream = LayerStream(source, windows, batch_size=batch_size, device=device, dtype=dtype,
-                         spill_dir=spill_dir, progress=progress)
+                         spill_dir=spill_dir, activation_budget=activation_budget, progress=progress)
     final = stream.run()
     assert final is not None
     total = 0.0

@@ -65,6 +65,7 @@ class CheckpointWriter:
     """
 
     def __init__(self, source: CheckpointReader, out_dir: str | os.PathLike[str], *, key: str = "") -> None:
+        source.check_writable()
         self.source = source
         self.final = Path(out_dir)
         self.staging = staging_dir(out_dir)

@@ -11,6 +11,7 @@ import torch
 from pruning_core.arch import decoder_blocks
 from pruning_core.calibration import ActivationStats
 from pruning_core.errors import ConfigError
+from pruning_core.lm.activations import Activations
 from pruning_core.lm.checkpoint import CheckpointReader
 from pruning_core.lm.evaluate import nll_from_logits, perplexity
 from pruning_core.lm.stream import LayerStream, calibrate_blocks, streaming_perplexity
@@ -109,8 +110,25 @@ def test_streaming_perplexity_fp32_on_a_bf16_checkpoint(tmp_path, name):
     assert CheckpointReader(tmp_path).stored_dtype == torch.bfloat16
     streamed = streaming_perplexity(tmp_path, WINDOWS, batch_size=3, progress=False)  # float32 on CPU
     spilled = streaming_perplexity(tmp_path, WINDOWS, batch_size=2, spill_dir=tmp_path / "spill", progress=False)
-    assert abs(streamed - full) <= 1e-6 * full and abs(spilled - full) <= 1e-6 * full
+    part = streaming_perplexity(tmp_path, WINDOWS, batch_size=2, spill_dir=tmp_path / "spill",
+                                activation_budget=2 * 32 * 64 * 4, progress=False)  # one batch in memory
+    for value in (streamed, spilled, part):
+        assert abs(value - full) <= 1e-6 * full
     assert list((tmp_path / "spill").iterdir()) == []
+
+
+def test_activations_keep_what_fits_and_spill_the_rest(tmp_path):
+    acts = Activations(tmp_path, budget=100)
+    tensors = [torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(1, 3, 4)]  # 96, 96, 48 bytes
+    for t in tensors:
+        acts.append(t)
+    assert acts.spilled == 2 and len(list(tmp_path.iterdir())) == 2 and acts.nbytes == 240
+    assert all(torch.equal(acts[i], t) for i, t in enumerate(tensors))
+    acts.release()
+    assert list(tmp_path.iterdir()) == [] and len(acts) == 0
+    memory = Activations()
+    memory.append(tensors[0])
+    assert memory.spilled == 0 and memory[0] is not None
 
 
 def test_bad_windows_fail_before_any_block_is_read(tmp_path):
@@ -221,3 +239,24 @@ def test_sequential_calibration_resumes_after_a_crash(tmp_path):
     calls, _, out = run()  # a fresh, uninterrupted run over the same input
     assert calls == [0, 1, 2, 3]
     assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == resumed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["llama", "gemma2", "mixtral"])
+def test_streaming_on_cuda_keeps_only_the_block_on_the_device(tmp_path, name):
+    make_tiny(name, dtype=torch.bfloat16, layers=3).save_pretrained(tmp_path)
+    stream = LayerStream(tmp_path, WINDOWS, batch_size=2, device="cuda", progress=False)
+    assert stream.dtype == torch.bfloat16  # the stored dtype on an accelerator
+    devices = set()
+
+    def check(i, block, inputs):
+        devices.add(next(block.parameters()).device.type)
+        assert inputs.hidden[0].device.type == "cpu"  # activations wait on the host
+
+    stream.run(check)
+    assert devices == {"cuda"}
+    full = perplexity(_from_pretrained(tmp_path, torch.float32).cuda(), WINDOWS.cuda(), batch_size=2, progress=False)
+    streamed = streaming_perplexity(tmp_path, WINDOWS, batch_size=2, device="cuda", dtype=torch.float32,
+                                    progress=False)
+    assert abs(streamed - full) <= 1e-5 * full
