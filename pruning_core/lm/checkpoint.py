@@ -37,6 +37,7 @@ from torch import nn
 
 from pruning_core.arch import decoder_blocks
 from pruning_core.errors import ArtifactError
+from pruning_core.lm.materialize import check_materialized, init_nonpersistent, set_tensor
 from pruning_core.lm.shards import CheckpointLayout
 
 logger = logging.getLogger(__name__)
@@ -139,15 +140,15 @@ class CheckpointReader:
         return covered
 
     def _check_complete(self, template: Any) -> None:
-        covered = self._covered()
+        covered, state = self._covered(), template.state_dict()
         tied = getattr(template, "all_tied_weights_keys", {}) or {}
-        missing = [k for k in template.state_dict() if k not in covered and tied.get(k) not in covered]
+        missing = [k for k in state if k not in covered and tied.get(k) not in covered]
         if missing:
             raise ArtifactError(str(self.root), f"{len(missing)} model tensors are not in the checkpoint: {missing[:5]}")
         for name, group in self._groups.items():
             if group.converter is None:
                 saved = self.layout.tensors[group.sources[0][0]]
-                expected = tuple(template.state_dict()[name].shape)
+                expected = tuple(state[name].shape)
                 if saved.shape != expected:
                     raise ArtifactError(str(self.root), f"tensor '{saved.name}' has shape {list(saved.shape)}, "
                                                         f"the model expects {list(expected)} for '{name}'")
@@ -221,9 +222,9 @@ class CheckpointReader:
         prefix = f"{self.block_prefix}.{index}."
         tensors = self.read_model_tensors(lambda n: n.startswith(prefix), dtype, device)
         for name, tensor in tensors.items():
-            _set_tensor(block, name[len(prefix):], tensor)
-        _init_nonpersistent(self.template(dtype), block, device)
-        _check_materialized(block, f"{prefix}", str(self.root))
+            set_tensor(block, name[len(prefix):], tensor)
+        init_nonpersistent(self.template(dtype), block, device)
+        check_materialized(block, f"{prefix}", str(self.root))
         return block.requires_grad_(False).eval()
 
     def load_shell(self, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -240,11 +241,11 @@ class CheckpointReader:
         skipped = set() if head else self._untied_head(shell)
         tensors = self.read_model_tensors(lambda n: not n.startswith(prefix) and n not in skipped, dtype, device)
         for name, tensor in tensors.items():
-            _set_tensor(shell, name, tensor)
+            set_tensor(shell, name, tensor)
         missing = {k for k in shell.state_dict() if not k.startswith(prefix) and k not in tensors}
         shell.tie_weights(missing_keys=missing, recompute_mapping=False)
-        _init_nonpersistent(shell, shell, device, skip=prefix)
-        _check_materialized(shell, "", str(self.root), skip=(prefix, *skipped))
+        init_nonpersistent(shell, shell, device, skip=prefix)
+        check_materialized(shell, "", str(self.root), skip=(prefix, *skipped))
         return shell.requires_grad_(False).eval()
 
     def _untied_head(self, shell: Any) -> set[str]:
@@ -295,50 +296,6 @@ class CheckpointReader:
     @cached_property
     def vocab_size(self) -> int:
         return int(self.template(self.stored_dtype).get_input_embeddings().num_embeddings)
-
-
-def _set_tensor(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    owner = root.get_submodule(owner_name) if owner_name else root
-    if attr in owner._parameters:
-        owner._parameters[attr] = value = nn.Parameter(tensor, requires_grad=False)
-    elif attr in owner._buffers:
-        owner._buffers[attr] = value = tensor
-    else:
-        raise ArtifactError(name, f"{type(owner).__name__} has no parameter or buffer '{attr}'")
-    value._is_hf_initialized = True  # transformers' init functions skip loaded tensors
-
-
-def _init_nonpersistent(model: Any, root: nn.Module, device: str | torch.device, *, skip: str | None = None) -> None:
-    """Recompute ``root``'s non-persistent buffers with the model's own ``_init_weights``."""
-    from transformers.initialization import guard_torch_init_functions
-
-    owners: dict[str, nn.Module] = {}
-    for name, module in root.named_modules():
-        if skip and (name + ".").startswith(skip):
-            continue
-        for attr in module._non_persistent_buffers_set:
-            buf = module._buffers.get(attr)
-            if buf is not None and buf.is_meta:
-                filler = float("nan") if buf.is_floating_point() else 0
-                module._buffers[attr] = torch.full_like(buf, filler, device=device)
-                owners[name] = module
-    with torch.no_grad(), guard_torch_init_functions():
-        for module in owners.values():
-            model._init_weights(module)
-    for name, module in owners.items():
-        for attr in sorted(module._non_persistent_buffers_set):
-            buf = module._buffers.get(attr)
-            if buf is not None and buf.is_floating_point() and bool(torch.isnan(buf).any()):
-                raise ArtifactError(name or type(module).__name__, f"non-persistent buffer '{attr}' was not "
-                                    "recomputed by the model's _init_weights")
-
-
-def _check_materialized(root: nn.Module, prefix: str, where: str, *, skip: tuple[str, ...] = ()) -> None:
-    left = [n for n, t in [*root.named_parameters(), *root.named_buffers()]
-            if t.is_meta and not any(n == s or n.startswith(s) for s in skip)]
-    if left:
-        raise ArtifactError(where, f"{len(left)} tensors of '{prefix or 'the model'}' were not loaded: {left[:5]}")
 
 
 __all__ = ["CheckpointReader"]

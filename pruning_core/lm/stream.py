@@ -266,8 +266,10 @@ def calibrate_blocks(stream: LayerStream, finish: Callable[[int, nn.Module], Any
     For each block ``i``: ``observe(i, block, inputs)`` is entered while the block runs on its inputs
     (attach statistics hooks there), then ``record = finish(i, block)`` prunes it in place, then
     ``writer.write_block(i, block, record=record)`` when a writer is given. The next block's
-    inputs come from the finished block (``sequential``, the Wanda/SparseGPT references' default)
-    or from the dense block's outputs of that same pass (one-pass: one block run instead of two).
+    inputs come from the finished block (``sequential``, the Wanda/SparseGPT references' default;
+    with a writer, the block as written, i.e. rounded to the storage dtype, which is also what a
+    resumed run reads back) or from the dense block's outputs of that same pass (one-pass: one
+    block run instead of two).
 
     With a :class:`pruning_core.lm.writer.CheckpointWriter` that holds blocks ``0..k`` from a
     crashed run, blocks ``0..k`` are only run (read back pruned from the writer in sequential
@@ -279,9 +281,11 @@ def calibrate_blocks(stream: LayerStream, finish: Callable[[int, nn.Module], Any
     done = set(writer.done_blocks) if writer is not None else set()
     start = next(i for i in range(stream.num_blocks + 1) if i not in done)
     records: dict[int, Any] = writer.records() if writer is not None else {}
+    if start == stream.num_blocks:  # every block was written before a crash: nothing left to run
+        return records
 
     def load(i: int) -> nn.Module:
-        if i < start and sequential:
+        if i in done and sequential:
             return writer.load_block(i, dtype=stream.dtype, device=stream.device)
         return stream.load(i)
 
@@ -291,6 +295,9 @@ def calibrate_blocks(stream: LayerStream, finish: Callable[[int, nn.Module], Any
         records[i] = finish(i, block)
         if writer is not None:
             writer.write_block(i, block, record=records[i])
+            done.add(i)
+            if sequential:  # propagate what was written (storage dtype), exactly as a resumed run does
+                block.load_state_dict(load(i).state_dict())
         return dense
 
     last = stream.run(callback, start=start, load=load if start else None, final=False)

@@ -71,6 +71,7 @@ class CheckpointWriter:
         self.staging = staging_dir(out_dir)
         self._plan = {"version": _VERSION, "source": source.layout.fingerprint(), "key": key}
         self._fds: dict[str, int] = {}
+        self._staged: CheckpointReader | None = None
         self._entries = self._resume() if self._resumable() else self._start()
         if self._entries:
             logger.info("resuming %s: %d blocks already written", self.staging, len(self.done_blocks))
@@ -166,7 +167,9 @@ class CheckpointWriter:
         """Block ``index`` as written so far (for recomputing later blocks' inputs on resume)."""
         if index not in self.done_blocks:
             raise ArtifactError(str(self.staging), f"block {index} has not been written yet")
-        return CheckpointReader(self.staging).load_block(index, dtype=dtype, device=device)
+        if self._staged is None:
+            self._staged = CheckpointReader(self.staging)
+        return self._staged.load_block(index, dtype=dtype, device=device)
 
     def finish(self, *, extra: Mapping[str, Any] | None = None) -> Path:
         """Copy every tensor not rewritten from the input, add ``manifest.json`` (and
