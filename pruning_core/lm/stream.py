@@ -100,8 +100,10 @@ class LayerStream:
         batch_size: windows per forward pass.
         device: ``"cpu"``, ``"cuda[:N]"``, ``"auto"`` or None (CPU): where blocks run.
         dtype: compute dtype; default float32 on CPU, the stored dtype elsewhere.
-        spill_dir: keep activations in safetensors files there instead of memory ...
-        activation_budget: ... once one depth's activations exceed this many bytes (None: all).
+        spill_dir: a scratch directory for activations that do not fit (safetensors files, one
+            per batch, deleted as soon as the next depth is computed).
+        activation_budget: bytes of one depth's activations kept in memory before spilling to
+            ``spill_dir`` (None: spill every batch when ``spill_dir`` is given).
         head: load the output head (needed for logits; calibration passes can skip it).
         progress: tqdm bars over blocks.
 

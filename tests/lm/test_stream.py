@@ -262,3 +262,15 @@ def test_streaming_on_cuda_keeps_only_the_block_on_the_device(tmp_path, name):
     streamed = streaming_perplexity(tmp_path, WINDOWS, batch_size=2, device="cuda", dtype=torch.float32,
                                     progress=False)
     assert abs(streamed - full) <= 1e-5 * full
+
+
+@pytest.mark.slow
+def test_smollm2_streaming_perplexity_equals_the_full_model(smollm2_path):
+    """The real default model (30 Llama blocks, tied head, float32 checkpoint) on Pride and Prejudice."""
+    from pruning_core.lm import evaluation_windows, load_causal_lm, load_text, tokenize_corpus
+
+    model, tokenizer = load_causal_lm(smollm2_path)
+    windows = evaluation_windows(tokenize_corpus(tokenizer, load_text("pride_and_prejudice")), 4, 128)
+    full = perplexity(model, windows, batch_size=2, progress=False)
+    streamed = streaming_perplexity(smollm2_path, windows, batch_size=2, progress=False)
+    assert abs(streamed - full) <= 1e-6 * full
