@@ -54,7 +54,7 @@ print(json.dumps({**result, "process_seconds": time.perf_counter() - start, "pea
 
 def _windows(model: Path, book: str, windows: int, length: int):
     from pruning_core.lm import evaluation_windows, load_text, tokenize_corpus
-    from pruning_core.lm.models import offline_transformers
+    from pruning_core.lm.checks import offline_transformers
 
     tokenizer = offline_transformers().AutoTokenizer.from_pretrained(model, local_files_only=True)
     return evaluation_windows(tokenize_corpus(tokenizer, load_text(book)), windows, length, what=book)
@@ -109,7 +109,7 @@ def run_workload(name: str, model: Path, windows: int, length: int, batch_size: 
     import torch
 
     from pruning_core.lm import perplexity, streaming_perplexity
-    from pruning_core.lm.models import offline_transformers
+    from pruning_core.lm.checks import offline_transformers
 
     start = time.perf_counter()
     if name == "perplexity":

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pruning_core.io.atomic import atomic_dir  # noqa: E402
-from pruning_core.lm.models import offline_transformers  # noqa: E402
+from pruning_core.lm.checks import offline_transformers  # noqa: E402
 from pruning_core.lm.shards import TensorEntry, create_shard, plan_layout, pwrite_all, tensor_bytes  # noqa: E402
 
 logger = logging.getLogger("make_synthetic_llama")

@@ -37,6 +37,7 @@ from torch import nn
 
 from pruning_core.arch import decoder_blocks
 from pruning_core.errors import ArtifactError
+from pruning_core.lm.checks import offline_transformers, read_config, stored_dtype
 from pruning_core.lm.materialize import check_materialized, init_nonpersistent, set_tensor
 from pruning_core.lm.shards import CheckpointLayout
 
@@ -53,12 +54,6 @@ class _Group:
     sources: list[tuple[str, str]] = field(default_factory=list)  # (saved name, matched pattern)
 
 
-def _transformers() -> Any:
-    from pruning_core.lm.models import offline_transformers
-
-    return offline_transformers()
-
-
 class CheckpointReader:
     """A Hugging Face causal LM directory, read block by block (see the module docstring).
 
@@ -66,13 +61,16 @@ class CheckpointReader:
         root: the model directory.
         layout: the shards' headers (:class:`pruning_core.lm.shards.CheckpointLayout`).
         config: the ``transformers`` config.
-        stored_dtype: the floating dtype holding most of the checkpoint's bytes.
+        stored_dtype: the model's dtype (:func:`pruning_core.lm.checks.stored_dtype`: the config's,
+            else the dominant one of the headers); each tensor is written back in its own.
         block_prefix: qualified name of the decoder list, e.g. ``"model.layers"``.
         num_blocks: number of decoder blocks.
 
     Raises (constructor):
         ArtifactError: no config or weights, a corrupt header, or a model tensor that no
             checkpoint tensor provides (named), so nothing fails after long work.
+        UnsupportedArchitecture: transformers does not know the model type, or it has no
+            decoder list.
     """
 
     def __init__(self, model_dir: PathLike) -> None:
@@ -80,9 +78,8 @@ class CheckpointReader:
         if not (self.root / "config.json").is_file():
             raise ArtifactError(str(self.root), "not a Hugging Face model directory: no config.json")
         self.layout = CheckpointLayout.read(self.root)
-        tf = _transformers()
-        self.config = tf.AutoConfig.from_pretrained(self.root, local_files_only=True)
-        self.stored_dtype = self.layout.dominant_dtype()
+        self.config = read_config(self.root)
+        self.stored_dtype = stored_dtype(self.root)
         self._templates: dict[torch.dtype, nn.Module] = {}
         template = self.template(self.stored_dtype)
         self.block_prefix, blocks = decoder_blocks(template)
@@ -99,7 +96,7 @@ class CheckpointReader:
 
     def new_skeleton(self, dtype: torch.dtype) -> Any:
         """A fresh ``AutoModelForCausalLM`` of this config on the meta device, in eval mode."""
-        tf = _transformers()
+        tf = offline_transformers()
         with torch.device("meta"):
             model = tf.AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         return model.eval()

@@ -168,16 +168,6 @@ class CheckpointLayout:
             digest.update(file.encode() + b"\0" + self.shards[file].raw)
         return digest.hexdigest()
 
-    def dominant_dtype(self) -> torch.dtype:
-        """The floating dtype holding the most bytes (the model's storage dtype)."""
-        totals: dict[str, int] = {}
-        for e in self.tensors.values():
-            if DTYPES[e.dtype].is_floating_point:
-                totals[e.dtype] = totals.get(e.dtype, 0) + e.nbytes
-        if not totals:
-            raise ArtifactError(str(self.root), "the checkpoint holds no floating-point tensors")
-        return DTYPES[max(sorted(totals), key=lambda k: totals[k])]
-
 
 def plan_layout(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], *, max_shard_bytes: int,
                 metadata: dict[str, str] | None = None) -> tuple[list[ShardHeader], dict[str, TensorEntry], bytes | None]:
