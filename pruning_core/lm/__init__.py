@@ -1,7 +1,8 @@
 """Causal language models for the one-shot compression job: loading (the default SmolLM2-135M
 included), text corpora and token windows, perplexity and generation, and block-by-block
 streaming of checkpoints (:class:`CheckpointReader`, :class:`LayerStream`,
-:func:`streaming_perplexity`, :func:`calibrate_blocks`, :class:`CheckpointWriter`).
+:func:`streaming_perplexity`, :func:`calibrate_blocks` with :class:`UnitStatistics`,
+:class:`CheckpointWriter`).
 
 Needs the ``lm`` extra (transformers, accelerate, gguf); transformers is imported lazily.
 """
@@ -39,6 +40,7 @@ from pruning_core.lm.text import (
     text_windows,
     tokenize_corpus,
 )
+from pruning_core.lm.unit_stats import UnitStatistics
 from pruning_core.lm.writer import CheckpointWriter
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "LayerCall",
     "LayerInputs",
     "LayerStream",
+    "UnitStatistics",
     "calibrate_blocks",
     "calibration_windows",
     "check_causal_lm",

@@ -75,8 +75,10 @@ class LayerInputs:
         for b, call in enumerate(self.calls):
             yield self.hidden[b].to(self.stream.device), call
 
-    def run(self, block: nn.Module, *, keep: bool = True) -> Activations | None:
-        """Run ``block`` (eval mode, no grad) on every batch; its outputs if ``keep``, else None."""
+    def run(self, block: nn.Module, *, keep: bool = True,
+            after_batch: Callable[[], None] | None = None) -> Activations | None:
+        """Run ``block`` (eval mode, no grad) on every batch; its outputs if ``keep``, else None.
+        ``after_batch()`` is called after each batch (e.g. to clear a statistics cache)."""
         out = self.stream.new_activations() if keep else None
         was_training = block.training
         try:
@@ -86,6 +88,8 @@ class LayerInputs:
                     result = self.stream.spec.unwrap(call(block, hidden, self.stream.device))
                     if out is not None:
                         out.append(result)
+                    if after_batch is not None:
+                        after_batch()
         finally:
             block.train(was_training)
         return out
@@ -266,7 +270,9 @@ def calibrate_blocks(stream: LayerStream, finish: Callable[[int, nn.Module], Any
     """Calibrate and finish (prune, write) every block, streaming; resumable through ``writer``.
 
     For each block ``i``: ``observe(i, block, inputs)`` is entered while the block runs on its inputs
-    (attach statistics hooks there), then ``record = finish(i, block)`` prunes it in place, then
+    (attach statistics hooks there, e.g. :class:`pruning_core.lm.unit_stats.UnitStatistics`; if the
+    entered value has ``after_batch()``, it is called after each batch), then
+    ``record = finish(i, block)`` prunes it in place, then
     ``writer.write_block(i, block, record=record)`` when a writer is given. The next block's
     inputs come from the finished block (``sequential``, the Wanda/SparseGPT references' default;
     with a writer, the block as written, i.e. rounded to the storage dtype, which is also what a
@@ -292,8 +298,9 @@ def calibrate_blocks(stream: LayerStream, finish: Callable[[int, nn.Module], Any
         return stream.load(i)
 
     def callback(i: int, block: nn.Module, inputs: LayerInputs) -> Activations | None:
-        with observe(i, block, inputs) if observe is not None else contextlib.nullcontext():
-            dense = inputs.run(block, keep=not sequential and i < stream.num_blocks - 1)
+        with observe(i, block, inputs) if observe is not None else contextlib.nullcontext() as seen:
+            dense = inputs.run(block, keep=not sequential and i < stream.num_blocks - 1,
+                               after_batch=getattr(seen, "after_batch", None))
         records[i] = finish(i, block)
         if writer is not None:
             writer.write_block(i, block, record=records[i])

@@ -274,3 +274,32 @@ def test_smollm2_streaming_perplexity_equals_the_full_model(smollm2_path):
     full = perplexity(model, windows, batch_size=2, progress=False)
     streamed = streaming_perplexity(smollm2_path, windows, batch_size=2, progress=False)
     assert abs(streamed - full) <= 1e-6 * full
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "mixtral", "qwen2_moe"])
+def test_unit_statistics_equal_the_full_models(tmp_path, name):
+    """One-pass streaming statistics per unit (Linear, Conv1D, each MoE expert on its routed tokens,
+    with Hessians) equal collect_activation_stats on the whole model."""
+    from pruning_core.calibration import collect_activation_stats
+    from pruning_core.lm.unit_stats import UnitStatistics
+
+    make_tiny(name, layers=3).save_pretrained(tmp_path)
+    batches = [WINDOWS[lo : lo + 2] for lo in range(0, WINDOWS.shape[0], 2)]
+    want = collect_activation_stats(_from_pretrained(tmp_path, torch.float32), batches, hessian=True,
+                                    progress=False)
+    stream = LayerStream(tmp_path, WINDOWS, batch_size=2, head=False, progress=False)
+    stats, got = UnitStatistics(hessian=True), {}
+
+    def finish(i, block):
+        context = stats.pop(i)
+        assert context.num_samples == WINDOWS.shape[0]
+        got.update(context)
+
+    calibrate_blocks(stream, finish, observe=stats, sequential=False)
+    in_blocks = [k for k in want.layer_names() if k.startswith(stream.reader.block_prefix + ".")]
+    assert list(got) == in_blocks and not stats.contexts
+    for key, acc in got.items():
+        ref = want.require_stats(key)
+        assert acc.count == ref.count, key
+        torch.testing.assert_close(acc.sum_sq, ref.sum_sq, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(acc.xtx, ref.xtx, rtol=1e-6, atol=1e-9)
