@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pruning_core.solvers.hessian import inverse_hessian
+from pruning_core.calibration.hessian import inverse_hessian
 
 
 def _direct(H: torch.Tensor, lam: float) -> torch.Tensor:
@@ -41,3 +41,47 @@ def test_retries_grow_lambda_until_the_factorization_succeeds():
     assert inv.retries == 3 and abs(inv.damping - 10.0) < 1e-9
     assert torch.equal(H, before)
     torch.testing.assert_close(inv.hinv, _direct(H, inv.damping), rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- symmetry (issue 14)
+def test_float32_sums_of_xtx_pass_the_symmetry_check():
+    from pruning_core.calibration.hessian import check_symmetric
+    from pruning_core.calibration.stats import ActivationStats
+
+    g = torch.Generator().manual_seed(1)
+    stats = ActivationStats(96, hessian=True)
+    for _ in range(4):  # float32 batch products summed in float64, channels of very different sizes
+        stats.update(torch.randn(3, 50, 96, generator=g) * torch.logspace(-3, 3, 96))
+    check_symmetric(stats.hessian, method="sparsegpt", name="l")
+    check_symmetric(stats.hessian.float(), method="sparsegpt", name="l")
+
+
+def test_an_asymmetric_entry_is_named_with_its_size():
+    import pytest
+
+    from pruning_core.calibration.hessian import SYMMETRY_RTOL, check_symmetric
+    from pruning_core.errors import NumericalInstability
+
+    X = torch.randn(64, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    H = X.T @ X  # 300 inputs: more than one chunk of rows
+    scale = float(torch.sqrt(H[290, 290] * H[4, 4]))
+    H[290, 4] += 10 * SYMMETRY_RTOL * scale
+    with pytest.raises(NumericalInstability, match=r"H\[290,4\]") as info:
+        check_symmetric(H, method="gptq", name="model.layers.2.mlp.down_proj")
+    assert info.value.layer == "model.layers.2.mlp.down_proj" and set(info.value.index) == {290, 4}
+    H[290, 4] -= 9.5 * SYMMETRY_RTOL * scale  # 0.5 x the tolerance: accepted
+    check_symmetric(H, method="gptq", name="x")
+
+
+def test_a_dead_input_must_be_exactly_symmetric():
+    import pytest
+
+    from pruning_core.calibration.hessian import check_symmetric
+    from pruning_core.errors import NumericalInstability
+
+    H = torch.eye(4, dtype=torch.float64)
+    H[2, 2] = 0.0
+    check_symmetric(H, method="sparsegpt", name=None)
+    H[2, 0] = 1e-12
+    with pytest.raises(NumericalInstability, match="not symmetric"):
+        check_symmetric(H, method="sparsegpt", name=None)
