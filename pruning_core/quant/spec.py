@@ -40,7 +40,7 @@ class QuantSpec:
     symmetric: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
             raise ConfigError("bits", f"must be one of {SUPPORTED_BITS}, got {self.bits!r}")
         gs = self.group_size
         if isinstance(gs, bool) or not isinstance(gs, int) or not (gs > 0 or gs == -1):
