@@ -15,8 +15,8 @@ Three uses of :func:`gptq_quantize`:
   :mod:`pruning_core.quant.quantizer`), so they dequantize to exactly 0 (nothing is forced
   afterwards) and the mask comes back unchanged (plus dead inputs, which are zeroed).
 
-Grids: ``group_size=-1``: one grid per output row, computed before the loop from the (dead-input
-zeroed, mask-zeroed) weights, as the references do. Groups: a group's grid is computed when the
+Grids: ``group_size=-1``: one grid per output row, computed before the loop from the starting
+weights, as the references do (here with dead inputs and masked weights counted as 0). Groups: a group's grid is computed when the
 loop reaches its first column, from the group's weights as updated so far, with the weights
 already known to be pruned counted as 0 (GPTQ's ``static_groups=False``). For that to read fully
 updated weights a group must not straddle a lazy-update block: ``blocksize`` must be a multiple

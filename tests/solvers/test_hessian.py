@@ -1,10 +1,13 @@
-"""inverse_hessian: dead inputs, dampening and retries against a direct computation."""
+"""inverse_hessian: dead inputs, dampening and retries against a direct computation; the symmetry check."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from pruning_core.calibration.hessian import inverse_hessian
+from pruning_core.calibration.hessian import SYMMETRY_RTOL, check_symmetric, inverse_hessian
+from pruning_core.calibration.stats import ActivationStats
+from pruning_core.errors import NumericalInstability
 
 
 def _direct(H: torch.Tensor, lam: float) -> torch.Tensor:
@@ -45,9 +48,6 @@ def test_retries_grow_lambda_until_the_factorization_succeeds():
 
 # ---------------------------------------------------------------- symmetry (issue 14)
 def test_float32_sums_of_xtx_pass_the_symmetry_check():
-    from pruning_core.calibration.hessian import check_symmetric
-    from pruning_core.calibration.stats import ActivationStats
-
     g = torch.Generator().manual_seed(1)
     stats = ActivationStats(96, hessian=True)
     for _ in range(4):  # float32 batch products summed in float64, channels of very different sizes
@@ -57,11 +57,6 @@ def test_float32_sums_of_xtx_pass_the_symmetry_check():
 
 
 def test_an_asymmetric_entry_is_named_with_its_size():
-    import pytest
-
-    from pruning_core.calibration.hessian import SYMMETRY_RTOL, check_symmetric
-    from pruning_core.errors import NumericalInstability
-
     X = torch.randn(64, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     H = X.T @ X  # 300 inputs: more than one chunk of rows
     scale = float(torch.sqrt(H[290, 290] * H[4, 4]))
@@ -74,11 +69,6 @@ def test_an_asymmetric_entry_is_named_with_its_size():
 
 
 def test_a_dead_input_must_be_exactly_symmetric():
-    import pytest
-
-    from pruning_core.calibration.hessian import check_symmetric
-    from pruning_core.errors import NumericalInstability
-
     H = torch.eye(4, dtype=torch.float64)
     H[2, 2] = 0.0
     check_symmetric(H, method="sparsegpt", name=None)
