@@ -65,3 +65,18 @@ def test_prune_weight_bf16_on_cuda_comes_back_bf16_on_cuda(method):
         _, keep_cpu = method.prune_weight(w, stats, spec, name="fc")
         assert torch.equal(keep.cpu(), keep_cpu)
         assert torch.equal(new.cpu()[keep_cpu], w[keep_cpu])
+
+
+def test_gptq_on_cuda_matches_cpu():
+    from pruning_core.quant import QuantSpec
+    from pruning_core.solvers import gptq_quantize
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(512, 32, generator=g) @ torch.randn(32, 128, generator=g)
+    W = torch.randn(64, 128, generator=g)
+    H = X.T @ X
+    spec = QuantSpec(bits=4, group_size=32, symmetric=False)
+    cpu_q, cpu_k = gptq_quantize(W, H, spec, sparsity=0.5, pattern=NM(2, 4), dtype=torch.float64)
+    gpu_q, gpu_k = gptq_quantize(W.cuda(), H.cuda(), spec, sparsity=0.5, pattern=NM(2, 4), dtype=torch.float64)
+    assert gpu_q.codes.device.type == "cuda" and torch.equal(gpu_k.cpu(), cpu_k)
+    assert torch.equal(gpu_q.codes.cpu(), cpu_q.codes) and torch.equal(gpu_q.zero_points.cpu(), cpu_q.zero_points)
