@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from pruning_core.errors import ShapeMismatch
+from pruning_core.errors import ConfigError, ShapeMismatch
 from pruning_core.quant.spec import QuantSpec
 from pruning_core.quant.weight import QuantizedWeight
 from pruning_core.validate import check_finite, check_rank
@@ -57,6 +57,13 @@ def grid_params(
     else:
         zero = torch.round(-xmin / scale).clamp_(0, spec.maxq)
     return scale, zero
+
+
+def check_scale_dtype(scale_dtype: torch.dtype) -> torch.dtype:
+    """ConfigError unless ``scale_dtype`` is a floating dtype a checkpoint can store scales in."""
+    if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point or scale_dtype.itemsize < 2:
+        raise ConfigError("scale_dtype", f"must be float32, float16, bfloat16 or float64, got {scale_dtype!r}")
+    return scale_dtype
 
 
 def _stored(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
@@ -104,6 +111,7 @@ def quantize_rtn(
     """
     check_rank(weight, 2, name=name, what="weight")
     check_finite(weight, method="quantization", what="weight", layer=name)
+    scale_dtype = check_scale_dtype(scale_dtype or weight.dtype)
     rows, cols = weight.shape
     groups = spec.num_groups(cols, name=name)
     W = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
@@ -112,14 +120,14 @@ def quantize_rtn(
             raise ShapeMismatch(list(weight.shape), list(mask.shape), name=name, reason="keep mask")
         W = torch.where(mask.to(device=W.device, dtype=torch.bool), W, torch.zeros((), dtype=W.dtype))
     Wg = W.reshape(rows, groups, cols // groups)  # (out, G, width)
-    scale, zero = grid_params(Wg, spec, dim=2, scale_dtype=scale_dtype or weight.dtype)  # (out, G)
+    scale, zero = grid_params(Wg, spec, dim=2, scale_dtype=scale_dtype)  # (out, G)
     q = to_grid(Wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.maxq).reshape(rows, cols)
     return QuantizedWeight(
         codes=(q - spec.offset).to(torch.int8),
-        scales=scale.to(scale_dtype or weight.dtype),
+        scales=scale.to(scale_dtype),
         zero_points=(zero - spec.offset).to(torch.int8),
         spec=spec,
     )
 
 
-__all__ = ["from_grid", "grid_params", "quantize_rtn", "to_grid"]
+__all__ = ["check_scale_dtype", "from_grid", "grid_params", "quantize_rtn", "to_grid"]

@@ -37,7 +37,7 @@ import torch
 
 from pruning_core.errors import ConfigError
 from pruning_core.masks.pattern import SparsityPattern
-from pruning_core.quant.quantizer import from_grid, grid_params, to_grid
+from pruning_core.quant.quantizer import check_scale_dtype, from_grid, grid_params, to_grid
 from pruning_core.quant.spec import QuantSpec
 from pruning_core.quant.weight import QuantizedWeight
 from pruning_core.solvers.obs import check_solver_args, obs_columns, prepare_problem
@@ -84,18 +84,19 @@ def gptq_quantize(
     Raises:
         ShapeMismatch: bad shapes, or ``in`` not a multiple of the group size.
         InvalidSparsity, InvalidPattern, ConfigError: bad arguments (also: ``blocksize`` not a
-            multiple of the group size).
+            multiple of the group size, a ``scale_dtype`` that is not a float of 16 bits or more).
         NumericalInstability: NaN/Inf in the weight or Hessian, a non-symmetric Hessian, or one
             that stays singular.
     """
     nm = check_solver_args(weight, hessian, sparsity, pattern, blocksize, name, mask, method="gptq")
     spec.num_groups(weight.shape[1], name=name)
+    scale_dtype = check_scale_dtype(scale_dtype or weight.dtype)
     if not spec.per_channel and blocksize % spec.group_size:
         raise ConfigError("blocksize", f"must be a multiple of group_size={spec.group_size} "
                                        f"(a group must not straddle two blocks), got {blocksize}")
     W, U, forced, damping = prepare_problem(weight, hessian, mask, percdamp=percdamp, dtype=dtype, name=name,
                                             method="gptq")
-    quantizer = _GroupQuantizer(spec, W, forced, scale_dtype or weight.dtype)
+    quantizer = _GroupQuantizer(spec, W, forced, scale_dtype)
     keep = obs_columns(W, U, sparsity, nm, blocksize, forced, quantizer)
     check_finite(W, method="gptq", what="quantized weight", layer=name)
     logger.debug("%s: gptq %s, pruned %.4f (λ=%.3g)", name, spec, 1 - keep.float().mean().item(), damping)

@@ -147,6 +147,7 @@ def test_bfloat16_weight_stores_bfloat16_scales():
         ({"spec": QuantSpec(bits=4, group_size=24)}, ShapeMismatch),  # 64 inputs, groups of 24
         ({"hessian": torch.eye(63)}, ShapeMismatch),
         ({"sparsity": 0.6, "pattern": NM(2, 4)}, ValueError),
+        ({"scale_dtype": torch.int8}, ConfigError),
     ],
 )
 def test_argument_errors(kwargs, error):
