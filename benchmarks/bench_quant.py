@@ -24,6 +24,10 @@ quantized weights (pruned ones, and kept ones that round to 0).
 
     nice -n 10 python benchmarks/bench_quant.py --resume > /tmp/bench_quant.log 2>&1
     python benchmarks/bench_quant.py --tables
+    nice -n 10 python benchmarks/bench_quant.py --layers   # quick: layer-level errors, blocks 0-1
+
+``--layers`` (minutes, not hours): the relative output error ``Σ‖(W - Ŵ)X‖² / Σ‖WX‖²`` over the
+Linear layers of blocks 0 and 1 on the same calibration windows (dense inputs), every setting.
 """
 
 from __future__ import annotations
@@ -195,6 +199,58 @@ def run_row(row: Row) -> dict[str, Any]:
     return result
 
 
+def layer_errors(num_blocks: int = 2) -> dict[str, float]:
+    """Relative output error per setting over the Linear layers of the first blocks (dense inputs)."""
+    from pruning_core.calibration import calibrate_block, capture_block_inputs, find_decoder_blocks, run_block
+    from pruning_core.calibration.capture import select_linear_layers
+    from pruning_core.lm import load_causal_lm, smollm2_dir
+
+    model, tokenizer = load_causal_lm(smollm2_dir(), dtype=torch.float32, device="cpu")
+    batches, _ = _data(tokenizer)
+    path, blocks = find_decoder_blocks(model)
+    inputs = capture_block_inputs(model, batches, progress=False)
+    totals: dict[str, list[float]] = {}
+    for i in range(num_blocks):
+        ctx = calibrate_block(blocks[i], inputs, hessian=True, prefix=f"{path}.{i}.")
+        for name, module in select_linear_layers(blocks[i]).items():
+            stats = ctx.require_stats(f"{path}.{i}.{name}")
+            for key, new in _layer_variants(module.weight.detach(), stats).items():
+                err = _output_error(module.weight.detach(), new, stats.xtx)
+                totals.setdefault(key, [0.0, 0.0])[0] += err[0]
+                totals[key][1] += err[1]
+        inputs = run_block(blocks[i], inputs)
+    return {key: e / n for key, (e, n) in totals.items()}
+
+
+def _layer_variants(W: torch.Tensor, stats) -> dict[str, torch.Tensor]:
+    from pruning_core.importance.wanda import wanda_scores
+    from pruning_core.masks.pattern import NM
+    from pruning_core.masks.select import keep_topk
+    from pruning_core.quant import QuantSpec, quantize_rtn
+    from pruning_core.solvers import gptq_quantize, sparsegpt_prune
+
+    H, w4, out = stats.xtx, QuantSpec(**W4), {}
+    for tag, spec in (("W4 g64", w4), ("W8 per-channel", QuantSpec(**W8))):
+        out[f"{tag} RTN"] = quantize_rtn(W, spec).dequantize()
+        out[f"{tag} GPTQ"] = gptq_quantize(W, H, spec)[0].dequantize()
+    for tag, pattern in (("SparseGPT 50%", None), ("SparseGPT 2:4", NM(2, 4))):
+        pruned, keep = sparsegpt_prune(W, H, 0.5, pattern=pattern)
+        out[f"{tag} only"] = pruned
+        out[f"{tag} + W4 g64 RTN"] = quantize_rtn(pruned, w4, mask=keep).dequantize()
+        out[f"{tag} + W4 g64 joint"] = gptq_quantize(W, H, w4, sparsity=0.5, pattern=pattern)[0].dequantize()
+    mask = keep_topk(wanda_scores(W, stats.sum_sq), 0.5, dim=-1)
+    out["Wanda 50% only"] = W * mask
+    out["Wanda 50% + W4 g64 RTN"] = quantize_rtn(W * mask, w4, mask=mask).dequantize()
+    out["Wanda 50% + W4 g64 GPTQ (mask kept)"] = gptq_quantize(W * mask, H, w4, mask=mask)[0].dequantize()
+    return out
+
+
+def _output_error(W: torch.Tensor, new: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
+    """``(‖(W - Ŵ)X‖², ‖WX‖²)`` from ``H = XᵀX``."""
+    D, W64 = (W - new).double(), W.double()
+    return float(torch.einsum("ij,jk,ik->", D, H, D)), float(torch.einsum("ij,jk,ik->", W64, H, W64))
+
+
 # --------------------------------------------------------------------------- driver (parent process)
 def _run_child(row: Row) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,12 +306,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--resume", action="store_true", help="skip rows already in --out")
     parser.add_argument("--tables", action="store_true", help="print the Markdown table of --out")
+    parser.add_argument("--layers", action="store_true", help="layer-level errors on blocks 0-1 (quick)")
     args = parser.parse_args()
     if args.row:
         row = next(r for r in ROWS if r.id == args.row)
         args.json.write_text(json.dumps(run_row(row)))
     elif args.tables:
         print(tables(args.out))
+    elif args.layers:
+        print("| setting | relative output error, blocks 0-1 |\n|---|---:|")
+        for key, value in layer_errors().items():
+            print(f"| {key} | {value:.3e} |")
     else:
         run_all(args.out, args.rows.split(","), args.resume)
 
