@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 from pruning_core.errors import GraphError, ShapeMismatch
-from pruning_core.graph.types import PASS_THROUGH_TYPES, DependencyType, GraphEdge, GraphNode, NodeType
+from pruning_core.graph.types import (
+    PASS_THROUGH_TYPES,
+    WINDOW_EDGES,
+    DependencyType,
+    GraphEdge,
+    GraphNode,
+    NodeType,
+)
 
 
 class DependencyGraph:
@@ -125,7 +132,8 @@ class DependencyGraph:
         """Check dimensions on every edge, orphan nodes and cycles.
 
         Raises:
-            ShapeMismatch: an edge joins spaces of different sizes, a pass-through node has
+            ShapeMismatch: an edge joins spaces of different sizes (a window edge: a window
+                that does not fit inside its source), a pass-through node has
                 ``input_dim != output_dim``, or CONCAT inputs do not tile the concat exactly.
             GraphError: a node has no edge at all (in a graph of 2+ nodes), a data cycle
                 exists (TIED edges excluded), or an attention node's heads are inconsistent.
@@ -155,6 +163,12 @@ class DependencyGraph:
                 raise ShapeMismatch(
                     [d_dst], [edge.dim_index + d_src], name=edge.to,
                     reason=f"concat input '{edge.from_}' at offset {edge.dim_index} overruns the concat",
+                )
+        elif edge.dep_type in WINDOW_EDGES:
+            if edge.dim_index < 0 or edge.dim_index + d_dst > d_src:
+                raise ShapeMismatch(
+                    [d_src], [edge.dim_index + d_dst], name=f"{edge.from_} -> {edge.to}",
+                    reason=f"window [{edge.dim_index}, {edge.dim_index + d_dst}) overruns the source",
                 )
         elif d_src != d_dst:
             raise ShapeMismatch([d_src], [d_dst], name=f"{edge.from_} -> {edge.to}", reason="edge dims differ")

@@ -4,7 +4,9 @@ Stage: structured plans. Starting from channels of one node's space, a worklist 
 follows every coupling until nothing new is reached:
 
 - along an edge ``A -> B``: A's output channel ``c`` is B's input channel ``c + offset``
-  (offset = ``dim_index`` for CONCAT edges, else 0), and back (only channels inside A's span);
+  (offset = ``dim_index`` for CONCAT edges, ``-dim_index`` for window edges: a SLICE of a fused
+  output or the q/k/v part of a fused ``qkv_proj``, else 0), and back; channels that fall
+  outside the other end's span do not cross (a slice sees only its window);
 - inside a pass-through node (norm, activation, ADD, MUL, CONCAT): one shared space ``io``,
   so channels flow from any input to every other input and to all consumers — this is how a
   residual stream couples every layer's hidden size (Add/Skip) and how gate and up are tied
@@ -27,7 +29,15 @@ from dataclasses import dataclass
 
 from pruning_core.errors import GraphError, InvalidSparsity
 from pruning_core.graph.graph import DependencyGraph
-from pruning_core.graph.types import DependencyType, GraphNode, NodeType, out_space, spaces_of
+from pruning_core.graph.types import (
+    WINDOW_EDGES,
+    DependencyType,
+    GraphEdge,
+    GraphNode,
+    NodeType,
+    out_space,
+    spaces_of,
+)
 
 Member = tuple[str, str]  # (node id, space)
 
@@ -155,17 +165,31 @@ def _neighbours(
     for edge in graph.edges_from(node.id):
         if edge.source_space(node.node_type) == space:
             dst = graph.node(edge.to)
-            off = edge.dim_index if edge.dep_type is DependencyType.CONCAT else 0
-            yield edge.to, edge.target_space(dst.node_type), {c + off for c in new}
+            dst_space = edge.target_space(dst.node_type)
+            ahead = _shift(edge, new, dst.space_dim(dst_space), forward=True)
+            if ahead:
+                yield edge.to, dst_space, ahead
     for edge in graph.edges_to(node.id):
         if edge.target_space(node.node_type) == space:
             src = graph.node(edge.from_)
             src_space = edge.source_space(src.node_type)
-            off = edge.dim_index if edge.dep_type is DependencyType.CONCAT else 0
-            span = src.space_dim(src_space)
-            back = {c - off for c in new if c >= off and (span == 0 or c - off < span)}
+            back = _shift(edge, new, src.space_dim(src_space), forward=False)
             if back:
                 yield edge.from_, src_space, back
+
+
+def _shift(edge: GraphEdge, channels: set[int], far_size: int, *, forward: bool) -> set[int]:
+    """``channels`` at one end of ``edge`` as channels at the other end (``far_size``: that end's
+    size, 0 if unknown). A CONCAT input sits at ``dim_index`` inside the concat; a window edge's
+    target (:data:`WINDOW_EDGES`) is the source's channels from ``dim_index`` on; channels
+    outside the far end's span do not cross."""
+    if edge.dep_type is DependencyType.CONCAT:
+        off = edge.dim_index if forward else -edge.dim_index
+    elif edge.dep_type in WINDOW_EDGES:
+        off = -edge.dim_index if forward else edge.dim_index
+    else:
+        return set(channels)
+    return {c + off for c in channels if c + off >= 0 and (far_size == 0 or c + off < far_size)}
 
 
 def _attention_rule(node: GraphNode, space: str, have: set[int]) -> Iterator[tuple[str, str, set[int]]]:

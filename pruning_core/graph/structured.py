@@ -24,6 +24,7 @@ from pruning_core.errors import ConfigError, GraphError
 from pruning_core.graph import hf
 from pruning_core.graph.graph import DependencyGraph
 from pruning_core.graph.propagate import ChannelGroup
+from pruning_core.graph.roles import implied_config
 
 PLAN_VERSION = 1
 
@@ -153,9 +154,17 @@ def plan_from_groups(
     Each group member ``(node, space)`` slices the parameter axes the node's ``params`` attr
     lists for that space; members without parameters (adds, attention) need no edit. Groups
     that touch the same parameter axis (e.g. two inputs of one concat) remove the union.
+
+    The plan's config is ``config`` plus the sizes the groups imply for a decoder LM
+    (:func:`~pruning_core.graph.roles.implied_config`: hidden size, heads, KV heads,
+    intermediate size), found by role in the graph.
+
+    Raises:
+        GraphError: ``config`` states a size the groups contradict.
     """
+    group_list = list(groups)
     removed: dict[tuple[str, int], tuple[int, set[int]]] = {}
-    for group in groups:
+    for group in group_list:
         for (nid, space), channels in group.members.items():
             node = graph.node(nid)
             for param, dim in node.attrs.get("params", {}).get(space, ()):
@@ -165,7 +174,12 @@ def plan_from_groups(
         AxisEdit(param, dim, size, tuple(i for i in range(size) if i not in gone))
         for (param, dim), (size, gone) in removed.items()
     )
-    return StructuredPlan(edits, (), dict(config or {}))
+    given = dict(config or {})
+    implied = implied_config(graph, group_list)
+    conflicts = {k: (given[k], v) for k, v in implied.items() if k in given and given[k] != v}
+    if conflicts:
+        raise GraphError(f"the plan's config contradicts what its channel groups imply {{key: (given, implied)}}: {conflicts}")
+    return StructuredPlan(edits, (), {**given, **{k: v for k, v in implied.items() if k not in given}})
 
 
 def apply_plan_(model: nn.Module, plan: StructuredPlan) -> nn.Module:

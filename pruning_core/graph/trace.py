@@ -6,13 +6,17 @@ module stack it ran in. From that op graph:
 
 1. every op inside a *handled leaf module* (Linear, Embedding, LayerNorm/RMSNorm, custom
    handlers) becomes one node, typed by its handler, with the parameter axes of its spaces;
-2. every non-leaf module scope that calls ``scaled_dot_product_attention`` is an *attention
-   region*: its ops collapse into one ATTENTION node whose q/k/v inputs are found by following
-   the data flow from the projections into the SDPA call, and whose head counts come from the
-   traced shapes (``num_heads`` from the query, ``head_dim`` from its last dim, ``num_kv_heads``
-   from the key projection's width);
+2. every non-leaf module scope that computes attention (``scaled_dot_product_attention``, or an
+   eager ``softmax(q @ k^T) @ v``) is an *attention region*
+   (:mod:`pruning_core.graph.trace_regions`): its ops collapse into one ATTENTION node whose
+   q/k/v inputs are the projection windows found by following the data flow into the core op
+   (a whole ``q_proj`` output, or the q/k/v rows of a fused ``qkv_proj``), and whose head counts
+   come from the traced shapes (``num_heads`` from the query, ``head_dim`` from its last dim,
+   ``num_kv_heads`` from the key window's width). Norms applied per head inside the region
+   (``q_norm``/``k_norm``) are recorded as the node's ``inner`` modules, never as projections;
 3. the remaining ops are classified by :func:`pruning_core.graph.trace_ops.classify`
-   (ADD/MUL/CONCAT/ACTIVATION nodes, transparent aliases, or blocking OTHER nodes);
+   (ADD/MUL/CONCAT/SLICE/ACTIVATION nodes, transparent aliases, or blocking OTHER nodes; the
+   items of a ``chunk``/``split`` of the channel dim become SLICE nodes);
 4. modules that share a parameter (tied embeddings and output head) get TIED edges between
    the spaces that index the same parameter axis; an ADD input that is an ancestor of the
    other input is relabelled SKIP (the residual path).
@@ -32,11 +36,11 @@ from torch import fx, nn
 from pruning_core.errors import GraphError
 from pruning_core.graph.graph import DependencyGraph
 from pruning_core.graph.handlers import DEFAULT_HANDLERS, LeafHandler, handler_for
-from pruning_core.graph.trace_ops import classify, op_name, tensor_args
+from pruning_core.graph.trace_ops import OpClass, classify, op_name, tensor_args
+from pruning_core.graph.trace_regions import Regions
 from pruning_core.graph.types import DependencyType, GraphEdge, GraphNode, NodeType
 
 logger = logging.getLogger(__name__)
-SDPA = "scaled_dot_product_attention"
 NOOP_CASTS = frozenset({"to", "_to_copy", "alias", "contiguous", "detach", "clone", "type_as"})
 
 
@@ -77,9 +81,10 @@ class _Builder:
         self.canonical = {id(p): name for name, p in model.named_parameters()}
         self.graph = DependencyGraph()
         self.owner: dict[fx.Node, str] = {}  # value -> id of the node whose output it is
-        self.sources: dict[fx.Node, frozenset[str]] = {}  # attention-region value -> external owners
+        self.regions = Regions(self.fx_graph)  # attention-region values -> projection windows
+        self.splits: dict[fx.Node, tuple[fx.Node, tuple[tuple[int, int], ...] | None]] = {}
+        self.pieces: dict[fx.Node, str] = {}  # chunk -> its first SLICE node (the pieces are tied to it)
         self.edges: set[tuple[str, str, DependencyType, int, str]] = set()
-        self.attention_scopes = {self._innermost(n) for n in self.fx_graph.nodes if op_name(n) == SDPA}
         self._leaf_cache: dict[str, str | None] = {}
 
     # ------------------------------------------------------------------ main loop
@@ -97,16 +102,28 @@ class _Builder:
 
     def _call(self, node: fx.Node) -> None:
         leaf = self._leaf_scope(node)
+        region = self.regions.region_of(self._stack(node))
+        if leaf is not None and region is not None and self._is_inner_norm(leaf, region):
+            args = tensor_args(node)
+            if any(self.regions.is_internal(a) for a in args):  # e.g. q_norm on the per-head view of q
+                self._inner_op(node, leaf, region)
+                return
+            if not any(a in self.owner for a in args):  # its weight alone (Gemma's 1 + w)
+                return
         if leaf is not None:
             self._leaf_op(node, leaf)
-            return
-        region = next((p for p in self._stack(node) if p in self.attention_scopes), None)
-        if region is not None:
+        elif region is not None:
             self._region_op(node, region)
-            return
-        cls = classify(node, lambda a: a in self.owner)
+        elif op_name(node) == "getitem" and node.args and node.args[0] in self.splits:
+            self._split_item(node)
+        else:
+            self._op(node, classify(node, lambda a: a in self.owner))
+
+    def _op(self, node: fx.Node, cls: OpClass) -> None:
         if cls.kind == "alias":
             self.owner[node] = self.owner[cls.alias_of]
+        elif cls.kind == "split":
+            self.splits[node] = (cls.alias_of, cls.pieces)
         elif cls.kind == "node":
             scope = self._innermost(node)
             nid = f"{scope}:{node.name}" if scope else node.name
@@ -119,6 +136,21 @@ class _Builder:
             for src, offset in cls.inputs:
                 self._edge(self.owner[src], nid, cls.dep_type, offset)
             self.owner[node] = nid
+
+    def _split_item(self, node: fx.Node) -> None:
+        """Item ``i`` of a chunk/split: a SLICE of the split input (an alias if it split another dim)."""
+        source, pieces = self.splits[node.args[0]]
+        if pieces is None:
+            self.owner[node] = self.owner[source]
+            return
+        start, stop = pieces[int(node.args[1])]
+        if (start, stop) == (0, self._last_dim(source)):
+            self.owner[node] = self.owner[source]
+            return
+        self._op(node, OpClass("node", node_type=NodeType.SLICE, dep_type=DependencyType.SLICE,
+                               inputs=((source, start),)))
+        first = self.pieces.setdefault(node.args[0], self.owner[node])
+        self._edge(first, self.owner[node], DependencyType.TIED, role="io:io")  # chunk pieces stay equal
 
     # ------------------------------------------------------------------ node kinds
     def _placeholder(self, node: fx.Node) -> None:
@@ -170,41 +202,55 @@ class _Builder:
             module=path, attrs={"params": params, "module_type": type(module).__name__},
         ))
 
+    def _is_inner_norm(self, leaf: str, region: str) -> bool:
+        handler = handler_for(self.modules[leaf], self.handlers)
+        return leaf.startswith(region + ".") and handler is not None and handler.node_type is NodeType.LAYER_NORM
+
+    def _inner_op(self, node: fx.Node, leaf: str, region: str) -> None:
+        """An op of a norm applied to attention-internal values (a per-head norm): part of the region."""
+        inner = self.regions.inner.setdefault(region, set())
+        if leaf not in inner:  # first op: the norm's input must be per head (its width = the norm's size)
+            width = self._last_dim(next(a for a in tensor_args(node) if self.regions.is_internal(a)))
+            size = handler_for(self.modules[leaf], self.handlers).dims(self.modules[leaf])[0]  # type: ignore[union-attr]
+            if size != width:
+                raise GraphError(f"attention '{region}': norm '{leaf}' of size {size} is applied to attention-internal "
+                                 f"values of width {width}; only per-head norms (size head_dim) are understood there")
+            inner.add(leaf)
+        self._region_op(node, region)
+
     def _region_op(self, node: fx.Node, path: str) -> None:
         cast_of = self._noop_cast_of(node)
-        if cast_of is not None and cast_of not in self.sources:
+        if cast_of is not None and not self.regions.is_internal(cast_of):
             self.owner[node] = self.owner[cast_of]
             return
-        srcs: set[str] = set()
-        for arg in tensor_args(node):
-            if arg in self.sources:
-                srcs |= self.sources[arg]
-            elif arg in self.owner:
-                srcs.add(self.owner[arg])
-        self.sources[node] = frozenset(srcs)
+        core = self.regions.track(node, self.owner)
         self.owner[node] = path
-        if op_name(node) == SDPA:
-            self._attention_node(node, path)
+        if core is not None:
+            self._attention_node(path, core)
         elif self.graph.get_node(path) is None:
             self.graph.add_node(GraphNode(id=path, name=path, node_type=NodeType.ATTENTION, module=path,
                                           attrs={"num_heads": 1, "num_kv_heads": 1, "head_dim": 0}))
 
-    def _attention_node(self, node: fx.Node, path: str) -> None:
+    def _attention_node(self, path: str, core: tuple[fx.Node, fx.Node, fx.Node]) -> None:
         roles = {}
-        for role, arg in zip("qkv", node.args[:3], strict=True):
-            found = self.sources.get(arg, frozenset())
+        for role, arg in zip("qkv", core, strict=True):
+            found = self.regions.origins(arg, self.owner)
             if len(found) != 1:
                 raise GraphError(f"attention '{path}': {role} must come from exactly one projection, got {sorted(found)}")
             roles[role] = next(iter(found))
-        q_shape = tuple(node.args[0].meta["val"].shape)  # (B, heads, T, head_dim)
+            if self.graph.node(roles[role].owner).node_type is not NodeType.LINEAR:
+                raise GraphError(f"attention '{path}': {role} comes from '{roles[role].owner}', not from a Linear projection")
+        q_shape = tuple(core[0].meta["val"].shape)  # (B, heads, T, head_dim)
         heads, head_dim = int(q_shape[1]), int(q_shape[-1])
-        kv_width = self.graph.node(roles["k"]).output_dim
-        attrs = {"num_heads": heads, "num_kv_heads": kv_width // head_dim, "head_dim": head_dim}
-        if heads * head_dim != self.graph.node(roles["q"]).output_dim or kv_width % head_dim:
-            raise GraphError(f"attention '{path}': projections {roles} do not match {heads} heads x {head_dim}")
+        widths = {role: o.stop - o.start for role, o in roles.items()}
+        if widths["q"] != heads * head_dim or widths["k"] != widths["v"] or widths["k"] % head_dim:
+            raise GraphError(f"attention '{path}': q/k/v windows {dict(roles)} do not match {heads} heads x {head_dim}")
+        attrs: dict[str, Any] = {"num_heads": heads, "num_kv_heads": widths["k"] // head_dim, "head_dim": head_dim}
+        if self.regions.inner.get(path):
+            attrs["inner"] = sorted(self.regions.inner[path])
         self.graph.add_node(GraphNode(id=path, name=path, node_type=NodeType.ATTENTION, module=path, attrs=attrs))
-        for role, src in roles.items():
-            self._edge(src, path, DependencyType.ATTENTION, role=role)
+        for role, origin in roles.items():
+            self._edge(origin.owner, path, DependencyType.ATTENTION, offset=origin.start, role=role)
 
     # ------------------------------------------------------------------ post passes
     def _add_tied_edges(self) -> None:

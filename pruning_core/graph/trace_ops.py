@@ -9,7 +9,17 @@ norm convention). Each op outside handled leaf modules and attention regions is 
   that broadcasts over channels);
 - a node: ``ADD`` (add/sub of two tracked tensors), ``MUL`` (mul/div of two), ``ACTIVATION``,
   ``CONCAT`` (cat along the last dim, with channel offsets), or ``OTHER`` for anything else
-  that touches channels (never pruned through).
+  that touches channels (never pruned through). A slice of the channel dim with constant bounds
+  (``x[..., :3]``) is OTHER: after pruning, the same constants would select other channels;
+- ``split``: ``chunk`` of the channel dim into equal pieces (Phi-3's
+  ``gate_up_proj(x).chunk(2, -1)``: the bounds follow the size), or any split of another dim;
+  ``pieces`` gives each item's window of the last dim (``None``: every item carries all
+  channels). The tracer turns ``getitem`` of a piece into a SLICE node and ties the pieces
+  position by position, so they stay equal. Splits of the channel dim into given sizes are OTHER.
+
+Inside attention regions (:mod:`pruning_core.graph.trace_regions`) slices and splits of a
+projection's output select its q/k/v rows; there the bounds come from the config (checked on
+apply).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ MUL_OPS = frozenset({"mul", "div"})
 RESHAPE_OPS = frozenset({"view", "reshape", "_unsafe_view", "flatten", "unflatten", "expand", "squeeze",
                          "unsqueeze"})
 DIM_OPS = frozenset({"slice", "select", "narrow", "index_select", "softmax", "_softmax", "log_softmax"})
+SPLIT_OPS = frozenset({"split", "split_with_sizes", "chunk", "unsafe_split", "unsafe_split_with_sizes"})
 REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "var", "std", "prod", "logsumexp"})
 NO_OUTPUT = frozenset({"_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_numel"})
 
@@ -49,6 +60,7 @@ class OpClass:
     node_type: NodeType = NodeType.OTHER
     dep_type: DependencyType = DependencyType.SEQUENTIAL
     inputs: tuple[tuple[fx.Node, int], ...] = ()  # (tracked input, channel offset)
+    pieces: tuple[tuple[int, int], ...] | None = None  # kind "split": [start, stop) of each item
 
 
 IGNORE = OpClass("ignore")
@@ -84,6 +96,11 @@ def classify(node: fx.Node, is_tracked: Callable[[fx.Node], bool]) -> OpClass:
     """Channel semantics of one op given which of its inputs carry channels."""
     tracked = [a for a in tensor_args(node) if is_tracked(a)]
     name = op_name(node)
+    if name in SPLIT_OPS and len(tracked) == 1:
+        pieces = split_pieces(node, tracked[0])
+        if pieces is None or name == "chunk":
+            return OpClass("split", alias_of=tracked[0], pieces=pieces)
+        return _other(tracked)  # fixed sizes along the channel dim: wrong once channels are pruned
     out_shape = _shape(node)
     if not tracked or name in NO_OUTPUT or out_shape is None:
         return IGNORE if not tracked or name in NO_OUTPUT else _other(tracked)
@@ -156,8 +173,42 @@ def _classify_cat(node: fx.Node, tracked: list[fx.Node], out_shape: tuple[int, .
     return OpClass("node", node_type=NodeType.CONCAT, dep_type=DependencyType.CONCAT, inputs=tuple(inputs))
 
 
+def channel_window(node: fx.Node) -> tuple[int, int] | None:
+    """``(start, width)`` of the window a ``slice``/``narrow`` of the last dim selects; None for
+    any other op or a strided slice."""
+    name, in_shape, out_shape = op_name(node), _shape(node.args[0]) if node.args else None, _shape(node)
+    if name not in ("slice", "narrow") or not in_shape or not out_shape:
+        return None
+    if _dim_arg(node, 1, len(in_shape), 0) != [len(in_shape) - 1]:
+        return None
+    if name == "narrow":
+        start = int(node.args[2])
+    else:
+        raw = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
+        step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+        if step not in (None, 1):
+            return None
+        start = 0 if raw is None else int(raw)
+    start = start + in_shape[-1] if start < 0 else start
+    return min(max(start, 0), in_shape[-1]), out_shape[-1]
+
+
+def split_pieces(node: fx.Node, first: fx.Node) -> tuple[tuple[int, int], ...] | None:
+    """The ``[start, stop)`` windows of the last dim that a ``split``/``chunk`` returns, from the
+    traced output shapes (None: it splits another dim, so every item has all channels)."""
+    in_shape = _shape(first) or ()
+    vals = node.meta.get("val")
+    if not in_shape or _dim_arg(node, 2, len(in_shape), 0) != [len(in_shape) - 1]:
+        return None
+    pieces, start = [], 0
+    for val in vals if isinstance(vals, (list, tuple)) else ():
+        pieces.append((start, start + int(val.shape[-1])))
+        start += int(val.shape[-1])
+    return tuple(pieces)
+
+
 def _other(tracked: list[fx.Node]) -> OpClass:
     return OpClass("node", node_type=NodeType.OTHER, inputs=tuple((a, 0) for a in dict.fromkeys(tracked)))
 
 
-__all__ = ["OpClass", "classify", "op_name", "tensor_args"]
+__all__ = ["OpClass", "channel_window", "classify", "op_name", "split_pieces", "tensor_args"]

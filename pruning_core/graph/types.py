@@ -7,11 +7,13 @@ channel spaces are shared inside a node (see :func:`spaces_of`):
 
 - transform nodes (``LINEAR``, ``CONV``, ``EMBEDDING``, ``MLP``) have separate ``in`` and
   ``out`` spaces: pruning an output row does not touch the input columns;
-- pass-through nodes (norms, activations, ``ADD``, ``MUL``, ``CONCAT``, ``POOLING``) have one
-  space ``io``: input channel ``c`` is output channel ``c`` (for ``CONCAT``, inputs sit at the
-  offsets carried by their edges);
+- pass-through nodes (norms, activations, ``ADD``, ``MUL``, ``CONCAT``, ``SLICE``, ``POOLING``)
+  have one space ``io``: input channel ``c`` is output channel ``c`` (for ``CONCAT``, inputs sit
+  at the offsets carried by their edges; a ``SLICE`` is a window of its input, at the offset its
+  incoming edge carries);
 - ``ATTENTION`` has ``q``, ``k``, ``v`` and ``out`` spaces tied head by head
-  (:mod:`pruning_core.graph.propagate`);
+  (:mod:`pruning_core.graph.propagate`); each of q/k/v is a window of its producer's output
+  (all of ``q_proj``'s output, or rows ``[Hq*d, (Hq+G)*d)`` of a fused ``qkv_proj`` for k);
 - ``INPUT`` / ``OUTPUT`` are the model interface; ``OTHER`` is an operation the graph does not
   understand, and any pruning that reaches it is refused.
 """
@@ -42,6 +44,7 @@ class NodeType(enum.Enum):
     ADD = "add"  # elementwise add/sub of two channel-carrying tensors (residual joins)
     MUL = "mul"  # elementwise mul/div of two channel-carrying tensors (SwiGLU gate * up)
     CONCAT = "concat"  # concatenation along the channel (last) dimension
+    SLICE = "slice"  # a contiguous window of the channel dimension (chunk/split/slice of a fused output)
 
 
 class DependencyType(enum.Enum):
@@ -50,9 +53,11 @@ class DependencyType(enum.Enum):
     SEQUENTIAL = "sequential"  # from's output channels are to's input channels
     SKIP = "skip"  # residual input of an ADD: it bypasses the branch that joins it
     CONCAT = "concat"  # input of a CONCAT node at offset ``dim_index``
+    SLICE = "slice"  # a SLICE node reads ``from_``'s channels ``[dim_index, dim_index + width)``
     ADD = "add"  # branch input of an ADD node (shared channel space)
     MUL = "mul"  # input of a MUL node (shared channel space)
-    ATTENTION = "attention"  # q/k/v projection into an ATTENTION node (``role`` q, k or v)
+    ATTENTION = "attention"  # q/k/v projection into an ATTENTION node (``role`` q, k or v), a
+    # window of the projection's output starting at ``dim_index`` (0 unless the projection is fused)
     TIED = "tied"  # the two nodes share a parameter; ``role`` "<from space>:<to space>"
 
 
@@ -66,8 +71,12 @@ PASS_THROUGH_TYPES = frozenset(
         NodeType.ADD,
         NodeType.MUL,
         NodeType.CONCAT,
+        NodeType.SLICE,
     }
 )
+# Edges whose target reads a window of the source: channel c of the target is channel
+# c + dim_index of the source (the window's width is the target space's size).
+WINDOW_EDGES = frozenset({DependencyType.SLICE, DependencyType.ATTENTION})
 ATTENTION_SPACES = ("q", "k", "v", "out")
 
 
@@ -137,9 +146,11 @@ class GraphNode:
 class GraphEdge:
     """A data dependency ``from_ -> to``.
 
-    ``dim_index`` is the channel offset of ``from_``'s output inside ``to``'s input (used by
-    ``CONCAT`` edges, 0 otherwise). ``role`` names the attention input (``q``, ``k``, ``v``)
-    for ``ATTENTION`` edges and the coupled spaces for ``TIED`` edges (``"out:in"``).
+    ``dim_index`` is the channel offset of ``from_``'s output inside ``to``'s input for ``CONCAT``
+    edges, the offset of ``to``'s window inside ``from_``'s output for ``SLICE`` and
+    ``ATTENTION`` edges (:data:`WINDOW_EDGES`), 0 otherwise. ``role`` names the attention input
+    (``q``, ``k``, ``v``) for ``ATTENTION`` edges and the coupled spaces for ``TIED`` edges
+    (``"out:in"``).
     """
 
     from_: str
@@ -178,6 +189,7 @@ __all__ = [
     "NodeType",
     "PASS_THROUGH_TYPES",
     "TRANSFORM_TYPES",
+    "WINDOW_EDGES",
     "out_space",
     "spaces_of",
 ]

@@ -5,6 +5,9 @@ Men et al. 2024, arXiv:2403.03853). Depth: Block Importance (per token) and LM-l
 (per layer or per contiguous block), one-shot, contiguous-block or iterative selection. Width: activation-based head/neuron/channel importance,
 GQA-consistent head selection, slicing through the traced dependency graph. Search: candidates
 under a budget, built from cached scores, scored by calibration LM loss (optional distillation).
+
+Supported: the Llama-like families of :data:`FAMILIES` (Llama, Mistral, Qwen2, Qwen3, Gemma 2,
+Gemma 3, Phi-3); :func:`check_supported` refuses any other model before long work.
 """
 
 from typing import Any
@@ -23,12 +26,20 @@ from pruning_core.minitron.depth_scores import (
     select_one_shot,
     without_layers,
 )
+from pruning_core.minitron.families import (
+    FAMILIES,
+    MinitronFamily,
+    ModelShape,
+    check_supported,
+    minitron_family,
+    supported_families,
+)
 from pruning_core.minitron.loss import distill_, lm_loss
+from pruning_core.minitron.precision import cast_parameters_, to_compute_dtype_
 from pruning_core.minitron.scores import MinitronScores, compute_scores
 from pruning_core.minitron.search import (
     DEPTH_CRITERIA,
     CandidateResult,
-    ModelShape,
     build_candidate,
     candidate_plan,
     enumerate_candidates,
@@ -63,11 +74,13 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DEPTH_CRITERIA",
+    "FAMILIES",
     "Architecture",
     "AttentionUnit",
     "BlockImportanceScores",
     "CandidateResult",
     "DecoderStructure",
+    "MinitronFamily",
     "MinitronScores",
     "MinitronTarget",
     "MlpUnit",
@@ -78,6 +91,8 @@ __all__ = [
     "block_drop_losses",
     "block_importance",
     "build_candidate",
+    "cast_parameters_",
+    "check_supported",
     "candidate_plan",
     "collect_block_importance",
     "collect_width_scores",
@@ -91,11 +106,14 @@ __all__ = [
     "layer_drop_losses",
     "lm_loss",
     "loss_iterative",
+    "minitron_family",
     "search",
     "select_block",
     "select_heads",
     "select_iterative",
     "select_one_shot",
+    "supported_families",
+    "to_compute_dtype_",
     "top_k_indices",
     "trace_decoder",
     "width_plan",

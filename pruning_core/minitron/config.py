@@ -44,7 +44,7 @@ DEFAULT_WIDTH_CONFIG = WidthImportanceConfig()
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Architecture:
-    """One Llama-family shape. ``head_dim`` is fixed by the dense model and not part of it."""
+    """One Llama-like shape. ``head_dim`` is fixed by the dense model and not part of it."""
 
     num_layers: int
     hidden_size: int
@@ -66,7 +66,9 @@ class Architecture:
 
     @classmethod
     def from_config(cls, config: Any) -> Architecture:
-        """The architecture of a HF Llama-family config."""
+        """The architecture of a HF Llama-like config (a composite config's text config)."""
+        getter = getattr(config, "get_text_config", None)
+        config = getter() if getter is not None else config
         return cls(
             num_layers=int(config.num_hidden_layers), hidden_size=int(config.hidden_size),
             intermediate_size=int(config.intermediate_size), num_attention_heads=int(config.num_attention_heads),
@@ -85,20 +87,27 @@ class Architecture:
         qkv_bias: bool = False,
         o_bias: bool = False,
         mlp_bias: bool = False,
+        norms_per_layer: int = 2,
+        qk_norm: bool = False,
     ) -> int:
-        """Parameter count of a Llama-family model with this shape (embeddings counted once if tied).
+        """Parameter count of a Llama-like model with this shape (embeddings counted once if tied).
+
+        Fused layouts (Phi-3's ``qkv_proj``, ``gate_up_proj``) hold the same weights as separate
+        projections and count the same.
 
         Args:
             qkv_bias: q/k/v projections have biases (Llama ``attention_bias``; Qwen2 always).
             o_bias: the output projection has a bias (Llama ``attention_bias``; not Qwen2).
             mlp_bias: gate/up/down have biases (Llama ``mlp_bias``).
+            norms_per_layer: hidden-size norm weights per layer (2; Gemma 2/3: 4).
+            qk_norm: q and k norms of ``head_dim`` weights in every layer (Qwen3, Gemma 3).
         """
         h, i = self.hidden_size, self.intermediate_size
         q_kv = head_dim * (self.num_attention_heads + 2 * self.num_key_value_heads)  # q, k, v output sizes
         attn = h * head_dim * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        attn += q_kv * qkv_bias + h * o_bias
+        attn += q_kv * qkv_bias + h * o_bias + 2 * head_dim * qk_norm
         mlp = 3 * h * i + (2 * i + h) * mlp_bias
-        layer = attn + mlp + 2 * h  # + two RMSNorm weights
+        layer = attn + mlp + norms_per_layer * h  # + the RMSNorm weights
         embeddings = vocab_size * h * (1 if tied_embeddings else 2)
         return self.num_layers * layer + embeddings + h
 

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from pruning_core.arch import decoder_blocks
 from pruning_core.errors import CalibrationRequired, InvalidSparsity
-from pruning_core.graph.hf import decoder_layers_path
 from pruning_core.graph.structured import LayerRemoval, StructuredPlan
 from pruning_core.minitron.bi import BlockImportanceScores, block_importance
+from pruning_core.minitron.families import text_config
 from pruning_core.minitron.loss import lm_loss
 from pruning_core.validate import check_finite
 
@@ -39,17 +39,27 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 @contextlib.contextmanager
 def without_layers(model: nn.Module, removed: Sequence[int]) -> Iterator[nn.Module]:
-    """Temporarily run ``model`` without the decoder layers ``removed`` (no copy; restored after)."""
-    path = decoder_layers_path(model)
+    """Temporarily run ``model`` without the decoder layers ``removed`` (no copy; restored after).
+
+    ``config.layer_types`` follows, so every remaining layer keeps its own attention type and
+    mask (Gemma's alternating sliding/full attention), exactly as after :func:`depth_plan`.
+    """
+    path, full = decoder_blocks(model)
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
-    full = getattr(parent, attr)
-    gone = set(removed)
-    setattr(parent, attr, nn.ModuleList([layer for i, layer in enumerate(full) if i not in gone]))
+    kept = [i for i in range(len(full)) if i not in set(removed)]
+    config = text_config(model)
+    layer_types = getattr(config, "layer_types", None)
+    per_layer = isinstance(layer_types, list) and len(layer_types) == len(full)
+    setattr(parent, attr, nn.ModuleList([full[i] for i in kept]))
+    if per_layer:
+        config.layer_types = [layer_types[i] for i in kept]
     try:
         yield model
     finally:
         setattr(parent, attr, full)
+        if per_layer:
+            config.layer_types = layer_types
 
 
 def collect_block_importance(
@@ -194,8 +204,8 @@ def loss_iterative(model: nn.Module, batches: Sequence[torch.Tensor], num_remove
 
 def depth_plan(model: nn.Module, removed: Sequence[int]) -> StructuredPlan:
     """A plan that removes decoder layers ``removed`` (original indices) from ``model``."""
-    path = decoder_layers_path(model)
-    num_layers = len(model.get_submodule(path))
+    path, layers = decoder_blocks(model)
+    num_layers = len(layers)
     removal = LayerRemoval(path, num_layers, tuple(removed))
     return StructuredPlan((), (removal,) if removal.indices else (), {"num_hidden_layers": num_layers - len(removal.indices)})
 

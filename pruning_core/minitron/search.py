@@ -19,7 +19,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -29,7 +29,9 @@ from pruning_core.graph.graph import DependencyGraph
 from pruning_core.graph.structured import StructuredPlan, apply_plan_
 from pruning_core.minitron.config import Architecture, MinitronTarget
 from pruning_core.minitron.depth_scores import depth_plan, select_block, select_one_shot
+from pruning_core.minitron.families import ModelShape
 from pruning_core.minitron.loss import distill_, lm_loss
+from pruning_core.minitron.precision import cast_parameters_
 from pruning_core.minitron.scores import MinitronScores
 from pruning_core.minitron.structure import DecoderStructure
 from pruning_core.minitron.width_plan import width_plan
@@ -38,38 +40,6 @@ logger = logging.getLogger(__name__)
 DepthCriterion = Literal["bi", "bi_iterative", "loss", "loss_block", "loss_iterative"]
 DEPTH_CRITERIA: tuple[str, ...] = ("bi", "bi_iterative", "loss", "loss_block", "loss_iterative")
 ITERATIVE_CRITERIA = ("bi_iterative", "loss_iterative")
-
-
-# Model types whose q/k/v projections always carry a bias (and o_proj none), whatever the config says.
-_QKV_BIAS_MODEL_TYPES = frozenset({"qwen2"})
-
-
-@dataclass(frozen=True, slots=True)
-class ModelShape:
-    """What the parameter count needs besides the architecture (from the dense model)."""
-
-    vocab_size: int
-    head_dim: int
-    tied_embeddings: bool
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-
-    @classmethod
-    def from_config(cls, config: Any) -> ModelShape:
-        """Read from a HF config: Llama's ``attention_bias`` (q/k/v/o), ``mlp_bias``,
-        and Qwen2's fixed q/k/v biases (its config has no flag for them)."""
-        head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // int(config.num_attention_heads)
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        qkv_bias = attention_bias or getattr(config, "model_type", None) in _QKV_BIAS_MODEL_TYPES
-        return cls(int(config.vocab_size), int(head_dim), bool(getattr(config, "tie_word_embeddings", False)),
-                   qkv_bias=qkv_bias, o_bias=attention_bias, mlp_bias=bool(getattr(config, "mlp_bias", False)))
-
-    def num_parameters(self, arch: Architecture) -> int:
-        """``arch``'s parameter count for a model of this shape (see :meth:`Architecture.num_parameters`)."""
-        return arch.num_parameters(vocab_size=self.vocab_size, head_dim=self.head_dim,
-                                   tied_embeddings=self.tied_embeddings, qkv_bias=self.qkv_bias,
-                                   o_bias=self.o_bias, mlp_bias=self.mlp_bias)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,9 +146,16 @@ def _removed_layers(scores: MinitronScores, k: int, criterion: str, order: Seque
     return sorted(int(i) for i in order[:k])
 
 
-def build_candidate(dense_model: nn.Module, plan: StructuredPlan) -> nn.Module:
-    """A pruned deep copy of ``dense_model`` (the dense model is not changed)."""
-    return apply_plan_(copy.deepcopy(dense_model), plan)
+def build_candidate(dense_model: nn.Module, plan: StructuredPlan, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """A pruned deep copy of ``dense_model`` (the dense model is not changed).
+
+    Args:
+        dtype: cast the candidate's parameters to this dtype (e.g. the checkpoint's stored
+            dtype, from :func:`~pruning_core.minitron.precision.to_compute_dtype_`, before
+            saving); None keeps the dense model's.
+    """
+    model = apply_plan_(copy.deepcopy(dense_model), plan)
+    return model if dtype is None else cast_parameters_(model, dtype)
 
 
 def evaluate_candidate(

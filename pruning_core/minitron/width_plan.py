@@ -4,9 +4,12 @@ Stage: plan. Minitron keeps the top-scored elements of each width axis, with the
 in every layer (so the result is again a uniform Llama config):
 
 - hidden: top ``hidden_size`` embedding channels, removed from the whole residual group;
-- MLP: per layer, top ``intermediate_size`` neurons (gate/up rows and down columns);
+- MLP: per layer, top ``intermediate_size`` neurons (gate/up rows and down columns; for a fused
+  ``gate_up_proj`` rows ``n`` and ``I + n`` together);
 - heads (GQA-consistent, :func:`select_heads`): per layer, keep ``num_key_value_heads`` KV
-  groups and ``num_attention_heads / num_key_value_heads`` query heads inside each kept group.
+  groups and ``num_attention_heads / num_key_value_heads`` query heads inside each kept group
+  (for a fused ``qkv_proj``: the q rows of the kept heads and the k and v rows of the kept
+  groups; per-head q/k norms are shared by all heads and stay whole).
 
 Every removal is expanded through the dependency graph (:func:`channel_group`) before it
 becomes parameter slices, so coupled weights are always cut together.
@@ -102,8 +105,8 @@ def _head_group(graph: DependencyGraph, unit: AttentionUnit, scores: torch.Tenso
     kept = select_heads(scores, unit.num_kv_heads, target.num_attention_heads, target.num_key_value_heads)
     removed_heads = _complement(kept, unit.num_heads)
     channels = [h * unit.head_dim + j for h in removed_heads for j in range(unit.head_dim)]
-    group = channel_group(graph, unit.q, channels)
-    kv_left = unit.num_kv_heads - len(group.channels(unit.k, "out")) // unit.head_dim
+    group = channel_group(graph, unit.node, channels, space="q")  # q rows wherever they sit (fused qkv_proj)
+    kv_left = unit.num_kv_heads - len(group.channels(unit.node, "k")) // unit.head_dim
     if kv_left != target.num_key_value_heads:  # the graph's GQA rule must agree with the selection
         raise GraphError(f"'{unit.node}': head selection keeps {kv_left} KV groups, target {target.num_key_value_heads}")
     return group

@@ -181,16 +181,41 @@ def test_distillation_reduces_kl_on_its_batch(llama4, batches):
         evaluate_candidate(student, batches, distill_steps=1)
 
 
-def test_eager_attention_is_refused_clearly():
-    """Attention regions are found through the SDPA call (HF's default); with attn_implementation
-    'eager' the heads cannot be coupled, and the structure says so instead of guessing."""
-    from pruning_core.errors import GraphError
-    from pruning_core.minitron import trace_decoder
-
+def test_eager_attention_traces_like_sdpa(batches):
+    """Attention is found through the SDPA call or, with attn_implementation 'eager' (Gemma 2's
+    only choice: soft-capping), through softmax(q @ k^T) @ v: same units, same plans."""
     model = tiny()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    sdpa_graph, sdpa = trace_decoder(model, ids)
     model.config._attn_implementation = "eager"
-    with pytest.raises(GraphError, match="attention unit"):
+    eager_graph, eager = trace_decoder(model, ids)
+    assert eager.attention == sdpa.attention and eager.norms == sdpa.norms
+    assert [(m.producers, m.down, m.size) for m in eager.mlp] == [(m.producers, m.down, m.size) for m in sdpa.mlp]
+    scores = compute_scores(model, batches[:1], sdpa)
+    arch = Architecture(num_layers=3, hidden_size=48, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+    assert candidate_plan(model, eager_graph, eager, scores, arch) == candidate_plan(model, sdpa_graph, sdpa, scores, arch)
+
+
+def _linear_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention without softmax (q (k^T v)): nothing the tracer can recognise as attention."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return (query @ (key.transpose(2, 3) @ value)).transpose(1, 2), None
+
+
+def test_untraceable_attention_is_refused_clearly(monkeypatch):
+    """An attention computed some other way cannot have its heads coupled: the structure says so
+    (a typed error naming the block and its modules) instead of guessing."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from pruning_core.errors import UnsupportedArchitecture
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "linear_test", _linear_attention)
+    model = tiny()
+    model.config._attn_implementation = "linear_test"
+    with pytest.raises(UnsupportedArchitecture, match="attention unit") as info:
         trace_decoder(model, torch.tensor([[1, 2, 3, 4]]))
+    assert info.value.block == "model.layers.0" and "self_attn.q_proj: Linear" in info.value.pattern
 
 
 # ----------------------------------------------------------------------------- biases (Qwen2, Llama with biases)
