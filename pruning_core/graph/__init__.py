@@ -3,7 +3,8 @@
 Stage: structured plans and apply. ``build_dependency_graph`` traces a real model;
 ``channel_group``/``propagate_channel_pruning`` compute what pruning channels implies;
 ``PruningPlan`` (removals by node id) and ``StructuredPlan`` (plain-data edits, JSON) describe the
-edits; ``apply_plan_`` performs them in place.
+edits; ``apply_plan_`` performs them in place. :mod:`~pruning_core.graph.roles` finds a decoder's
+token embedding, attention units and gated MLP units by what they do in the graph.
 """
 
 from pruning_core.graph.graph import DependencyGraph
@@ -15,6 +16,14 @@ from pruning_core.graph.propagate import (
     channel_group,
     coupled_spaces,
     propagate_channel_pruning,
+)
+from pruning_core.graph.roles import (
+    AttentionUnit,
+    MlpUnit,
+    attention_units,
+    implied_config,
+    mlp_units,
+    token_embedding,
 )
 from pruning_core.graph.structured import (
     AxisEdit,
@@ -28,6 +37,7 @@ from pruning_core.graph.types import DependencyType, GraphEdge, GraphNode, NodeT
 
 __all__ = [
     "DEFAULT_HANDLERS",
+    "AttentionUnit",
     "AxisEdit",
     "ChannelGroup",
     "DependencyGraph",
@@ -36,15 +46,20 @@ __all__ = [
     "GraphNode",
     "LayerRemoval",
     "LeafHandler",
+    "MlpUnit",
     "NodeType",
     "PruningPlan",
     "StructuredPlan",
     "apply_plan_",
+    "attention_units",
     "build_dependency_graph",
     "channel_group",
     "coupled_spaces",
     "decoder_layers_path",
+    "implied_config",
+    "mlp_units",
     "plan_from_groups",
     "propagate_channel_pruning",
+    "token_embedding",
     "with_handler",
 ]

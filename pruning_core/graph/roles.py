@@ -91,7 +91,7 @@ def _producer_rows(graph: DependencyGraph, node_id: str) -> tuple[str, int, int]
     node = graph.node(node_id)
     if node.node_type is NodeType.LINEAR:
         return node_id, 0, node.output_dim
-    ins = graph.edges_to(node_id)
+    ins = [e for e in graph.edges_to(node_id) if e.dep_type is DependencyType.SLICE]
     if node.node_type is NodeType.SLICE and len(ins) == 1 and graph.node(ins[0].from_).node_type is NodeType.LINEAR:
         return ins[0].from_, ins[0].dim_index, ins[0].dim_index + node.output_dim
     return None

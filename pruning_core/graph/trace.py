@@ -232,22 +232,8 @@ class _Builder:
                                           attrs={"num_heads": 1, "num_kv_heads": 1, "head_dim": 0}))
 
     def _attention_node(self, path: str, core: tuple[fx.Node, fx.Node, fx.Node]) -> None:
-        roles = {}
-        for role, arg in zip("qkv", core, strict=True):
-            found = self.regions.origins(arg, self.owner)
-            if len(found) != 1:
-                raise GraphError(f"attention '{path}': {role} must come from exactly one projection, got {sorted(found)}")
-            roles[role] = next(iter(found))
-            if self.graph.node(roles[role].owner).node_type is not NodeType.LINEAR:
-                raise GraphError(f"attention '{path}': {role} comes from '{roles[role].owner}', not from a Linear projection")
-        q_shape = tuple(core[0].meta["val"].shape)  # (B, heads, T, head_dim)
-        heads, head_dim = int(q_shape[1]), int(q_shape[-1])
-        widths = {role: o.stop - o.start for role, o in roles.items()}
-        if widths["q"] != heads * head_dim or widths["k"] != widths["v"] or widths["k"] % head_dim:
-            raise GraphError(f"attention '{path}': q/k/v windows {dict(roles)} do not match {heads} heads x {head_dim}")
-        attrs: dict[str, Any] = {"num_heads": heads, "num_kv_heads": widths["k"] // head_dim, "head_dim": head_dim}
-        if self.regions.inner.get(path):
-            attrs["inner"] = sorted(self.regions.inner[path])
+        roles, attrs = self.regions.attention(path, core, self.owner,
+                                              lambda nid: self.graph.node(nid).node_type is NodeType.LINEAR)
         self.graph.add_node(GraphNode(id=path, name=path, node_type=NodeType.ATTENTION, module=path, attrs=attrs))
         for role, origin in roles.items():
             self._edge(origin.owner, path, DependencyType.ATTENTION, offset=origin.start, role=role)

@@ -19,12 +19,13 @@ the windows against the head counts read from the traced query shape.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx
 
+from pruning_core.errors import GraphError
 from pruning_core.graph.trace_ops import (
     SPLIT_OPS,
     channel_window,
@@ -106,6 +107,35 @@ class Regions:
         else:
             self.sources[node] = frozenset().union(*(self.origins(a, owner) for a in args))
         return self._core(node, args)
+
+    def attention(
+        self, path: str, core: tuple[fx.Node, fx.Node, fx.Node], owner: Mapping[fx.Node, str],
+        is_linear: Callable[[str], bool],
+    ) -> tuple[dict[str, Origin], dict[str, Any]]:
+        """The q/k/v origins of region ``path``'s core op and its node attributes (head counts
+        from the traced query ``(B, heads, T, head_dim)``, ``inner`` per-head norms).
+
+        Raises:
+            GraphError: q, k or v does not come from exactly one window of one Linear, or the
+                windows do not match the head counts.
+        """
+        roles = {}
+        for role, arg in zip("qkv", core, strict=True):
+            found = self.origins(arg, owner)
+            if len(found) != 1:
+                raise GraphError(f"attention '{path}': {role} must come from exactly one projection, got {sorted(found)}")
+            roles[role] = next(iter(found))
+            if not is_linear(roles[role].owner):
+                raise GraphError(f"attention '{path}': {role} comes from '{roles[role].owner}', not from a Linear projection")
+        q_shape = tuple(core[0].meta["val"].shape)  # (B, heads, T, head_dim)
+        heads, head_dim = int(q_shape[1]), int(q_shape[-1])
+        widths = {role: o.stop - o.start for role, o in roles.items()}
+        if widths["q"] != heads * head_dim or widths["k"] != widths["v"] or widths["k"] % head_dim:
+            raise GraphError(f"attention '{path}': q/k/v windows {roles} do not match {heads} heads x {head_dim}")
+        attrs: dict[str, Any] = {"num_heads": heads, "num_kv_heads": widths["k"] // head_dim, "head_dim": head_dim}
+        if self.inner.get(path):
+            attrs["inner"] = sorted(self.inner[path])
+        return roles, attrs
 
     def origins(self, value: fx.Node, owner: Mapping[fx.Node, str]) -> frozenset[Origin]:
         """Where ``value`` comes from: its tracked origins, or all rows of an outside producer."""

@@ -63,6 +63,24 @@ FAMILIES: dict[str, MinitronFamily] = {
 }
 
 
+# Families we test and refuse, with what does not map (from their transformers modeling code).
+REFUSED: dict[str, str] = {
+    "phi": "parallel attention/MLP with a non-gated GELU MLP (fc1 -> fc2) and LayerNorms with biases",
+    "olmo": "LayerNorms without weights (no norm parameter to slice or score the residual channels by)",
+    "stablelm": "head_dim is derived from hidden_size / num_attention_heads (hidden pruning would change the "
+                "heads) and optional per-head q/k LayerNorms, one module per head",
+    "falcon": "a fused query_key_value with the heads interleaved, a non-gated GELU MLP, ALiBi or "
+              "parallel attention",
+    "gpt_neox": "a fused query_key_value interleaved per head (q, k, v of each head together), a non-gated "
+                "GELU MLP and a parallel residual",
+    "opt": "learned position embeddings, a non-gated ReLU MLP (fc1 -> fc2) and biased LayerNorms",
+    "gpt2": "Conv1D projections (weights stored [in, out]) with a fused c_attn, learned position embeddings "
+            "and a non-gated GELU MLP",
+    "mixtral": "a mixture-of-experts MLP (router and fused 3-D expert weights), not one gated MLP",
+    "qwen2_moe": "a mixture-of-experts MLP (router, fused 3-D expert weights, shared expert), not one gated MLP",
+}
+
+
 def text_config(model_or_config: Any) -> Any:
     """The text config of a model or config (``get_text_config()`` for composite configs)."""
     config = getattr(model_or_config, "config", model_or_config)
@@ -80,10 +98,12 @@ def minitron_family(model_or_config: Any) -> MinitronFamily:
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         owner = model_or_config if isinstance(model_or_config, nn.Module) else None
+        why = REFUSED.get(str(model_type), "not a tested Llama-like block (one attention with q/k/v/o "
+                          "projections, one gated MLP, norms on the residual stream)")
         raise UnsupportedArchitecture(
             type(owner).__name__ if owner is not None else type(config).__name__,
-            f"Minitron depth/width supports the Llama-like families {supported_families()}; model_type "
-            f"{model_type!r} is not one of them", **_where(owner))
+            f"Minitron depth/width does not support model_type {model_type!r}: {why}; supported: "
+            f"{', '.join(supported_families())}", **_where(owner))
     return FAMILIES[model_type]
 
 
@@ -186,6 +206,7 @@ def _where(model: nn.Module | None) -> dict[str, str]:
 
 __all__ = [
     "FAMILIES",
+    "REFUSED",
     "MinitronFamily",
     "ModelShape",
     "block_pattern",
