@@ -147,11 +147,21 @@ def _new_values(config: Any, expected: Mapping[str, int], kept: Sequence[int], d
     return values
 
 
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What a transformers config class raises for values it refuses (its validators are
+    huggingface_hub strict-dataclass validators, whose error is not a ValueError)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return (ValueError, TypeError, KeyError)
+    return (ValueError, TypeError, KeyError, StrictDataclassError)
+
+
 def _new_config(config: Any, values: Mapping[str, Any]) -> Any:
     """``config`` with ``values``, rebuilt by its class (validated as ``from_pretrained`` would)."""
     try:
         return type(config).from_dict({**config.to_dict(), **values})
-    except (ValueError, TypeError, KeyError) as exc:
+    except _config_errors() as exc:
         raise GraphError(f"{type(config).__name__} refuses the config after the plan "
                          f"({ {k: v for k, v in values.items() if k != 'layer_types'} }): {exc}") from exc
 

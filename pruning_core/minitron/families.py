@@ -14,7 +14,9 @@ here, per ``config.model_type``, from the transformers modeling code:
 ``gemma2``      4 norms per layer (pre/post attention and feed-forward), scaled tied
                 embedding, soft-capping, sliding/full ``layer_types``
 ``gemma3_text`` as Gemma 2, plus q/k norms
-``phi3``        fused ``qkv_proj`` (q|k|v rows) and ``gate_up_proj`` (gate|up rows), no biases
+``phi3``        fused ``qkv_proj`` (q|k|v rows) and ``gate_up_proj`` (gate|up rows), no biases;
+                with LongRoPE (``short_factor``/``long_factor``), ``Phi3Config`` checks the
+                factors against ``hidden_size / num_attention_heads``, which must then stay
 ==============  =====================================================================
 
 :func:`check_supported` refuses anything else, and a supported family whose real parameter
@@ -46,6 +48,7 @@ class MinitronFamily:
     mlp_bias: BiasRule = False
     norms_per_layer: int = 2
     qk_norm: bool = False
+    rope_factors_per_head: bool = False  # LongRoPE factors are validated against hidden_size / heads
 
     def bias(self, rule: BiasRule, config: Any) -> bool:
         return bool(getattr(config, rule, False)) if isinstance(rule, str) else rule
@@ -59,7 +62,7 @@ FAMILIES: dict[str, MinitronFamily] = {
     "qwen3": MinitronFamily("Qwen3", qkv_bias=_ATTN, o_bias=_ATTN, qk_norm=True),
     "gemma2": MinitronFamily("Gemma 2", qkv_bias=_ATTN, o_bias=_ATTN, norms_per_layer=4),
     "gemma3_text": MinitronFamily("Gemma 3", qkv_bias=_ATTN, o_bias=_ATTN, norms_per_layer=4, qk_norm=True),
-    "phi3": MinitronFamily("Phi-3"),
+    "phi3": MinitronFamily("Phi-3", rope_factors_per_head=True),
 }
 
 
@@ -118,6 +121,8 @@ class ModelShape:
     Attributes:
         norms_per_layer: hidden-size norm weights per decoder layer (Gemma: 4).
         qk_norm: each layer has q/k norms of ``head_dim`` weights (Qwen3, Gemma 3).
+        hidden_per_head: if set, ``hidden_size / num_attention_heads`` must equal it (Phi-3 with
+            LongRoPE factors; its config refuses anything else on reload).
     """
 
     vocab_size: int
@@ -128,6 +133,7 @@ class ModelShape:
     mlp_bias: bool = False
     norms_per_layer: int = 2
     qk_norm: bool = False
+    hidden_per_head: int | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
@@ -139,11 +145,14 @@ class ModelShape:
         """
         config = text_config(config)
         family = minitron_family(config)
-        head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // int(config.num_attention_heads)
-        return cls(int(config.vocab_size), int(head_dim), bool(getattr(config, "tie_word_embeddings", False)),
+        per_head = int(config.hidden_size) // int(config.num_attention_heads)
+        rope = getattr(config, "rope_parameters", None) or {}
+        fixed = family.rope_factors_per_head and ("short_factor" in rope or "long_factor" in rope)
+        return cls(int(config.vocab_size), int(getattr(config, "head_dim", None) or per_head),
+                   bool(getattr(config, "tie_word_embeddings", False)),
                    qkv_bias=family.bias(family.qkv_bias, config), o_bias=family.bias(family.o_bias, config),
                    mlp_bias=family.bias(family.mlp_bias, config), norms_per_layer=family.norms_per_layer,
-                   qk_norm=family.qk_norm)
+                   qk_norm=family.qk_norm, hidden_per_head=per_head if fixed else None)
 
     def num_parameters(self, arch: Architecture) -> int:
         """``arch``'s parameter count for a model of this shape (see :meth:`Architecture.num_parameters`)."""

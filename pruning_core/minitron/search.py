@@ -53,6 +53,9 @@ class CandidateResult:
 def enumerate_candidates(dense: Architecture, shape: ModelShape, target: MinitronTarget) -> list[Architecture]:
     """Architectures allowed by ``target``, sorted by parameter count (descending), then depth.
 
+    Skipped: head counts that do not divide the hidden size or regroup query heads, and shapes
+    the family's config would refuse (``shape.hidden_per_head``).
+
     Raises:
         ConfigError: an explicit value is above the dense model's (e.g. more layers than
             exist), or no architecture satisfies the target.
@@ -62,6 +65,8 @@ def enumerate_candidates(dense: Architecture, shape: ModelShape, target: Minitro
     for layers, hidden, ffn, heads, kv in itertools.product(*choices):
         if heads % kv or hidden % heads or heads // kv > dense.num_attention_heads // dense.num_key_value_heads:
             continue
+        if shape.hidden_per_head is not None and hidden != heads * shape.hidden_per_head:
+            continue  # e.g. Phi-3 with LongRoPE: its config would refuse the pruned model
         arch = Architecture(num_layers=layers, hidden_size=hidden, intermediate_size=ffn,
                             num_attention_heads=heads, num_key_value_heads=kv)
         params = shape.num_parameters(arch)

@@ -18,16 +18,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pruning_core.errors import UnsupportedArchitecture
+from pruning_core.errors import GraphError, UnsupportedArchitecture
+from pruning_core.graph import apply_plan_
 from pruning_core.minitron import (
     FAMILIES,
     Architecture,
+    MinitronTarget,
     ModelShape,
     build_candidate,
     candidate_plan,
     check_supported,
     compute_scores,
     depth_plan,
+    enumerate_candidates,
     trace_decoder,
     width_plan,
     without_layers,
@@ -211,6 +214,25 @@ def test_phi3_fused_rows_follow_heads_groups_and_neurons():
             rows + [64 + r for r in kv] + [96 + r for r in kv])
         neurons = list(_kept(plan, f"model.layers.{i}.mlp.down_proj.weight", 1))
         assert list(_kept(plan, f"model.layers.{i}.mlp.gate_up_proj.weight", 0)) == neurons + [128 + n for n in neurons]
+
+
+def test_phi3_with_longrope_keeps_hidden_per_head():
+    """Phi3Config checks LongRoPE factors against hidden_size / num_attention_heads: candidates
+    that change it are not enumerated, and a plan that does is refused before anything changes."""
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "rope_theta": 1e4}
+    model = make_tiny("phi3", layers=4, rope_parameters=rope, original_max_position_embeddings=64)
+    shape = ModelShape.from_config(model.config)
+    assert shape.hidden_per_head == 16 and ModelShape.from_config(dense("phi3")[0].config).hidden_per_head is None
+    target = MinitronTarget(hidden_size=(64, 48, 32), num_attention_heads=(4, 2), num_key_value_heads=(2, 1),
+                            hidden_divisor=16)
+    found = enumerate_candidates(Architecture.from_config(model.config), shape, target)
+    assert found and all(a.hidden_size == 16 * a.num_attention_heads for a in found)
+    graph, structure = trace_decoder(model, IDS[:1, :8])
+    plan = width_plan(graph, structure, compute_scores(model, BATCHES[:1], structure).width, arch(hidden_size=48))
+    before = logits(model)
+    with pytest.raises(GraphError, match="Phi3Config refuses"):
+        apply_plan_(model, plan)
+    assert torch.equal(logits(model), before)
 
 
 @pytest.mark.parametrize("name", ["qwen3", "gemma3"])
