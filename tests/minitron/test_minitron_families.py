@@ -93,6 +93,16 @@ def test_family_is_supported_and_its_layout_predicts_the_parameters(name):
     assert shape.num_parameters(Architecture.from_config(model.config)) == sum(p.numel() for p in model.parameters())
 
 
+def test_the_architecture_table_and_minitron_agree_on_the_families():
+    """pruning_core.arch.FAMILIES marks the Minitron families; their layouts are stated here."""
+    from pruning_core.arch import FAMILIES as ARCH_FAMILIES
+    from pruning_core.minitron.families import REFUSED
+
+    assert {t for t, f in ARCH_FAMILIES.items() if f.minitron} == set(FAMILIES)
+    assert {t for t, f in ARCH_FAMILIES.items() if not f.minitron} == set(REFUSED)
+    assert {make_tiny(n).config.model_type for n in LLAMA_LIKE} == set(FAMILIES)
+
+
 @pytest.mark.parametrize("name", LLAMA_LIKE)
 @pytest.mark.parametrize("tied", [True, False])
 def test_prediction_equals_the_model_transformers_builds(name, tied):
@@ -196,6 +206,19 @@ def test_gemma_hidden_pruning_keeps_the_embedding_scale(name):
         factor = 64**0.5 / 48**0.5
         torch.testing.assert_close((1 + pruned.model.norm.weight) * factor, (1 + model.model.norm.weight)[kept])
     assert pruned.lm_head.weight is pruned.model.embed_tokens.weight
+
+
+def test_untied_gemma_rescales_only_the_embedding():
+    model = make_tiny("gemma3", layers=2, tie_word_embeddings=False)
+    graph, structure = trace_decoder(model, IDS[:1, :8])
+    plan = width_plan(graph, structure, compute_scores(model, BATCHES[:1], structure).width,
+                      arch(num_layers=2, hidden_size=48))
+    pruned = build_candidate(model, plan)
+    kept = list(_kept(plan, "model.embed_tokens.weight", 1))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned.model.embed_tokens(IDS), model.model.embed_tokens(IDS)[..., kept])
+    assert torch.equal(pruned.model.norm.weight, model.model.norm.weight[kept])
+    assert torch.equal(pruned.lm_head.weight, model.lm_head.weight[:, kept])
 
 
 def test_phi3_fused_rows_follow_heads_groups_and_neurons():
