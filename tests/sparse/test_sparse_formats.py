@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning_core.errors import ConfigError, InvalidMask, InvalidPattern, PruningError, ShapeMismatch, UnsupportedOperation
+from pruning_core.errors import (
+    ConfigError,
+    InvalidMask,
+    InvalidPattern,
+    PruningError,
+    ShapeMismatch,
+    UnsupportedOperation,
+)
 from pruning_core.masks import SparsityMask, generate_block_mask, generate_nm_mask
 from pruning_core.sparse import (
     BlockSparseTensor,
