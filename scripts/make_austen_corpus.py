@@ -1,4 +1,4 @@
-"""Rebuild pruning_core/lm/data/{emma,pride_and_prejudice}.txt.gz from Debian's r-cran-janeaustenr.
+"""Rebuild pruning_core/lm/data/{emma,pride_and_prejudice,persuasion}.txt.gz from Debian's r-cran-janeaustenr.
 
 The novels are public domain; the Debian package (MIT) stores them in an R lazy-load database.
 This script reads that database with a small pure-Python reader of R's XDR serialization, so
@@ -17,7 +17,7 @@ import struct
 import zlib
 from pathlib import Path
 
-BOOKS = {"emma": "emma", "prideprejudice": "pride_and_prejudice"}
+BOOKS = {"emma": "emma", "prideprejudice": "pride_and_prejudice", "persuasion": "persuasion"}
 
 
 def parse_rds(buf: bytes):  # noqa: C901 - a direct transcription of the XDR format
