@@ -1,4 +1,4 @@
-"""Calibration language-model loss, and a short logit distillation from the dense teacher.
+"""Calibration language-model loss, and logit distillation from the dense teacher.
 
 Stage: scoring candidates. ``batches`` are token-id tensors ``[batch, seq]`` (full windows, no
 padding); every position but the last predicts the next token.
@@ -49,6 +49,41 @@ def lm_loss(model: nn.Module, batches: Sequence[torch.Tensor], *, progress: bool
     return float(loss)
 
 
+def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """``T² · KL(softmax(t/T) || softmax(s/T))`` averaged over tokens (Hinton et al. 2015).
+
+    Args:
+        student_logits, teacher_logits: ``[..., vocab]`` logits (teacher log-probabilities work too
+            at ``T = 1``: ``log_softmax`` of log-probabilities is the identity).
+        temperature: ``T > 0``.
+
+    Returns:
+        A float32 scalar (differentiable in ``student_logits``).
+    """
+    target = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1).flatten(0, -2)
+    pred = F.log_softmax(student_logits.float() / temperature, dim=-1).flatten(0, -2)
+    return F.kl_div(pred, target, log_target=True, reduction="batchmean") * temperature**2
+
+
+def distillation_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, *, temperature: float = 1.0,
+                      lm_weight: float = 0.0) -> torch.Tensor:
+    """Logit-distillation loss of ``student`` on one batch ``ids`` ``[B, T]`` (differentiable).
+
+    ``logit_kl`` over all ``B·T`` positions, plus ``lm_weight`` times the student's next-token
+    cross-entropy (positions ``0..T-2``) when ``lm_weight > 0``. The teacher runs under
+    ``torch.no_grad``.
+    """
+    with torch.no_grad():
+        teacher_logits = _logits(teacher, ids)
+    logits = _logits(student, ids)  # [B, T, vocab]
+    loss = logit_kl(logits, teacher_logits, temperature=temperature)
+    if lm_weight:
+        pred = logits[:, :-1].float()
+        target = ids[:, 1:].to(pred.device)
+        loss = loss + lm_weight * F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1))
+    return loss
+
+
 def distill_(
     student: nn.Module,
     teacher: nn.Module,
@@ -62,7 +97,8 @@ def distill_(
 
     Minitron retrains pruned candidates by logit distillation from the dense model (Sec. 3).
     Here: AdamW, one batch per step (cycling through ``batches``), loss
-    ``T^2 * KL(softmax(t/T) || softmax(s/T))`` averaged over tokens.
+    ``T^2 * KL(softmax(t/T) || softmax(s/T))`` averaged over tokens (:func:`distillation_loss`).
+    Recovery training with fixed masks, checkpoints and schedules is ``pruning_core.recovery``.
 
     Returns:
         The loss of every step.
@@ -74,12 +110,7 @@ def distill_(
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr)
     losses: list[float] = []
     for step in tqdm(range(steps), desc="distill", leave=False, disable=steps < 2):
-        ids = batches[step % len(batches)]
-        with torch.no_grad():
-            target = F.log_softmax(_logits(teacher, ids).float() / temperature, dim=-1)
-        pred = F.log_softmax(_logits(student, ids).float() / temperature, dim=-1)
-        loss = F.kl_div(pred.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
-        loss = loss * temperature**2
+        loss = distillation_loss(student, teacher, batches[step % len(batches)], temperature=temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -90,4 +121,4 @@ def distill_(
     return losses
 
 
-__all__ = ["distill_", "lm_loss"]
+__all__ = ["distill_", "distillation_loss", "lm_loss", "logit_kl"]
