@@ -23,6 +23,7 @@ The expensive parts (pruning every unit at every level, evaluating candidates) a
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -147,7 +148,7 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         ok = (self.generations >= 0 and self.offspring >= 1 and self.max_flips >= 1 and self.stages
-              and self.stages[-1] == 1 and all(a >= b >= 1 for a, b in zip(self.stages, self.stages[1:]))
+              and self.stages[-1] == 1 and all(a >= b for a, b in itertools.pairwise(self.stages))
               and self.stages[0] <= self.offspring)
         if not ok:
             raise ConfigError("search", f"need generations >= 0, offspring >= 1, max_flips >= 1 and non-increasing "

@@ -135,6 +135,14 @@ class Allocation:
         """``{layer name: its unit's sparsity}`` (before rounding to comparison groups)."""
         return {layer: s for u, s in zip(self.units, self.sparsities, strict=True) for layer in u.layers}
 
+    def check_units(self, units: Sequence[AllocationUnit]) -> None:
+        """ConfigError unless ``units`` (e.g. of the model a saved allocation is reused on) are exactly
+        this allocation's units: same names, layers and sizes, in order."""
+        if tuple(units) != self.units:
+            diff = next((f"{a.name} vs {b.name}" for a, b in zip(self.units, units, strict=False) if a != b),
+                        f"{len(self.units)} vs {len(units)} units")
+            raise ConfigError("allocation", f"made for other units than the model's ({diff})")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (``from_dict`` inverts it exactly: floats survive JSON round trips)."""
         return {"target": self.target, "source": self.source, "mean": self.mean,

@@ -8,11 +8,16 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from torch import nn
 
-from conftest import make_tiny_llama
 from pruning_core.allocation import Allocation, allocation_units, layer_targets, prune_allocated_
-from pruning_core.allocation.database import CandidateAssembler, build_variant, database_tasks, evaluate_candidates
+from pruning_core.allocation.database import (
+    CandidateAssembler,
+    build_variant,
+    database_tasks,
+    evaluate_candidates,
+)
 from pruning_core.allocation.fitness import KLFitness, LossFitness
 from pruning_core.allocation.search import (
     LevelGrid,

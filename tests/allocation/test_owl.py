@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import make_tiny_llama
 from pruning_core.allocation import (
     Allocation,
     OWLConfig,
@@ -124,3 +124,6 @@ def test_allocation_from_ratios_by_name_and_validation():
         Allocation(0.5, tuple(units), (0.5, 1.0, 0.0))
     with pytest.raises(ConfigError, match="granularity"):
         allocation_units(make_tiny_llama(), "row")
+    alloc.check_units(units)
+    with pytest.raises(ConfigError, match="other units"):
+        alloc.check_units(allocation_units(make_tiny_llama(num_hidden_layers=3), "layer"))
