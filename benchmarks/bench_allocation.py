@@ -9,6 +9,8 @@ pruned blocks < i). Rows:
   job's numbers: Wanda 70% 430.5, SparseGPT 70% 116.7);
 * ``owl-<method>-<s>-<granularity>-m<M>-l<lambda>``: OWL allocation from one-pass Wanda scores of
   the dense model, then the method at the allocated per-layer sparsities;
+* ``transfer-<method>-from-<row>``: ``<method>`` at the allocation another row found (e.g.
+  SparseGPT at the allocation the Wanda search found);
 * ``search-<method>-<s>-<granularity>-...``: the EvoPress-style search started from an OWL row's
   allocation. Its database prunes every unit at every grid level from the dense model's one-pass
   statistics (XᵀX for SparseGPT, variants kept on disk); fitness = KL(dense || pruned) on the
@@ -114,7 +116,14 @@ class Bench:
         return row
 
 
+TRANSFER = re.compile(r"transfer-(?P<method>wanda|sparsegpt|magnitude)-from-(?P<source>.+)")
+
+
 def run_row(bench: Bench, row_id: str, args: argparse.Namespace, results: Q.Results) -> dict[str, Any]:
+    if (transfer := TRANSFER.fullmatch(row_id)) is not None:  # another row's allocation, another method
+        alloc = Allocation.from_dict(results.get(transfer["source"])["allocation"])
+        row = bench.measure(lambda: bench.prune_at(alloc, transfer["method"]))
+        return {**row, "allocation": alloc.to_dict()}
     if row_id == "dense":
         ppl, seconds = Q.timed(lambda: Q.perplexities(bench.model, bench.evaluation))
         return {"perplexity": ppl, "eval_s": round(seconds, 1), "sparsity": 0.0}
@@ -137,8 +146,9 @@ def tables(results: Q.Results) -> str:
     lines = ["| row | P&P | ratio vs uniform | Persuasion | ratio | sparsity | prune s | search s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for rid, r in sorted(rows.items()):
-        match = ROW.fullmatch(rid)
-        base = rows.get(f"uniform-{match['method']}-{match['s']}") if match else None
+        match = ROW.fullmatch(rid) or TRANSFER.fullmatch(rid)
+        target = r.get("allocation", {}).get("target")
+        base = rows.get(f"uniform-{match['method']}-{target}") if match and target is not None else None
         ratio = {t: (r["perplexity"][t] / base["perplexity"][t] if base else float("nan")) for t in Q.EVAL_TEXTS}
         lines.append(f"| {rid} | {r['perplexity']['pride_and_prejudice']:.2f} | {ratio['pride_and_prejudice']:.3f} "
                      f"| {r['perplexity']['persuasion']:.2f} | {ratio['persuasion']:.3f} | {r['sparsity']:.5f} "
@@ -153,9 +163,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_allocation"))
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--resume", action="store_true", help="skip rows already in --out")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 wastes "
+                        "far less CPU on a shared machine (190 vs 78 tokens per CPU-second on SmolLM2)")
     parser.add_argument("--tables", action="store_true", help="print the Markdown table and exit")
     S.add_arguments(parser)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     results = Q.Results(args.out)
     if args.tables:

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama
+
 from pruning_core.calibration.capture import collect_activation_stats
 from pruning_core.errors import ConfigError, InvalidMask
 from pruning_core.minitron.loss import lm_loss
