@@ -55,7 +55,8 @@ from pruning_core.allocation.owl import unit_outlier_ratios  # noqa: E402
 from pruning_core.calibration.capture import collect_activation_stats  # noqa: E402
 from pruning_core.calibration.context import CalibrationContext  # noqa: E402
 from pruning_core.calibration.stats import ActivationStats  # noqa: E402
-from pruning_core.pruning import SparseGPTPruner, WandaPruner, prune_module, prune_sequential  # noqa: E402
+from pruning_core.methods import get_method  # noqa: E402
+from pruning_core.pruning import prune_module, prune_sequential  # noqa: E402
 
 log = logging.getLogger("bench_allocation")
 ROW = re.compile(r"(?P<kind>uniform|owl|search)-(?P<method>wanda|sparsegpt|magnitude)-(?P<s>[0-9.]+)"
@@ -102,9 +103,11 @@ class Bench:
 
     def prune_uniform(self, method: str, s: float) -> None:
         if method == "sparsegpt":
-            prune_sequential(self.model, self.batches, SparseGPTPruner(), s, progress=False, measure_memory=False)
+            sparsegpt = get_method("sparsegpt")
+            prune_sequential(self.model, self.batches, sparsegpt, sparsegpt.spec(s), progress=False, measure_memory=False)
         else:
-            prune_module(self.model, WandaPruner(), s, "unstructured", self.stats(False), measure_memory=False)
+            wanda = get_method("wanda")
+            prune_module(self.model, wanda, wanda.spec(s), self.stats(False), measure_memory=False)
 
     def measure(self, prune: Any) -> dict[str, Any]:
         """Prune (timed), evaluate on every held-out text (timed), restore the dense weights."""

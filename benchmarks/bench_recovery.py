@@ -35,7 +35,8 @@ import _quality as Q  # noqa: E402
 
 from pruning_core.calibration.capture import collect_activation_stats  # noqa: E402
 from pruning_core.lm import calibration_windows  # noqa: E402
-from pruning_core.pruning import SparseGPTPruner, WandaPruner, prune_module, prune_sequential  # noqa: E402
+from pruning_core.methods import get_method  # noqa: E402
+from pruning_core.pruning import prune_module, prune_sequential  # noqa: E402
 from pruning_core.recovery import RecoveryConfig, RecoveryTrainer, capture_masks  # noqa: E402
 
 log = logging.getLogger("bench_recovery")
@@ -45,10 +46,12 @@ PRUNINGS = {"wanda-50": ("wanda", 0.5, "unstructured"), "sparsegpt-2of4": ("spar
 def prune_(model: Any, batches: list[torch.Tensor], which: str) -> None:
     method, sparsity, pattern = PRUNINGS[which]
     if method == "sparsegpt":
-        prune_sequential(model, batches, SparseGPTPruner(), sparsity, pattern, progress=False, measure_memory=False)
+        sparsegpt = get_method("sparsegpt")
+        prune_sequential(model, batches, sparsegpt, sparsegpt.spec(sparsity, pattern), progress=False, measure_memory=False)
     else:
         ctx = collect_activation_stats(model, batches, progress=False)
-        prune_module(model, WandaPruner(), sparsity, pattern, ctx, measure_memory=False)
+        wanda = get_method("wanda")
+        prune_module(model, wanda, wanda.spec(sparsity, pattern), ctx, measure_memory=False)
 
 
 def pruned_student(teacher: Any, batches: list[torch.Tensor], which: str, work: Path) -> tuple[Any, float]:

@@ -32,7 +32,13 @@ from pruning_core.allocation.apply import (
     prune_allocated_sequential_,
     prune_layer_weight,
 )
-from pruning_core.allocation.owl import OWLConfig, allocation_from_ratios, outlier_ratio, owl_allocation, owl_sparsities
+from pruning_core.allocation.owl import (
+    OWLConfig,
+    allocation_from_ratios,
+    outlier_ratio,
+    owl_allocation,
+    owl_sparsities,
+)
 from pruning_core.allocation.rounding import comparison_groups, realised_count, round_to_groups
 from pruning_core.allocation.units import Allocation, AllocationUnit, allocation_units
 

@@ -1,8 +1,7 @@
 """Prune a model at per-layer sparsities (an allocation), one pass or block by block.
 
-Stage: apply. :func:`prune_layer_weight` is the one call into the pruning methods (tensor in,
-tensor out), so switching to ``pruning_core.methods.get_method(name).prune_weight(weight, stats,
-SparsitySpec(...))`` is a change here only. Methods: ``"magnitude"`` (per layer), ``"wanda"``
+Stage: apply. :func:`prune_layer_weight` is the one call into the pruning methods
+(``pruning_core.methods.get_method(name).prune_weight``: tensor in, tensor out). Methods: ``"magnitude"`` (per layer), ``"wanda"``
 (per output row, as the paper), ``"sparsegpt"`` (OBS, per column block); unstructured only
 (an N:M pattern fixes every layer's sparsity at ``1 − n/m``).
 """
@@ -24,29 +23,29 @@ from pruning_core.calibration.context import CalibrationContext
 from pruning_core.calibration.sequential import calibrate_block, capture_block_inputs, run_block
 from pruning_core.calibration.stats import ActivationStats
 from pruning_core.errors import ConfigError
-from pruning_core.masks import MaskScope, Unstructured
-from pruning_core.pruning.pruners import MagnitudePruner, Pruner, SparseGPTPruner, WandaPruner, prune_weight
+from pruning_core.masks import MaskScope
+from pruning_core.methods import Method, get_method
 
 logger = logging.getLogger(__name__)
 
-_PRUNERS: dict[str, Pruner] = {"magnitude": MagnitudePruner(), "wanda": WandaPruner(), "sparsegpt": SparseGPTPruner()}
+_ALLOCATED = ("magnitude", "wanda", "sparsegpt")
 
 
-def _pruner(method: str) -> Pruner:
-    if method not in _PRUNERS:
-        raise ConfigError("method", f"unknown method {method!r}; available: {', '.join(sorted(_PRUNERS))}")
-    return _PRUNERS[method]
+def _method(method: str) -> Method:
+    if method not in _ALLOCATED:
+        raise ConfigError("method", f"unknown method {method!r}; available: {', '.join(_ALLOCATED)}")
+    return get_method(method)
 
 
 def method_scope(method: str) -> MaskScope:
     """The comparison groups ``method`` selects in (Wanda ROW, the others LAYER)."""
-    return _pruner(method).default_scope
+    return _method(method).default_scope
 
 
 def needs_stats(method: str) -> tuple[bool, bool]:
     """``(activation statistics, XᵀX)`` that ``method`` needs."""
-    pruner = _pruner(method)
-    return pruner.importance.requires_calibration or pruner.requires_hessian, pruner.requires_hessian
+    chosen = _method(method)
+    return chosen.needs_stats or chosen.needs_hessian, chosen.needs_hessian
 
 
 def prune_layer_weight(method: str, weight: torch.Tensor, stats: ActivationStats | None, sparsity: float, *,
@@ -56,8 +55,8 @@ def prune_layer_weight(method: str, weight: torch.Tensor, stats: ActivationStats
     The weight's existing zeros stay pruned (as ``prune_module`` does). Kept weights are unchanged
     except for SparseGPT, which updates them to reconstruct the layer's output.
     """
-    new, mask = prune_weight(_pruner(method), weight, sparsity, Unstructured(), stats, name=name)
-    return new, mask.tensor
+    chosen = _method(method)
+    return chosen.prune_weight(weight, stats, chosen.spec(sparsity), name=name)
 
 
 def layer_targets(model: nn.Module, allocation: Allocation, method: str) -> dict[str, float]:

@@ -24,7 +24,8 @@ from pruning_core.allocation import (
 from pruning_core.calibration.capture import collect_activation_stats
 from pruning_core.errors import ConfigError
 from pruning_core.masks import MaskScope
-from pruning_core.pruning import SparseGPTPruner, WandaPruner, prune_sequential
+from pruning_core.methods import get_method
+from pruning_core.pruning import prune_sequential
 
 
 def test_round_to_groups_golden():
@@ -75,12 +76,13 @@ def test_pruning_at_an_allocation_realises_the_rounded_counts(method, generator)
         assert 0 <= math.floor(s * unit.num_params) - zeros < max(r for r, _ in groups.values())
 
 
-@pytest.mark.parametrize(("method", "pruner"), [("wanda", WandaPruner()), ("sparsegpt", SparseGPTPruner())])
-def test_sequential_uniform_allocation_equals_prune_sequential(method, pruner, generator):
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_sequential_uniform_allocation_equals_prune_sequential(method, generator):
     model = make_tiny_llama(num_hidden_layers=2)
     batches = [torch.randint(0, model.config.vocab_size, (2, 16), generator=generator) for _ in range(2)]
     reference = copy.deepcopy(model)
-    prune_sequential(reference, batches, pruner, 0.5, progress=False, measure_memory=False)
+    chosen = get_method(method)
+    prune_sequential(reference, batches, chosen, chosen.spec(0.5), progress=False, measure_memory=False)
     alloc = Allocation.uniform(allocation_units(model, "block"), 0.5)
     prune_allocated_sequential_(model, batches, layer_targets(model, alloc, method), method)
     for name, param in reference.named_parameters():

@@ -12,8 +12,9 @@ from conftest import make_tiny_llama
 
 from pruning_core.calibration.capture import collect_activation_stats
 from pruning_core.errors import ConfigError, InvalidMask
+from pruning_core.methods import get_method
 from pruning_core.minitron.loss import lm_loss
-from pruning_core.pruning import WandaPruner, prune_module
+from pruning_core.pruning import prune_module
 from pruning_core.recovery import RecoveryConfig, RecoveryTrainer, batch_indices, capture_masks, verify_masks
 
 
@@ -22,7 +23,8 @@ def _pruned(pattern: str, generator: torch.Generator, dtype: torch.dtype = torch
     windows = torch.randint(0, teacher.config.vocab_size, (8, 16), generator=generator)
     student = copy.deepcopy(teacher)
     ctx = collect_activation_stats(student, list(windows.split(4)), progress=False)
-    prune_module(student, WandaPruner(), None if ":" in pattern else 0.5, pattern, ctx, measure_memory=False)
+    wanda = get_method("wanda")
+    prune_module(student, wanda, wanda.spec(None if ":" in pattern else 0.5, pattern), ctx, measure_memory=False)
     return teacher.to(dtype), student.to(dtype), windows
 
 
