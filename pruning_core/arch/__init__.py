@@ -7,7 +7,7 @@ pruning, streaming, Minitron) asks here, so there is one decoder-block finder
 families (:func:`architecture_support`).
 """
 
-from pruning_core.arch.layout import decoder_blocks, eval_mode, model_device
+from pruning_core.arch.layout import MODEL_BUILD_LOCK, decoder_blocks, eval_mode, model_device
 from pruning_core.arch.support import (
     FAMILIES,
     ArchitectureSupport,
@@ -21,6 +21,7 @@ from pruning_core.arch.units import PrunableUnit, conv1d_class, matrix_units, pr
 
 __all__ = [
     "FAMILIES",
+    "MODEL_BUILD_LOCK",
     "ArchitectureSupport",
     "Family",
     "Job",

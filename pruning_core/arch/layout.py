@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,13 @@ import torch
 from torch import nn
 
 from pruning_core.errors import UnsupportedArchitecture
+
+MODEL_BUILD_LOCK = threading.RLock()
+"""Held while a ``transformers`` model is built (``from_pretrained``, ``from_config``, a class on
+the ``meta`` device). ``from_pretrained`` patches process-wide state while it runs (it replaces
+``PreTrainedModel.tie_weights`` with a no-op), so a model built in another thread at that moment
+comes out untied; every build in pruning_core holds this lock (thread-run tasks build models
+concurrently)."""
 
 BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
                "model.language_model.layers", "layers")

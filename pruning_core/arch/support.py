@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pruning_core.arch.layout import decoder_blocks
+from pruning_core.arch.layout import MODEL_BUILD_LOCK, decoder_blocks
 from pruning_core.arch.units import prunable_units
 from pruning_core.errors import ConfigError, UnsupportedArchitecture
 
@@ -75,7 +75,7 @@ def meta_model(config: Any) -> nn.Module:
     """A causal-LM skeleton of ``config`` on the ``meta`` device (no memory, no weights read)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with MODEL_BUILD_LOCK, torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
 

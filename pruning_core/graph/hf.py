@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruning_core.arch import decoder_blocks
+from pruning_core.arch import MODEL_BUILD_LOCK, decoder_blocks
 from pruning_core.errors import ConfigError, GraphError
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def _new_config(config: Any, values: Mapping[str, Any]) -> Any:
 def _skeleton(model: nn.Module, config: Any) -> nn.Module:
     """The model class built from ``config`` on the meta device (shapes and attributes, no memory)."""
     try:
-        with torch.device("meta"):
+        with MODEL_BUILD_LOCK, torch.device("meta"):
             return type(model)(config)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise GraphError(f"cannot build {type(model).__name__} from the config after the plan: {exc}") from exc

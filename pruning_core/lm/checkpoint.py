@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pruning_core.arch import decoder_blocks
+from pruning_core.arch import MODEL_BUILD_LOCK, decoder_blocks
 from pruning_core.errors import ArtifactError
 from pruning_core.lm.checks import offline_transformers, read_config, stored_dtype
 from pruning_core.lm.materialize import check_materialized, init_nonpersistent, set_tensor
@@ -97,7 +97,7 @@ class CheckpointReader:
     def new_skeleton(self, dtype: torch.dtype) -> Any:
         """A fresh ``AutoModelForCausalLM`` of this config on the meta device, in eval mode."""
         tf = offline_transformers()
-        with torch.device("meta"):
+        with MODEL_BUILD_LOCK, torch.device("meta"):
             model = tf.AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         return model.eval()
 

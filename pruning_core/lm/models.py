@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from pruning_core.arch import MODEL_BUILD_LOCK
 from pruning_core.errors import ArtifactError, ConfigError
 from pruning_core.io.atomic import atomic_dir
 from pruning_core.io.manifest import MANIFEST_NAME, Manifest
@@ -141,9 +142,10 @@ def load_causal_lm(
     except (OSError, ValueError, TypeError) as exc:
         raise ArtifactError(str(root), f"cannot load a tokenizer ({exc})") from exc
     try:
-        model, info = tf.AutoModelForCausalLM.from_pretrained(
-            root, dtype=dtype, local_files_only=True, output_loading_info=True
-        )
+        with MODEL_BUILD_LOCK:
+            model, info = tf.AutoModelForCausalLM.from_pretrained(
+                root, dtype=dtype, local_files_only=True, output_loading_info=True
+            )
     except (OSError, ValueError, KeyError) as exc:
         raise ArtifactError(str(root), f"cannot load the model ({exc})") from exc
     missing = sorted(info.get("missing_keys", ()))

@@ -23,6 +23,7 @@ import os
 import time
 from pathlib import Path
 
+from pruning_core.arch import MODEL_BUILD_LOCK
 from pruning_core.errors import ArtifactError
 from pruning_core.io.atomic import directory_lock, sha256_file
 from pruning_core.io.manifest import Manifest
@@ -99,12 +100,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, provenance: dict[str, object
     tokenizer = tf.AutoTokenizer.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
     )
-    quantized = tf.AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
-    )
-    config = quantized.config
-    config.__dict__.pop("quantization_config", None)  # makes the copy a plain, saveable model
-    plain = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with MODEL_BUILD_LOCK:
+        quantized = tf.AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
+        )
+        config = quantized.config
+        config.__dict__.pop("quantization_config", None)  # makes the copy a plain, saveable model
+        plain = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
     plain.tie_weights()
     del quantized
