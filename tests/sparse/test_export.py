@@ -13,11 +13,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from pruning_core.errors import ArtifactError, ConfigError, InvalidMask, InvalidPattern
 from pruning_core.masks import generate_nm_mask, generate_unstructured_mask
 from pruning_core.sparse import ExportFormat, bitmask24, export_sparse, load_sparse_export, read_export_info
 from tests.conftest import make_tiny_llama
+from tests.legacy_ct import run_legacy_check
 
 FORMATS = [f.value for f in ExportFormat]
 T = torch.tensor
@@ -102,25 +104,21 @@ def test_bitmask24_golden():
     assert torch.equal(bitmask24.decode(**parts, name="w"), w)
 
 
-def test_compressed_tensors_arrays_equal_the_library_compressor(pruned24):
-    """For magnitude 2:4 masks (no ties) compressed-tensors' own compressor, which picks the two
-    largest |w| of each group, must produce byte-identical arrays."""
-    sparse24 = pytest.importorskip("compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask")
+def test_compressed_tensors_arrays_equal_the_library_compressor(pruned24, tmp_path):
+    """For magnitude 2:4 masks (no ties) compressed-tensors' own compressor (0.13, the last release
+    with it: tests/legacy_ct.py), which picks the two largest |w| of each group, must produce
+    byte-identical arrays."""
     model, masks = pruned24
-    for name in masks:
-        w = model.get_submodule(name).weight.detach()
-        theirs = sparse24.Sparse24BitMaskTensor.from_dense(w).dict(name_prefix=name)
-        ours = bitmask24.encode(w, masks[name])
-        for role in bitmask24.ROLES:
-            assert torch.equal(ours[role], theirs[f"{name}.{role}"]), (name, role)
+    dense = {name: model.get_submodule(name).weight.detach().contiguous() for name in masks}
+    ours = {f"{name}.{role}": t for name in masks for role, t in bitmask24.encode(dense[name], masks[name]).items()}
+    save_file(dense, tmp_path / "dense.safetensors")
+    save_file(ours, tmp_path / "ours.safetensors")
+    assert run_legacy_check("arrays", tmp_path / "dense.safetensors", tmp_path / "ours.safetensors") == "ok"
 
 
 def test_compressed_tensors_model_compressor_decompresses_our_export(pruned24, tmp_path):
-    """The library's own load path: ModelCompressor from our config.json, then decompress into a
-    freshly initialized model; every parameter must equal our pruned model's."""
-    pytest.importorskip("compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask")
-    from compressed_tensors.compressors import ModelCompressor, Sparse24BitMaskCompressor
-
+    """The library's own load path (compressed-tensors 0.13): ModelCompressor from our
+    config.json, then its decompressor yields exactly our pruned weights for the 14 layers."""
     model, masks = pruned24
     export_sparse(model, masks, tmp_path / "ct", "compressed_tensors")
     config = json.loads((tmp_path / "ct" / "config.json").read_text())
@@ -131,20 +129,9 @@ def test_compressed_tensors_model_compressor_decompresses_our_export(pruned24, t
     assert sc["ignore"] == ["lm_head"] and sorted(sc["targets"]) == sorted(masks)
     zeros = sum(int((t == 0).sum()) for n, t in model.state_dict().items() if n != "lm_head.weight")
     assert sc["global_sparsity"] == pytest.approx(zeros / sum(p.numel() for p in model.parameters()))
-    compressor = ModelCompressor.from_compression_config(qc)
-    assert isinstance(compressor.sparsity_compressor, Sparse24BitMaskCompressor)
-    fresh = make_tiny_llama()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in fresh.parameters():
-            p.normal_()
-    compressor.decompress(str(tmp_path / "ct"), fresh)
-    for name, p in model.named_parameters():
-        assert torch.equal(_bits(fresh.get_parameter(name)), _bits(p)), name
-    # the compressor's generator alone: it yields exactly our dense weights for the 14 layers
-    dense = dict(compressor.sparsity_compressor.decompress(str(tmp_path / "ct")))
-    for name in masks:
-        assert torch.equal(dense[f"{name}.weight"], model.get_submodule(name).weight + 0.0), name
+    expected = {f"{name}.weight": (model.get_submodule(name).weight + 0.0).detach().contiguous() for name in masks}
+    save_file(expected, tmp_path / "expected.safetensors")
+    assert run_legacy_check("decompress", tmp_path / "ct", tmp_path / "expected.safetensors") == "ok"
 
 
 def test_export_from_a_model_directory_copies_its_files(tiny_lm, tmp_path):
