@@ -43,8 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(config_path: Path, output_dir: Path | None) -> dict:
-    from flows.config import load_config
-    from flows.jobs import run_job
+    from flows.jobs import load_config, run_job
 
     job = load_config(config_path)
     return run_job(job, output_dir)
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "validate":
-            from flows.config import load_config
+            from flows.jobs import load_config
 
             job = load_config(args.config)
             sys.stdout.write(json.dumps(job.model_dump(mode="json"), indent=2) + f"\njob hash: {job.job_hash()}\n")

@@ -1,29 +1,41 @@
-"""Process-level setup for flow runs: offline/telemetry defaults, task runners, output dirs.
+"""The runtime every job's flow body stands on: process setup and :class:`JobRun`.
+
+A job's flow only sequences its tasks inside one ``with JobRun.open(job, output_dir) as run:``
+block. ``JobRun`` does the rest, the same way for every job kind:
+
+1. claims the output directory (:func:`flows.rundir.claimed_output_dir`: owner hash, run uid,
+   lock, sweep of the temporaries killed writes left) and writes ``config.json``;
+2. checks that MLflow answers, then opens or resumes the MLflow parent run (found again by the
+   job hash, the job kind and the directory's run uid), logging the config as params once;
+3. times stages (:meth:`JobRun.stage`, kept in ``timings.json``: a resumed job reports the
+   first run's timings);
+4. :meth:`JobRun.finish` writes ``summary.json`` atomically, logs it, closes the run FINISHED and
+   prints what to do next (where the output is, how to load it, how to open MLflow on this store);
+5. a failure closes the MLflow run FAILED without masking the original error.
 
 ``configure_environment`` must run before Prefect or MLflow is imported (both read their
-settings at import time); the ``prune`` CLI calls it first thing.
+settings at import time); the ``prune`` CLI calls it first thing. This module imports neither.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
-import uuid
-from collections.abc import Iterator
-from datetime import UTC
+import shlex
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from flows.config import JobBase, RunnerConfig
+from flows.config import JobBase
+from flows.rundir import claimed_output_dir, flow_run_output_dir
+from flows.tracking import JOB_TAG, KIND_TAG, RUN_TAG, Tracker, flatten
+from pruning_core.io import paths
+from pruning_core.io.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-# OSErrors that are deterministic (about a path): retrying them only wastes compute
-_PERMANENT_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 ENV_DEFAULTS = {
     # Prefect's ephemeral server needs ~20 s to migrate a fresh database; the default timeout is 20 s.
@@ -49,179 +61,170 @@ def configure_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def make_task_runner(runner: RunnerConfig, *, worker_env: dict[str, str] | None = None):  # -> prefect TaskRunner
-    """Threads (default), a temporary local Dask cluster, or an existing Dask scheduler.
+class StageClock:
+    """Seconds per stage, kept in the run directory so a resumed job reports the first timings."""
 
-    ``worker_env`` is set in the local cluster's worker processes (e.g. the ``PREFECT_API_URL``
-    of the flow's ephemeral server, which is not in the environment they inherit: without it
-    every worker would start a temporary Prefect server of its own and report its task runs
-    there). Workers of an existing scheduler keep the environment they were started with.
-    """
-    if runner.kind == "threads":
-        from prefect.task_runners import ThreadPoolTaskRunner
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.seconds: dict[str, float] = json.loads(file.read_text()) if file.exists() else {}
 
-        return ThreadPoolTaskRunner(max_workers=runner.max_workers)
-    from prefect_dask import DaskTaskRunner
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if name not in self.seconds:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+            atomic_write_text(self.file, json.dumps(self.seconds, indent=1))
 
-    if runner.kind == "dask":
-        return DaskTaskRunner(address=runner.address)
-    return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": runner.n_workers,
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": None,
-            "env": dict(worker_env or {}),
-        }
-    )
+    def totals(self) -> dict[str, float]:
+        """Every stage's seconds and their ``total``."""
+        return {**self.seconds, "total": round(sum(self.seconds.values()), 3)}
 
 
-def is_transient(exc: BaseException) -> bool:
-    """True for infrastructure failures worth retrying: connections, timeouts, I/O errors that
-    are not about a missing or forbidden path. Never for a :class:`PruningError` (bad input or a
-    numerical failure: deterministic, a retry would fail the same way) nor for bugs."""
-    from pruning_core.errors import PruningError
-
-    if isinstance(exc, (PruningError, *_PERMANENT_OS_ERRORS)):
-        return False
-    return isinstance(exc, OSError | TimeoutError)  # ConnectionError, requests/distributed comm errors
-
-
-def retry_on_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry a failed task run only if :func:`is_transient`."""
-    try:
-        state.result()
-    except BaseException as exc:  # noqa: BLE001 - classified
-        return is_transient(exc)
-    return False
-
-
-# Options of every task that does real work: retries for transient infrastructure errors only.
-TRANSIENT_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": retry_on_transient}
-
-
-RUN_LOCK = ".run.lock"  # held (shared) by every live run of a directory; see claimed_output_dir
-
-
-def _legacy_owner(run_dir: Path, job: JobBase) -> str | None:
-    """The job hash of a directory written before job.json existed, from its config.json."""
-    config = run_dir / "config.json"
-    if not config.is_file():
-        return None
-    data = json.loads(config.read_text())
-    if isinstance(data, dict) and "job_hash" in data:  # {"job_hash": ..., "job": {...}} (Minitron)
-        return str(data["job_hash"])
-    return type(job).model_validate(data).job_hash()
-
-
-def _no_live_run(run_dir: Path) -> bool:
-    """True when no process holds the directory's run lock (every run of it has ended or died)."""
-    fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)  # also releases the lock if it was taken
-    return True
-
-
-def claim_output_dir(run_dir: Path, job: JobBase) -> str:
-    """Bind ``run_dir`` to ``job`` and return the directory's run uid.
-
-    A run directory resumes from its manifest, so another config's finished artifacts would be
-    taken as this job's. ``job.json`` records the owner (its hash) and a random ``run_uid``, drawn
-    the first time the directory is claimed: the MLflow run of the directory is found by job hash
-    and uid, so rerunning a directory resumes its MLflow run and a new directory gets a new one.
-    A directory written before ``job.json`` existed is identified by its ``config.json``.
-
-    The check and the write happen under an exclusive lock on the directory (the manifest's
-    ``flock``), so two jobs claiming one directory at once cannot both win. When no run of the
-    directory is alive (see :func:`claimed_output_dir`), the temporaries that killed atomic writes
-    left behind are deleted under the same lock.
-
-    Raises:
-        ConfigError: ``run_dir`` belongs to a job with another hash.
-    """
-    from pruning_core.errors import ConfigError
-    from pruning_core.io.atomic import atomic_write_text, directory_lock, sweep_temporaries
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    marker = run_dir / "job.json"
-    with directory_lock(run_dir):
-        record = json.loads(marker.read_text()) if marker.is_file() else {}
-        owner = record.get("job_hash") or _legacy_owner(run_dir, job)
-        if owner is not None and owner != job.job_hash():
-            raise ConfigError("output_dir", f"{run_dir} holds the artifacts of job {owner}, not of this job "
-                              f"({job.job_hash()}); use another output directory")
-        uid = record.get("run_uid")
-        if not uid:
-            uid = uuid.uuid4().hex
-            record = {"job_hash": job.job_hash(), "job": job.job, **record, "run_uid": uid}  # type: ignore[attr-defined]
-            atomic_write_text(marker, json.dumps(record))
-        if _no_live_run(run_dir):
-            for path in sweep_temporaries(run_dir, skip=lambda d: (d / "job.json").is_file()):
-                log.info("removed %s, left by an interrupted write", path)
-    return str(uid)
-
-
-@contextlib.contextmanager
-def claimed_output_dir(run_dir: Path, job: JobBase) -> Iterator[str]:
-    """Claim ``run_dir`` for ``job`` (:func:`claim_output_dir`) and hold its run lock (shared)
-    until the block ends; yields the run uid.
-
-    The run lock tells a later claim whether any run of the directory is still alive (its
-    temporaries may be in use) or all have ended, so that what they left can be swept. It is a
-    ``flock``: released by the kernel when the process dies, however it dies.
-    """
-    uid = claim_output_dir(run_dir, job)
-    fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        yield uid
-    finally:
-        os.close(fd)
-
-
-def default_output_dir(job: JobBase) -> Path:
-    """``runs/<name>-<job hash>``: jobs with different configs never share a directory."""
-    return Path("runs") / f"{job.name or job.job}-{job.job_hash()}"  # type: ignore[attr-defined]
-
-
-def flow_run_output_dir(job: JobBase) -> Path:
-    """Where a flow run given no ``output_dir`` (a deployment's scheduled run) writes:
-    ``$PRUNING_RUNS_DIR/<name>-<job hash>/<scheduled start>-<flow run id>``.
-
-    Each flow run gets its own directory (and so its own MLflow run), and a retry of the flow run
-    (same id) resumes it. ``PRUNING_RUNS_DIR`` defaults to ``runs/deployed`` in the working
-    directory; the container deployments set ``/data/runs`` (a volume or PersistentVolumeClaim).
-    """
+def _flow_run_id() -> str:
     from prefect.runtime import flow_run
 
-    run_id = flow_run.get_id()
-    if not run_id:
-        raise RuntimeError("flow_run_output_dir() needs a Prefect flow run; pass output_dir instead")
-    start = flow_run.get_scheduled_start_time()  # set once per flow run: the same on every retry
-    leaf = f"{start.astimezone(UTC):%Y%m%dT%H%M%SZ}-{run_id}" if start else str(run_id)
-    base = Path(os.environ.get("PRUNING_RUNS_DIR") or "runs/deployed")
-    return base / f"{job.name or job.job}-{job.job_hash()}" / leaf  # type: ignore[attr-defined]
+    return str(flow_run.id or "")
 
 
-@contextlib.contextmanager
-def torch_threads(runner: RunnerConfig) -> Iterator[None]:
-    """While per-layer tasks run concurrently in threads, split the cores between them.
+def _logger() -> Any:
+    """The Prefect run logger inside a flow or task run (terminal and Prefect UI), else this module's."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
 
-    torch's intra-op thread count is process-wide: two tasks each using every core would
-    oversubscribe the machine (OpenMP threads then spin against each other).
-    """
-    import torch
-
-    if runner.kind != "threads" or runner.max_workers <= 1:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before // runner.max_workers))
     try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is inside it (shorter), else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+class JobRun:
+    """One run of a job in its output directory, from claiming the directory to closing its MLflow run.
+
+    Attributes:
+        job: the job, named (:meth:`JobBase.named`).
+        dir: the run directory, absolute (a str: what tasks take, also on Dask workers).
+        uid: the directory's run uid (``job.json``).
+        tracker: the MLflow adapter; ``run_id`` is the parent run.
+    """
+
+    def __init__(self, job: JobBase, run_dir: Path, uid: str, tracker: Tracker, run_id: str) -> None:
+        self.job, self.dir, self.uid, self.tracker, self.run_id = job, str(run_dir), uid, tracker, run_id
+        self.clock = StageClock(paths.timings(run_dir))
+        self.finished = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, job: JobBase, output_dir: str | Path | None, *, identity: Mapping[str, str] | None = None,
+             tags: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None) -> Iterator[JobRun]:
+        """Claim the output directory and open (or resume) the MLflow parent run for the block.
+
+        Args:
+            job: the validated job (named with its default name if it has none).
+            output_dir: the run directory; None (a deployment's scheduled run): a directory of the
+                flow run's own (:func:`flows.rundir.flow_run_output_dir`), resumed by its retries.
+            identity: tags added to the parent run's identity (job hash, kind, run uid), e.g. a role.
+            tags: descriptive tags of the parent run (set on every run, not part of its identity).
+            params: params logged besides the flattened config and the job hash.
+
+        Raises:
+            ConfigError: the directory holds another job's artifacts.
+            ServiceUnavailable: the MLflow tracking server does not answer (before any long work).
+        """
+        job = job.named()
+        # absolute: tasks on Dask workers (other working directories) get the same directory
+        run_dir = (Path(output_dir) if output_dir else flow_run_output_dir(job)).resolve()
+        with claimed_output_dir(run_dir, job) as uid:
+            atomic_write_text(paths.config(run_dir), job.model_dump_json(indent=2))
+            tracker, run_id = _open_parent(job, uid, identity or {}, tags or {}, params or {})
+            run = cls(job, run_dir, uid, tracker, run_id)
+            try:
+                yield run
+            except BaseException:
+                run._end_quietly("FAILED")
+                raise
+            if not run.finished:  # the flow body returned without finish(): never leave the run RUNNING
+                run._end_quietly("FAILED")
+
+    def stage(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Time the block as stage ``name`` (``seconds.<name>`` in summary.json, ``seconds_<name>`` in MLflow)."""
+        return self.clock.stage(name)
+
+    def log_metrics(self, metrics: Mapping[str, float | None]) -> None:
+        """Log the metrics that have a value on the parent run."""
+        self.tracker.log_metrics(self.run_id, {k: v for k, v in metrics.items() if v is not None})
+
+    def finish(self, summary: dict[str, Any], *, headline: str, load: str) -> dict[str, Any]:
+        """Write ``summary.json`` atomically, log it (and config.json) and the stage timings, close
+        the MLflow run FINISHED and print the closing lines; returns ``summary``.
+
+        Args:
+            summary: the job's result (JSON-able).
+            headline: the headline numbers, rounded (e.g. ``sparsity 0.500, perplexity 28.93 -> 54.08``).
+            load: one line of Python that loads the result.
+        """
+        atomic_write_text(paths.summary(self.dir), json.dumps(summary, indent=1))
+        if self.clock.seconds:
+            self.log_metrics({f"seconds_{k}": v for k, v in self.clock.totals().items()})
+        for file in (paths.summary(self.dir), paths.config(self.dir)):
+            self.tracker.log_artifact(self.run_id, file)
+        self.tracker.end_run(self.run_id, "FINISHED")
+        self.finished = True
+        _logger().info(self.closing_lines(headline, load))
+        return summary
+
+    @staticmethod
+    def quoted(path: str | Path) -> str:
+        """``path`` as a Python string literal for the ``load`` line (relative to the working directory
+        when inside it)."""
+        return json.dumps(_shown(Path(path)))
+
+    def closing_lines(self, headline: str, load: str) -> str:
+        """What to do next: the headline, where the output is, how to load it, how to see the MLflow run."""
+        uri = self.tracker.tracking_uri
+        ui = (self.tracker.run_url(self.run_id) if uri.startswith(("http://", "https://"))
+              else f"mlflow ui --backend-store-uri {shlex.quote(uri)}   (run {self.run_id})")
+        return "\n".join([f"{self.job.name}: {headline}",
+                          f"  output:  {_shown(Path(self.dir))}/  (summary.json)",
+                          f"  load:    python -c {shlex.quote(load)}",
+                          f"  MLflow:  {ui}"])
+
+    def _end_quietly(self, status: str) -> None:
+        """Close the parent run without hiding the error that got us here."""
+        try:
+            self.tracker.end_run(self.run_id, status)
+        except Exception as exc:  # noqa: BLE001 - the original error is re-raised by the caller
+            log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, exc)
+
+
+def _open_parent(job: JobBase, uid: str, identity: Mapping[str, str], tags: Mapping[str, Any],
+                 params: Mapping[str, Any]) -> tuple[Tracker, str]:
+    """The job's MLflow parent run, found again by its identity or created; config params logged once."""
+    Tracker.check_available(job.tracking.tracking_uri)  # fail fast, before any long work
+    tracker = Tracker(job.tracking.tracking_uri, job.tracking.experiment)
+    kind = job.job  # type: ignore[attr-defined]
+    ident = {JOB_TAG: job.job_hash(), KIND_TAG: kind, RUN_TAG: uid, **identity}
+    run_id, resumed = tracker.start_run(ident, run_name=job.tracking.run_name or job.name)
+    flow_run_id = _flow_run_id()
+    described = {**job.tracking.tags, **tags, "pruning.name": job.name or "", "prefect.flow_run_id": flow_run_id}
+    tracker.set_tags(run_id, {**described, **({"pruning.resumed": "true"} if resumed else {})})
+    config = flatten(job.model_dump(mode="json", exclude={"tracking"}))
+    tracker.log_params(run_id, {**config, "job_hash": job.job_hash(), **params})
+    if resumed:
+        log.info("resuming MLflow run %s", run_id)
+    if flow_run_id and tracker.tracking_uri.startswith(("http://", "https://")):
+        from prefect.artifacts import create_link_artifact
+
+        create_link_artifact(tracker.run_url(run_id), link_text="MLflow run", key=f"{kind}-{job.job_hash()}-mlflow")
+    return tracker, run_id
+
+
+__all__ = ["ENV_DEFAULTS", "JobRun", "StageClock", "configure_environment"]

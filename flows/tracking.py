@@ -4,7 +4,7 @@ Every call names its run explicitly (``run_id``), so it works from any thread or
 transient failures (connection refused, timeouts, HTTP 5xx) are retried with exponential
 backoff and then raised as :class:`~pruning_core.errors.ServiceUnavailable`; nothing is
 dropped silently. Runs are found again by their ``job_hash`` tag and the ``run_uid`` of their
-output directory (``flows.runtime.claim_output_dir``), so a job that is run again in the same
+output directory (``flows.rundir.claim_output_dir``), so a job that is run again in the same
 directory resumes its MLflow run instead of creating a duplicate, while a run in a new directory
 (each scheduled run of a deployment) gets a new MLflow run.
 
@@ -17,14 +17,13 @@ check before a job starts (:meth:`Tracker.check_available`) tries ``PRUNING_TRAC
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import math
 import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,35 +37,7 @@ JOB_TAG = "pruning.job_hash"
 KIND_TAG = "pruning.job_kind"
 ROLE_TAG = "pruning.role"
 RUN_TAG = "pruning.run_uid"  # the run_uid of the output directory (job.json) the run belongs to
-
-_RUN_UID: contextvars.ContextVar[str | None] = contextvars.ContextVar("pruning_run_uid", default=None)
-
-
-@contextlib.contextmanager
-def run_scope(run_uid: str) -> Iterator[None]:
-    """Inside the block, every run a :class:`Tracker` finds or creates also carries
-    ``RUN_TAG = run_uid`` in its identity, unless its tags already name one.
-
-    For flows that build their identity tags themselves (Lottery, Minitron): their caller claims
-    the output directory and opens the scope, so their runs belong to that directory. The value
-    follows Prefect into tasks and subflows (it copies the context into its worker threads), not
-    into Dask worker processes.
-    """
-    token = _RUN_UID.set(run_uid)
-    try:
-        yield
-    finally:
-        _RUN_UID.reset(token)
-
-
-def scoped(tags: Mapping[str, str]) -> dict[str, str]:
-    """``tags`` plus the current :func:`run_scope`'s ``RUN_TAG``, if any and not already given."""
-    out = dict(tags)
-    uid = _RUN_UID.get()
-    if uid is not None and RUN_TAG not in out:
-        out[RUN_TAG] = uid
-    return out
-
+LOGGED_TAG = "pruning.logged"  # set on a child run once everything of it is logged (Tracker.log_child_once)
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The configured URI, else $MLFLOW_TRACKING_URI, else SQLite in the working directory."""
@@ -184,8 +155,8 @@ class Tracker:
 
     # -- runs -----------------------------------------------------------------------------
     def find_run(self, tags: Mapping[str, str]) -> str | None:
-        """The newest run carrying all ``tags`` (and the current :func:`run_scope`'s uid), if any."""
-        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in scoped(tags).items())
+        """The newest run carrying all ``tags``, if any."""
+        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
         runs = self._call("search runs", self.client.search_runs, [self.experiment_id], flt,
                           max_results=1, order_by=["attributes.start_time DESC"])
         return runs[0].info.run_id if runs else None
@@ -193,7 +164,7 @@ class Tracker:
     def start_run(self, tags: Mapping[str, str], *, run_name: str | None = None,
                   parent_run_id: str | None = None) -> tuple[str, bool]:
         """Resume the run with these identity ``tags`` or create it; returns (run_id, resumed)."""
-        identity = scoped(tags)
+        identity = dict(tags)
         if parent_run_id:
             identity["mlflow.parentRunId"] = parent_run_id
         existing = self.find_run(identity)
@@ -205,6 +176,26 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self._call("end run", self.client.set_terminated, run_id, status)
+
+    def log_child_once(self, parent_run_id: str, identity: Mapping[str, str], run_name: str,
+                       log: Callable[[str], None]) -> str:
+        """Record a child run of ``parent_run_id`` once: ``log(child_run_id)`` logs its contents,
+        then :data:`LOGGED_TAG` marks it complete and it is closed FINISHED. Returns its id.
+
+        A child already marked is only closed again if a resumed job reopened it; a child that a
+        crash left half-logged is found by its ``identity`` and completed (``log`` must be
+        idempotent: :meth:`log_params`, :meth:`log_metrics_once` and :meth:`log_table` are).
+        """
+        done = self.find_run({**identity, "mlflow.parentRunId": parent_run_id, LOGGED_TAG: "true"})
+        if done:
+            if self._call("get run", self.client.get_run, done).info.status == "RUNNING":
+                self.end_run(done)
+            return done
+        child, _ = self.start_run(identity, run_name=run_name, parent_run_id=parent_run_id)
+        log(child)
+        self.set_tags(child, {LOGGED_TAG: "true"})
+        self.end_run(child)
+        return child
 
     def child_runs(self, parent_run_id: str) -> list[Any]:
         flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"

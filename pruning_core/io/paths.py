@@ -2,21 +2,44 @@
 
 Stage: io. Flows and tests build paths only through these functions, so renaming an artifact
 is a one-line change and two stages never disagree about where a file lives. Functions that
-take a layer name refuse names that would leave their directory (``/``, ``..``).
+take a layer or candidate name refuse names that would leave their directory (``/``, ``..``).
 
-Layout of a run directory::
+Layout of a run directory (every job kind)::
 
+    job.json                 the owner (job hash) and the directory's run uid (flows.rundir)
+    .run.lock                held (shared) by every live run of the directory
     manifest.json            checksums of everything below (io.manifest)
     config.json              the resolved job configuration
-    summary.json             the job's result (metrics, per-layer table)
+    timings.json             seconds per stage (the first run's, kept on resume)
+    summary.json             the job's result
+    inputs.json              the resolved model and what the job derived from it
+    windows.safetensors      token windows: calibration, evaluation (+ distillation)
+    perplexity_<which>.json  perplexity of the dense (before) or pruned/chosen (after) model
+    model/                   the pruned or chosen model, a Hugging Face directory
+
+One-shot (``job: oneshot``)::
+
     stats.parquet            calibration statistics, a row per layer x input channel
     hessians.safetensors     SparseGPT Hessians, one tensor per layer
-    scores/<layer>.safetensors   per-layer scoring outputs (scores, pruned weight, mask)
+    scores/<layer>.safetensors   per-layer result (mask, updated weight or scores)
+    global-selection.json    marker: the global threshold was applied to every layer
+    block_inputs/NNN.safetensors  sequential mode: inputs of decoder block NNN
+    stats/block_NNN.parquet  sequential mode: statistics of block NNN's layers
     masks.safetensors        all masks, bit-packed (io.masks)
-    layers.parquet           per-layer table (sparsity, reconstruction error)
-    model/                   the pruned model, a Hugging Face directory
+    layers.json              per-layer table (sparsity, reconstruction error)
     sparse/                  optional sparse-format export
-    rounds/<NNN>/            one sub-run per iterative round (Lottery Ticket levels)
+
+Minitron (``job: minitron``)::
+
+    scores.parquet           every importance score, computed once
+    candidates/<id>/plan.json, result.json   one per candidate
+    chosen.json              the chosen candidate's size and greedy sample
+
+Lottery Ticket (``job: lottery``)::
+
+    tickets/<config hash>/   the library's TicketStore (round_NNN/ticket.*)
+    rounds/round_NNN.json    round record and learning curves, written just before its ticket
+    accuracy_vs_density.png  the search's figure
 """
 
 from __future__ import annotations
@@ -26,30 +49,70 @@ from pathlib import Path
 
 from pruning_core.errors import ArtifactError
 from pruning_core.io.atomic import safe_child
+from pruning_core.io.manifest import MANIFEST_NAME
 
 PathLike = str | os.PathLike[str]
 
 
-def _leaf(root: PathLike, directory: str, name: str, suffix: str) -> Path:
+def _leaf(root: PathLike, directory: str, name: str, suffix: str = "") -> Path:
     """``root/directory/<name><suffix>``, refusing names with path separators or ``..``."""
     if not name or "/" in name or "\\" in name or name in {".", ".."} or "\x00" in name:
-        raise ArtifactError(name, "a layer name must be a single path component (no '/', '\\\\' or '..')")
+        raise ArtifactError(name, "a layer or candidate name must be a single path component (no '/', '\\\\' or '..')")
     safe_child(Path(root) / directory, name + suffix)
     return Path(root) / directory / (name + suffix)
 
 
+def _index(index: int) -> str:
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ArtifactError(str(index), "a block or round index must be a non-negative int")
+    return f"{index:03d}"
+
+
+# -- every job --------------------------------------------------------------------------------------
+def job_record(root: PathLike) -> Path:
+    return Path(root) / "job.json"
+
+
+def run_lock(root: PathLike) -> Path:
+    return Path(root) / ".run.lock"
+
+
 def manifest(root: PathLike) -> Path:
-    return Path(root) / "manifest.json"
+    return Path(root) / MANIFEST_NAME
 
 
 def config(root: PathLike) -> Path:
     return Path(root) / "config.json"
 
 
+def timings(root: PathLike) -> Path:
+    return Path(root) / "timings.json"
+
+
 def summary(root: PathLike) -> Path:
     return Path(root) / "summary.json"
 
 
+def inputs(root: PathLike) -> Path:
+    return Path(root) / "inputs.json"
+
+
+def windows(root: PathLike) -> Path:
+    return Path(root) / "windows.safetensors"
+
+
+def perplexity(root: PathLike, which: str) -> Path:
+    """``perplexity_before.json`` (dense model) or ``perplexity_after.json`` (pruned/chosen model)."""
+    if which not in ("before", "after"):
+        raise ArtifactError(which, "perplexity is measured 'before' or 'after' pruning")
+    return Path(root) / f"perplexity_{which}.json"
+
+
+def model(root: PathLike) -> Path:
+    return Path(root) / "model"
+
+
+# -- one-shot -----------------------------------------------------------------------------------------
 def stats(root: PathLike) -> Path:
     return Path(root) / "stats.parquet"
 
@@ -58,13 +121,23 @@ def hessians(root: PathLike) -> Path:
     return Path(root) / "hessians.safetensors"
 
 
-def scores_dir(root: PathLike) -> Path:
-    return Path(root) / "scores"
-
-
 def layer_scores(root: PathLike, layer: str) -> Path:
-    """Scoring output of one layer, e.g. ``scores/model.layers.0.mlp.up_proj.safetensors``."""
+    """Result of one layer, e.g. ``scores/model.layers.0.mlp.up_proj.safetensors``."""
     return _leaf(root, "scores", layer, ".safetensors")
+
+
+def global_selection(root: PathLike) -> Path:
+    return Path(root) / "global-selection.json"
+
+
+def block_inputs(root: PathLike, index: int) -> Path:
+    """Sequential mode: the inputs of decoder block ``index`` (``block_inputs/003.safetensors``)."""
+    return Path(root) / "block_inputs" / f"{_index(index)}.safetensors"
+
+
+def block_stats(root: PathLike, index: int) -> Path:
+    """Sequential mode: the statistics of block ``index``'s layers (``stats/block_003.parquet``)."""
+    return Path(root) / "stats" / f"block_{_index(index)}.parquet"
 
 
 def masks(root: PathLike) -> Path:
@@ -72,35 +145,40 @@ def masks(root: PathLike) -> Path:
 
 
 def layers_table(root: PathLike) -> Path:
-    return Path(root) / "layers.parquet"
-
-
-def model(root: PathLike) -> Path:
-    return Path(root) / "model"
+    return Path(root) / "layers.json"
 
 
 def sparse_export(root: PathLike) -> Path:
     return Path(root) / "sparse"
 
 
-def round_dir(root: PathLike, index: int) -> Path:
-    """Sub-run directory of iterative round ``index`` (``rounds/003``)."""
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise ArtifactError(str(index), "a round index must be a non-negative int")
-    return Path(root) / "rounds" / f"{index:03d}"
+# -- Minitron -------------------------------------------------------------------------------------------
+def scores_table(root: PathLike) -> Path:
+    return Path(root) / "scores.parquet"
 
 
-__all__ = [
-    "config",
-    "hessians",
-    "layer_scores",
-    "layers_table",
-    "manifest",
-    "masks",
-    "model",
-    "round_dir",
-    "scores_dir",
-    "sparse_export",
-    "stats",
-    "summary",
-]
+def candidate_plan(root: PathLike, candidate: str) -> Path:
+    return _leaf(root, "candidates", candidate) / "plan.json"
+
+
+def candidate_result(root: PathLike, candidate: str) -> Path:
+    return _leaf(root, "candidates", candidate) / "result.json"
+
+
+def chosen(root: PathLike) -> Path:
+    return Path(root) / "chosen.json"
+
+
+# -- Lottery Ticket ---------------------------------------------------------------------------------------
+def tickets(root: PathLike, config_hash: str) -> Path:
+    """The root of the search's :class:`pruning_core.lottery.TicketStore` (``tickets/<config hash>``)."""
+    return _leaf(root, "tickets", config_hash)
+
+
+def round_record(root: PathLike, index: int) -> Path:
+    """Round ``index``'s record and learning curves (``rounds/round_003.json``)."""
+    return Path(root) / "rounds" / f"round_{_index(index)}.json"
+
+
+def accuracy_figure(root: PathLike) -> Path:
+    return Path(root) / "accuracy_vs_density.png"

@@ -17,13 +17,13 @@ from pathlib import Path
 
 
 def install_slow_layers() -> None:
-    import flows.oneshot_tasks as tasks
+    import flows.oneshot.tasks as tasks
 
     delay = float(os.environ.get("PRUNING_TEST_LAYER_DELAY", "0.5"))
     markers = os.environ.get("PRUNING_TEST_MARKERS")
-    real = tasks.prune_weight
+    real = tasks.prune_one
 
-    def slow_prune_weight(*args, **kwargs):
+    def slow_prune_one(*args, **kwargs):
         name = kwargs["name"]
         if markers:
             (Path(markers) / f"{os.getpid()}--{name}.start").touch()
@@ -33,11 +33,11 @@ def install_slow_layers() -> None:
             (Path(markers) / f"{os.getpid()}--{name}.done").touch()
         return result
 
-    tasks.prune_weight = slow_prune_weight
+    tasks.prune_one = slow_prune_one
     # Dask workers receive the task function pickled by value (the module attribute is the Prefect
-    # Task, not the function); its global ``prune_weight`` is then resolved through the module that
+    # Task, not the function); its global ``prune_one`` is then resolved through the module that
     # defines it, so patch that one too.
-    setattr(sys.modules[real.__module__], real.__name__, slow_prune_weight)
+    setattr(sys.modules[real.__module__], real.__name__, slow_prune_one)
 
 
 def dask_setup(worker) -> None:  # noqa: ARG001 - the Dask preload hook

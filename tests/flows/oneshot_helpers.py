@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.config import OneShotJob, parse_config
+from flows.jobs import parse_config
+from flows.oneshot import OneShotJob
 
 # Small enough that a whole flow run takes a few seconds on 2 cores.
 SMALL: dict[str, Any] = {

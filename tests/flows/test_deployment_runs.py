@@ -3,7 +3,7 @@
 A scheduled deployment starts the same job every night. Each flow run must get its own output
 directory and its own MLflow run (not resume the first night's), a retried flow run must resume its
 own directory, and a directory run again must resume its MLflow run. Checked for the three flows
-the deployments call: ``oneshot_flow`` and the Lottery/Minitron wrappers of flows/deployed.py.
+the deployments call: ``oneshot_flow``, ``lottery_flow`` and ``minitron_flow`` (flows/<kind>/flow.py).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from flows.config import parse_config
-from flows.deployed import lottery_deployment, minitron_deployment
-from flows.oneshot import oneshot_flow
+from flows.jobs import parse_config
+from flows.lottery.flow import lottery_flow as lottery_deployment
+from flows.minitron.flow import minitron_flow as minitron_deployment
+from flows.oneshot.flow import oneshot_flow
 from flows.tracking import JOB_TAG, ROLE_TAG, RUN_TAG
 
 pytestmark = pytest.mark.flows
@@ -83,9 +84,9 @@ def test_rerunning_a_directory_resumes_its_mlflow_run_and_another_directory_star
 
 def test_a_retried_flow_run_resumes_its_own_directory(prefect_server, mlflow_uri, runs_dir, tiny_model_dir_session,
                                                       monkeypatch):
-    import flows.oneshot_tasks as tasks
+    import flows.oneshot.tasks as tasks
 
-    real, calls, crashed = tasks.prune_weight, {"first": [], "retry": []}, []
+    real, calls, crashed = tasks.prune_one, {"first": [], "retry": []}, []
 
     def crash_once(*args, **kwargs):
         if len(calls["first"]) == 6 and not crashed:
@@ -94,7 +95,7 @@ def test_a_retried_flow_run_resumes_its_own_directory(prefect_server, mlflow_uri
         calls["retry" if crashed else "first"].append(kwargs["name"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tasks, "prune_weight", crash_once)
+    monkeypatch.setattr(tasks, "prune_one", crash_once)
     job = oneshot_job(tiny_model_dir_session)
     summary = oneshot_flow.with_options(retries=1, retry_delay_seconds=0)(job)
     assert crashed  # the first attempt failed; Prefect retried the same flow run

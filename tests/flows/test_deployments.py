@@ -16,14 +16,14 @@ import pytest
 import yaml
 from prefect.utilities.schema_tools import validate
 
-from flows.config import load_config, parse_config
 from flows.deploy_steps import project_dir, set_working_directory
+from flows.jobs import load_config, parse_config
 from tests.readme_blocks import deployment_commands, setup_commands
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
 DEPLOYMENTS = {d["name"]: d for d in SPEC["deployments"]}
-FLOW_OF_KIND = {"oneshot": "oneshot_flow", "lottery": "lottery_deployment", "minitron": "minitron_deployment"}
+FLOW_OF_KIND = {"oneshot": "oneshot_flow", "lottery": "lottery_flow", "minitron": "minitron_flow"}
 # The job definitions shared by deployments (definitions.jobs) and the configs/ file each copies.
 SHARED_JOBS = {"wanda_50": "wanda-50.yaml", "sparsegpt_2of4": "sparsegpt-2of4.yaml",
                "lottery_lenet": "lottery-lenet.yaml", "minitron_budget": "minitron-budget.yaml"}

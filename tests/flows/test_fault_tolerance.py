@@ -30,18 +30,13 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from flows.config import parse_config
-from flows.oneshot import run_oneshot
-from flows.runtime import (
-    RUN_LOCK,
-    TRANSIENT_RETRIES,
-    claim_output_dir,
-    claimed_output_dir,
-    is_transient,
-    retry_on_transient,
-)
+from flows.execution import TRANSIENT_RETRIES, is_transient, retry_on_transient
+from flows.jobs import parse_config
+from flows.jobs import run_job as run_oneshot
+from flows.rundir import claim_output_dir, claimed_output_dir
 from flows.tracking import JOB_TAG, Tracker
 from pruning_core.errors import ArtifactError, ConfigError, NumericalInstability, ServiceUnavailable
+from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_dir, atomic_path, is_temporary
 from pruning_core.io.manifest import Manifest
 from pruning_core.io.masks import load_masks
@@ -84,8 +79,8 @@ def layer_entries(run_dir: Path) -> set[str]:
 
 
 def count_calls(monkeypatch, name: str) -> list[str]:
-    """Record the ``name=`` of every call of ``flows.oneshot_tasks.<name>`` (calls go through)."""
-    import flows.oneshot_tasks as tasks
+    """Record the ``name=`` of every call of ``flows.oneshot.tasks.<name>`` (calls go through)."""
+    import flows.oneshot.tasks as tasks
 
     real, calls = getattr(tasks, name), []
     monkeypatch.setattr(tasks, name, lambda *a, **k: (calls.append(k.get("name", "?")), real(*a, **k))[1])
@@ -138,13 +133,14 @@ def test_dask_comm_errors_are_transient():
 def test_task_retries_transient_errors_but_never_pruning_errors(prefect_server):
     from prefect import flow, task
 
-    import flows.oneshot_tasks as tasks
+    import flows.oneshot.tasks as tasks
+    from flows.execution import IO_TASK
 
     assert tasks.prune_layer.retries == TRANSIENT_RETRIES["retries"] == 2
     assert tasks.prune_layer.retry_condition_fn is retry_on_transient
     attempts: list[int] = []
 
-    @task(**{**tasks.TASK, "retry_delay_seconds": 0})
+    @task(**{**IO_TASK, "retry_delay_seconds": 0})
     def fails_once(error: str) -> int:
         attempts.append(1)
         if len(attempts) == 1:
@@ -230,10 +226,10 @@ def test_dead_mlflow_server_fails_fast_before_long_work(prefect_server, tiny_mod
 # -- artifacts: corruption, SIGKILL of the flow process ---------------------------------------------
 def test_corrupted_artifact_is_recomputed_not_used(prefect_server, mlflow_uri, tiny_model_dir_session, tmp_path,
                                                    monkeypatch, reference_masks):
-    import flows.oneshot_tasks as tasks
+    import flows.oneshot.tasks as tasks
 
     run_dir, job = tmp_path / "run", make_job(tiny_model_dir_session)
-    real, calls = tasks.prune_weight, []
+    real, calls = tasks.prune_one, []
 
     def crash_on_sixth(*args, **kwargs):
         calls.append(kwargs["name"])
@@ -241,7 +237,7 @@ def test_corrupted_artifact_is_recomputed_not_used(prefect_server, mlflow_uri, t
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tasks, "prune_weight", crash_on_sixth)
+    monkeypatch.setattr(tasks, "prune_one", crash_on_sixth)
     with pytest.raises(Exception, match="simulated crash"):
         run_oneshot(job, run_dir)
     finished = sorted(layer_entries(run_dir))
@@ -249,8 +245,8 @@ def test_corrupted_artifact_is_recomputed_not_used(prefect_server, mlflow_uri, t
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte, same size: only the checksum can tell
     victim.write_bytes(bytes(data))
-    monkeypatch.setattr(tasks, "prune_weight", real)
-    recomputed = count_calls(monkeypatch, "prune_weight")
+    monkeypatch.setattr(tasks, "prune_one", real)
+    recomputed = count_calls(monkeypatch, "prune_one")
     run_oneshot(job, run_dir)
     expected = (set(reference_masks) - set(finished)) | {finished[0]}
     assert sorted(recomputed) == sorted(expected)
@@ -281,7 +277,7 @@ def test_sigkill_mid_pruning_then_rerun_resumes(prefect_server, mlflow_uri, tiny
                                                                        run_dir / "windows.safetensors"]
     stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept}
 
-    recomputed = count_calls(monkeypatch, "prune_weight")
+    recomputed = count_calls(monkeypatch, "prune_one")
     recalibrated = count_calls(monkeypatch, "collect_activation_stats")
     summary = run_oneshot(parse_config(job_dict(tiny_model_dir_session), str(config)), run_dir)
     assert sorted(recomputed) == sorted(set(reference_masks) - finished)  # only what was not finished
@@ -480,7 +476,7 @@ def test_claim_sweeps_stale_temporaries_only_when_no_run_is_alive(tmp_path):
     claim_output_dir(run_dir, job)  # every run has ended (or died): what they left is garbage
     assert [p for p in temps if p.exists()] == []
     assert all(p.read_text() == "kept" for p in keep)
-    assert (run_dir / "job.json").is_file() and (run_dir / RUN_LOCK).is_file()
+    assert (run_dir / "job.json").is_file() and paths.run_lock(run_dir).is_file()
     del writers
 
 
@@ -489,7 +485,7 @@ def test_the_run_lock_of_a_killed_process_does_not_block_the_sweep(tmp_path):
     claim_output_dir(run_dir, job)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_SH); "
-        "print('locked', flush=True); time.sleep(600)"), str(run_dir / RUN_LOCK)], stdout=subprocess.PIPE, text=True)
+        "print('locked', flush=True); time.sleep(600)"), str(paths.run_lock(run_dir))], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         stale = run_dir / ".summary.json.q8w7e6r5.tmp"

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import OneShotJob, load_config, parse_config
+from flows.jobs import load_config, parse_config
+from flows.oneshot import OneShotJob
 from pruning_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,3 +72,47 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("method: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+# Pinned identities of the shipped configs and of the deployments' jobs: a job's hash names its
+# output directory and finds its MLflow run, so moving or renaming code must never change it.
+SHIPPED_HASHES = {
+    "default.yaml": "bb6d8831db97", "lottery-conv2-quick.yaml": "915967ce95c4",
+    "lottery-lenet-quick.yaml": "afe84328c652", "lottery-lenet.yaml": "78039a0e111c",
+    "magnitude-50.yaml": "7bb2030584cb", "minitron-budget.yaml": "ceb3dfb75daf",
+    "minitron-depth.yaml": "8738a7a0410a", "minitron-width.yaml": "757f5c673aa1",
+    "sparsegpt-2of4.yaml": "a414c943a436", "sparsegpt-50.yaml": "85c6f645a33b",
+    "wanda-2of4.yaml": "ede78c1c7155", "wanda-50.yaml": "bb6d8831db97",
+}
+
+
+def test_shipped_config_hashes_are_pinned():
+    assert {p.name: load_config(p).job_hash() for p in sorted((REPO / "configs").glob("*.yaml"))} == SHIPPED_HASHES
+
+
+def test_deployment_job_hashes_are_pinned():
+    import yaml
+
+    spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    hashes = {d["name"]: parse_config(d["parameters"]["job"]).job_hash() for d in spec["deployments"]}
+    assert hashes == {
+        "wanda-50-nightly": "bb6d8831db97", "sparsegpt-2of4": "a414c943a436", "wanda-50-docker": "bb6d8831db97",
+        "sparsegpt-2of4-gpu": "46043c4e03b5", "wanda-50-k8s": "bb6d8831db97", "lenet-fashion-mnist": "78039a0e111c",
+        "lenet-fashion-mnist-docker": "78039a0e111c", "minitron-budget-weekly": "ceb3dfb75daf",
+        "minitron-budget-dask": "ceb3dfb75daf",
+    }
+
+
+def test_validate_imports_neither_prefect_nor_mlflow():
+    """``prune validate`` reads the registry's config models only (the flows import Prefect and MLflow)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from flows.cli import main; rc = main(['validate', sys.argv[1]]); "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'mlflow')); "
+            "sys.stderr.write(repr(heavy)); raise SystemExit(rc)")
+    for config in ("default.yaml", "minitron-budget.yaml", "lottery-lenet.yaml"):
+        proc = subprocess.run([sys.executable, "-c", code, str(REPO / "configs" / config)], capture_output=True,
+                              text=True, cwd=REPO, timeout=120)
+        assert proc.returncode == 0 and proc.stderr.endswith("[]"), (config, proc.stderr[-2000:])
+        assert "job hash:" in proc.stdout

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import load_config, parse_config
+from flows.jobs import load_config, parse_config
 from flows.lottery import LotteryJob, SearchSection, TrainingSection
 from pruning_core.errors import ConfigError
 from pruning_core.lottery import LotteryTicketConfig, TrainingConfig

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.config import load_config, parse_config
-from flows.lottery import build_model, run_lottery
+from flows.jobs import load_config, parse_config
+from flows.lottery import build_model
+from flows.lottery.flow import lottery_flow
 from pruning_core.lottery import LotteryTicketPruner, evaluate, load_ticket
 from pruning_core.vision import fashion_mnist_available, load_fashion_mnist
 
@@ -54,7 +55,7 @@ def test_conv2_search_through_the_flow(prefect_server, mlflow_uri, tmp_path):
     job = parse_config(short_job(mlflow_uri))
     cfg = job.lottery_config()
     rounds = cfg.pruning_rounds
-    summary = run_lottery(job, tmp_path / "out")
+    summary = lottery_flow(job, str(tmp_path / "out"))
 
     assert summary["model"] == "conv2" and [r["round"] for r in summary["rounds"]] == list(range(rounds + 1))
     for row in summary["rounds"]:

@@ -21,10 +21,10 @@ import yaml
 from mlflow import MlflowClient
 
 from flows.cli import main as prune_main
-from flows.config import parse_config
-from flows.lottery import load_registered_ticket, run_lottery
-from flows.lottery_steps import LOGGED_TAG
-from flows.tracking import JOB_TAG, ROLE_TAG
+from flows.jobs import parse_config
+from flows.lottery import load_registered_ticket
+from flows.lottery.flow import lottery_flow
+from flows.tracking import JOB_TAG, LOGGED_TAG, ROLE_TAG
 from pruning_core.lottery import evaluate, load_ticket
 from pruning_core.vision import fashion_mnist_available, load_fashion_mnist
 
@@ -193,7 +193,7 @@ def test_crash_in_round_2_resumes_there_with_identical_results(uninterrupted, pr
     job, out = parse_config(JOB), tmp_path / "out"
     crash = Observer(crash_at=(2, "random_mask", 40))  # round 2's IMP and random_reinit runs are done, not committed
     with pytest.raises(SimulatedCrash):
-        run_lottery(job, out, on_eval=crash)
+        lottery_flow(job, str(out), on_eval=crash)
     assert {r for r, _, _ in crash.seen} == {0, 1, 2}
     client, parents, children = runs_of(mlflow_uri)
     assert [p.info.status for p in parents] == ["FAILED"]
@@ -206,7 +206,7 @@ def test_crash_in_round_2_resumes_there_with_identical_results(uninterrupted, pr
     client.delete_tag(round_1.info.run_id, LOGGED_TAG)
 
     resumed = Observer()
-    summary = run_lottery(job, out, on_eval=resumed)
+    summary = lottery_flow(job, str(out), on_eval=resumed)
     assert {r for r, _, _ in resumed.seen} == {2, 3}  # no finished round retrained
     assert all(p.stat().st_mtime_ns == t for p, t in committed.items())
     assert summary["resumed_from_round"] == 2
@@ -227,7 +227,7 @@ def test_crash_in_round_2_resumes_there_with_identical_results(uninterrupted, pr
 
     # A completed search run again trains nothing, adds no run and registers no new version.
     idle = Observer()
-    again_summary = run_lottery(job, out, on_eval=idle)
+    again_summary = lottery_flow(job, str(out), on_eval=idle)
     assert idle.seen == [] and comparable(again_summary) == comparable(summary)
     client, parents, children = runs_of(mlflow_uri)
     assert (len(parents), len(children)) == (1, ROUNDS + 1)
@@ -238,7 +238,7 @@ def test_crash_in_round_2_resumes_there_with_identical_results(uninterrupted, pr
 def test_corrupt_newest_checkpoint_redoes_only_that_round(uninterrupted, prefect_server, mlflow_uri, tmp_path):
     """A committed round whose files broke afterwards: the resume starts from the round before it."""
     job, out = parse_config(JOB), tmp_path / "out"
-    first = run_lottery(job, out)
+    first = lottery_flow(job, str(out))
     newest = Path(first["ticket_path"]) / "ticket.safetensors"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -248,7 +248,7 @@ def test_corrupt_newest_checkpoint_redoes_only_that_round(uninterrupted, prefect
     assert len(older) == 3 * ROUNDS  # rounds 0..R-1: the ticket's two files and the round record
 
     seen = Observer()
-    summary = run_lottery(job, out, on_eval=seen)
+    summary = lottery_flow(job, str(out), on_eval=seen)
     assert {r for r, _, _ in seen.seen} == {ROUNDS} and summary["resumed_from_round"] == ROUNDS
     assert all(p.stat().st_mtime_ns == t for p, t in older.items())
     assert comparable(summary) == comparable(uninterrupted["summary"])
@@ -272,7 +272,7 @@ def test_controls_off_and_global_pruning(prefect_server, mlflow_uri, tmp_path):
     job = parse_config({**unnamed, "controls": [], "search": {"target_sparsity": 0.5, "pruning_rounds": 1,
                                                               "rewind_strategy": "init", "training_steps": 40},
                         "training": {"eval_every": 20, "threads": 1}})
-    summary = run_lottery(job, tmp_path / "out")
+    summary = lottery_flow(job, str(tmp_path / "out"))
     assert summary["name"] == "lottery-lenet300_100"
     assert [(r["round"], r["density"]) for r in summary["rounds"]] == [(0, 1.0), (1, 0.5)]
     assert all(r["random_reinit_accuracy"] is None and r["random_mask_accuracy"] is None for r in summary["rounds"])

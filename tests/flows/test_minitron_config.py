@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import load_config, parse_config
+from flows.jobs import load_config, parse_config
 from flows.minitron import MinitronJob, candidate_id, short_architecture
 from pruning_core.errors import ConfigError, InvalidSparsity
 from pruning_core.minitron import Architecture, ModelShape

@@ -19,10 +19,11 @@ import yaml
 from mlflow import MlflowClient
 
 from flows.cli import main as prune_main
-from flows.config import parse_config
-from flows.minitron import candidate_id, run_minitron
-from flows.minitron_flow import CANDIDATE_TAG
-from flows.minitron_tasks import PROMPT
+from flows.jobs import parse_config
+from flows.jobs import run_job as run_minitron
+from flows.minitron import candidate_id
+from flows.minitron.flow import CANDIDATE_TAG
+from flows.minitron.tasks import PROMPT
 from flows.tracking import ROLE_TAG
 from pruning_core.graph import StructuredPlan, apply_plan_
 from pruning_core.io.manifest import Manifest
@@ -172,13 +173,15 @@ def test_mlflow_parent_and_one_child_per_candidate(search):
 def test_rerun_reuses_scores_and_candidates_without_duplicate_runs(search, monkeypatch):
     job, run_dir, summary, uri = search
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    import flows.minitron_tasks as tasks
+    import flows.llm as llm
+    import flows.minitron.tasks as tasks
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished stage was computed again")
 
-    for name in ("compute_scores", "evaluate_candidate", "perplexity", "save_pretrained_atomic", "trace_decoder"):
+    for name in ("compute_scores", "evaluate_candidate", "save_pretrained_atomic", "trace_decoder"):
         monkeypatch.setattr(tasks, name, forbidden)
+    monkeypatch.setattr(llm, "perplexity", forbidden)
     scores_mtime = (run_dir / "scores.parquet").stat().st_mtime_ns
     again = run_minitron(job, run_dir)
     assert (run_dir / "scores.parquet").stat().st_mtime_ns == scores_mtime
@@ -189,7 +192,7 @@ def test_rerun_reuses_scores_and_candidates_without_duplicate_runs(search, monke
 
 def test_crash_between_candidates_resumes_without_redoing_finished_ones(prefect_server, mlflow_uri,
                                                                        tiny_model_dir_session, tmp_path, monkeypatch):
-    import flows.minitron_tasks as tasks
+    import flows.minitron.tasks as tasks
 
     job = _job(tiny_model_dir_session, depth_criterion="bi_iterative", runner={"kind": "threads", "max_workers": 1},
                evaluation={**JOB["evaluation"], "enabled": False})
@@ -266,7 +269,7 @@ def test_prune_run_rejects_targets_the_model_cannot_meet(prefect_server, mlflow_
 
 
 def _prepared(job, run_dir):
-    import flows.minitron_tasks as tasks
+    import flows.minitron.tasks as tasks
 
     inputs = tasks.prepare_inputs.fn(job, str(run_dir))
     tasks.compute_importance.fn(job, str(run_dir), inputs)
@@ -278,7 +281,7 @@ def test_new_depth_criteria_run_through_the_tasks(criterion, tiny_model_dir_sess
     """loss_block / loss_iterative: scores (block losses or the greedy order) computed once, then
     every candidate's removed layers follow from them (here: the 1-layer candidate drops the layer
     whose removal costs least on the loss windows)."""
-    import flows.minitron_tasks as tasks
+    import flows.minitron.tasks as tasks
 
     job = _job(tiny_model_dir_session, depth_criterion=criterion, evaluation={**JOB["evaluation"], "enabled": False})
     inputs = _prepared(job, tmp_path)
@@ -304,7 +307,7 @@ def test_new_depth_criteria_run_through_the_tasks(criterion, tiny_model_dir_sess
 
 
 def test_distillation_uses_windows_disjoint_from_the_candidate_windows(tiny_model_dir_session, tmp_path, monkeypatch):
-    import flows.minitron_tasks as tasks
+    import flows.minitron.tasks as tasks
     from pruning_core.lm import load_text, tokenize_corpus
     from pruning_core.minitron import window_positions
 

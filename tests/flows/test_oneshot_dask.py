@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from flows.oneshot import run_oneshot
+from flows.jobs import run_job as run_oneshot
 from pruning_core.io import paths
 from pruning_core.io.layers import load_layer_result
 from pruning_core.io.masks import load_masks
@@ -79,16 +79,16 @@ def _record_task_processes(monkeypatch, log: Path) -> Path:
     Prefect Task, not the function), together with this wrapper, so the ids are those of the
     processes that really ran the layers.
     """
-    import flows.oneshot_tasks as tasks
+    import flows.oneshot.tasks as tasks
 
-    real = tasks.prune_weight
+    real = tasks.prune_one
 
     def recording(*args, **kwargs):
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tasks, "prune_weight", recording)
+    monkeypatch.setattr(tasks, "prune_one", recording)
     return log
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flows.oneshot import run_oneshot
+from flows.jobs import run_job as run_oneshot
 from pruning_core.io.masks import load_masks
 from pruning_core.masks import NM
 from tests.flows.oneshot_helpers import SMALL, tiny_job
@@ -16,10 +16,11 @@ NO_EVAL = {**SMALL["evaluation"], "enabled": False}
 
 def _spy_devices(monkeypatch) -> list[str]:
     """Record the device of every model, decoder block and per-layer weight the tasks work on."""
-    import flows.oneshot_tasks as tasks
+    import flows.llm as llm
+    import flows.oneshot.tasks as tasks
 
     seen: list[str] = []
-    real_load, real_block, real_prune = tasks.load_causal_lm, tasks.load_decoder_block, tasks.prune_weight
+    real_load, real_block, real_prune = llm.load_causal_lm, tasks.load_decoder_block, tasks.prune_one
 
     def load(*args, **kwargs):
         model, tokenizer = real_load(*args, **kwargs)
@@ -31,13 +32,13 @@ def _spy_devices(monkeypatch) -> list[str]:
         seen.append(f"block:{next(module.parameters()).device.type}")
         return module
 
-    def prune(pruner, weight, *args, **kwargs):
+    def prune(job, weight, *args, **kwargs):
         seen.append(f"weight:{weight.device.type}")
-        return real_prune(pruner, weight, *args, **kwargs)
+        return real_prune(job, weight, *args, **kwargs)
 
-    monkeypatch.setattr(tasks, "load_causal_lm", load)
+    monkeypatch.setattr(llm, "load_causal_lm", load)
     monkeypatch.setattr(tasks, "load_decoder_block", block)
-    monkeypatch.setattr(tasks, "prune_weight", prune)
+    monkeypatch.setattr(tasks, "prune_one", prune)
     return seen
 
 

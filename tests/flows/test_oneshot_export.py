@@ -10,8 +10,8 @@ import torch
 from mlflow import MlflowClient
 from safetensors import safe_open
 
-from flows.config import parse_config
-from flows.oneshot import run_oneshot
+from flows.jobs import parse_config
+from flows.jobs import run_job as run_oneshot
 from pruning_core.errors import ConfigError
 from pruning_core.io.manifest import Manifest
 from pruning_core.sparse import load_sparse_export
@@ -31,13 +31,14 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _forbid(monkeypatch, *names: str) -> None:
-    import flows.oneshot_tasks as tasks
+    import flows.llm as llm
+    import flows.oneshot.tasks as tasks
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished stage was computed again")
 
     for name in names:
-        monkeypatch.setattr(tasks, name, forbidden)
+        monkeypatch.setattr(llm if name == "perplexity" else tasks, name, forbidden)
 
 
 def test_export_is_added_to_a_finished_job_and_then_resumed(prefect_server, mlflow_uri, tiny_model_dir_session,
@@ -51,7 +52,7 @@ def test_export_is_added_to_a_finished_job_and_then_resumed(prefect_server, mlfl
     job = tiny_job(tiny_model_dir_session, method="wanda", pattern="2:4", export={"sparse_format": "compressed_tensors"})
     assert job.job_hash() == plain.job_hash()
     with monkeypatch.context() as mp:
-        _forbid(mp, "prune_weight", "perplexity", "save_pretrained_atomic", "collect_activation_stats")
+        _forbid(mp, "prune_one", "perplexity", "save_pretrained_atomic", "collect_activation_stats")
         summary = run_oneshot(job, tmp_path / "run")
     out = tmp_path / "run" / "sparse"
     assert summary["sparse_export"] == str(out) and summary["mlflow_run_id"] == first["mlflow_run_id"]
@@ -81,7 +82,7 @@ def test_export_is_added_to_a_finished_job_and_then_resumed(prefect_server, mlfl
 
     # Run again: nothing is computed, not even the export.
     with monkeypatch.context() as mp:
-        _forbid(mp, "prune_weight", "perplexity", "save_pretrained_atomic", "export_sparse")
+        _forbid(mp, "prune_one", "perplexity", "save_pretrained_atomic", "export_sparse")
         again = run_oneshot(job, tmp_path / "run")
     assert again["sparse_export_size"] == size
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from flows.config import parse_config
-from flows.oneshot import run_oneshot
+from flows.jobs import parse_config, run_job
 from pruning_core.calibration import collect_activation_stats
 from pruning_core.errors import ArtifactError, ConfigError, InvalidPattern, NumericalInstability
 from pruning_core.io.manifest import Manifest
@@ -38,7 +37,7 @@ def _job(model_dir, **fields):
 
 
 def _run(job, out):
-    return run_oneshot(job, out)
+    return run_job(job, out)
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +121,15 @@ def test_mlflow_run(wanda_run):
 def test_rerun_resumes_without_recomputing_or_duplicating(wanda_run, monkeypatch):
     job, run_dir, summary, uri = wanda_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    import flows.oneshot_tasks as tasks
+    import flows.llm as llm
+    import flows.oneshot.tasks as tasks
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished stage was computed again")
 
-    for name in ("collect_activation_stats", "prune_weight", "perplexity", "save_pretrained_atomic"):
+    for name in ("collect_activation_stats", "prune_one", "save_pretrained_atomic"):
         monkeypatch.setattr(tasks, name, forbidden)
+    monkeypatch.setattr(llm, "perplexity", forbidden)
     again = _run(job, run_dir)
     assert again["mlflow_run_id"] == summary["mlflow_run_id"]
     assert again["perplexity_after"] == summary["perplexity_after"]
@@ -139,10 +140,10 @@ def test_rerun_resumes_without_recomputing_or_duplicating(wanda_run, monkeypatch
 
 def test_crash_mid_pruning_resumes_where_it_stopped(prefect_server, mlflow_uri, tiny_model_dir_session,
                                                     tmp_path, monkeypatch):
-    import flows.oneshot_tasks as tasks
+    import flows.oneshot.tasks as tasks
 
     job = _job(tiny_model_dir_session, method="magnitude", sparsity=0.3)
-    real = tasks.prune_weight
+    real = tasks.prune_one
     calls = []
 
     def crash_on_fifth(*args, **kwargs):
@@ -151,14 +152,14 @@ def test_crash_mid_pruning_resumes_where_it_stopped(prefect_server, mlflow_uri, 
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tasks, "prune_weight", crash_on_fifth)
+    monkeypatch.setattr(tasks, "prune_one", crash_on_fifth)
     with pytest.raises(Exception, match="simulated crash"):
         _run(job, tmp_path / "run")
     assert not (tmp_path / "run" / "summary.json").exists()
     finished = {n.removeprefix("layer:") for n in Manifest(tmp_path / "run").entries() if n.startswith("layer:")}
     assert calls[4] not in finished and len(finished) >= 4  # the crashed layer left no artifact
     rerun: list[str] = []
-    monkeypatch.setattr(tasks, "prune_weight", lambda *a, **k: (rerun.append(k["name"]), real(*a, **k))[1])
+    monkeypatch.setattr(tasks, "prune_one", lambda *a, **k: (rerun.append(k["name"]), real(*a, **k))[1])
     summary = _run(job, tmp_path / "run")
     assert sorted(rerun) == sorted(set(r["name"] for r in summary["layers"]) - finished)  # only unfinished layers
     assert summary["sparsity"] == pytest.approx(0.3, abs=1e-3)

@@ -11,7 +11,7 @@ import torch
 from pruning_core.errors import ArtifactError
 from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_write_text
-from pruning_core.io.manifest import Manifest, checksum
+from pruning_core.io.manifest import MANIFEST_NAME, Manifest, checksum
 from pruning_core.io.tensors import save_tensors
 
 
@@ -117,29 +117,56 @@ def test_concurrent_records_lose_nothing(tmp_path):
     assert sorted(Manifest(tmp_path).entries()) == sorted(f"f{i}" for i in range(12))
 
 
-def test_paths_are_distinct_and_inside_the_run_dir(tmp_path):
-    files = [
-        paths.manifest(tmp_path), paths.config(tmp_path), paths.summary(tmp_path), paths.stats(tmp_path),
-        paths.hessians(tmp_path), paths.masks(tmp_path), paths.layers_table(tmp_path), paths.model(tmp_path),
-        paths.sparse_export(tmp_path), paths.scores_dir(tmp_path), paths.round_dir(tmp_path, 3),
-        paths.layer_scores(tmp_path, "model.layers.0.mlp.up_proj"),
+def _every_path(root):
+    """Every name io.paths knows, for one layer, candidate, block and round."""
+    return [
+        paths.job_record(root), paths.run_lock(root), paths.manifest(root), paths.config(root), paths.timings(root),
+        paths.summary(root), paths.inputs(root), paths.windows(root), paths.perplexity(root, "before"),
+        paths.perplexity(root, "after"), paths.model(root), paths.stats(root), paths.hessians(root),
+        paths.layer_scores(root, "model.layers.0.mlp.up_proj"), paths.global_selection(root),
+        paths.block_inputs(root, 3), paths.block_stats(root, 3), paths.masks(root), paths.layers_table(root),
+        paths.sparse_export(root), paths.scores_table(root), paths.candidate_plan(root, "L2-H64-F64-Q4-KV2"),
+        paths.candidate_result(root, "L2-H64-F64-Q4-KV2"), paths.chosen(root), paths.tickets(root, "0123abcd"),
+        paths.round_record(root, 3), paths.accuracy_figure(root),
     ]  # fmt: skip
+
+
+def test_paths_are_distinct_and_inside_the_run_dir(tmp_path):
+    files = _every_path(tmp_path)
     assert len(set(files)) == len(files)
     assert all(tmp_path in f.parents for f in files)
+    names = {p.relative_to(tmp_path).as_posix() for p in files}
+    assert {"job.json", "manifest.json", "summary.json", "windows.safetensors", "perplexity_before.json",
+            "layers.json", "scores.parquet", "block_inputs/003.safetensors", "stats/block_003.parquet",
+            "candidates/L2-H64-F64-Q4-KV2/plan.json", "tickets/0123abcd", "rounds/round_003.json"} <= names
+    assert paths.manifest(tmp_path).name == MANIFEST_NAME  # the name io.manifest writes
     assert (
         paths.layer_scores(tmp_path, "model.layers.0.mlp.up_proj").name
         == "model.layers.0.mlp.up_proj.safetensors"
     )
-    assert paths.round_dir(tmp_path, 3).name == "003"
+
+
+def test_every_public_function_is_covered():
+    names = {n for n, f in vars(paths).items() if callable(f) and not n.startswith("_") and f.__module__ == paths.__name__}
+    called = {p for p in _every_path.__code__.co_names} | {"perplexity"}
+    assert names <= called, names - called
 
 
 @pytest.mark.parametrize("layer", ["", "..", "a/b", "../x", "a\\b"])
 def test_layer_names_that_would_leave_the_directory_are_refused(tmp_path, layer):
     with pytest.raises(ArtifactError):
         paths.layer_scores(tmp_path, layer)
+    with pytest.raises(ArtifactError):
+        paths.candidate_plan(tmp_path, layer)
 
 
 @pytest.mark.parametrize("index", [-1, 1.5, True])
-def test_round_index_must_be_a_non_negative_int(tmp_path, index):
-    with pytest.raises(ArtifactError):
-        paths.round_dir(tmp_path, index)
+def test_block_and_round_indices_must_be_non_negative_ints(tmp_path, index):
+    for name in (paths.block_inputs, paths.block_stats, paths.round_record):
+        with pytest.raises(ArtifactError):
+            name(tmp_path, index)
+
+
+def test_perplexity_is_before_or_after(tmp_path):
+    with pytest.raises(ArtifactError, match="'before' or 'after'"):
+        paths.perplexity(tmp_path, "during")

@@ -69,8 +69,8 @@ def deployed(stack) -> dict:
 
 
 def _flow_name(entrypoint: str) -> str:
-    return {"flows/oneshot.py:oneshot_flow": "oneshot-prune", "flows/deployed.py:lottery_deployment":
-            "lottery-deployment", "flows/deployed.py:minitron_deployment": "minitron-deployment"}[entrypoint]
+    return {"flows/oneshot/flow.py:oneshot_flow": "oneshot-prune", "flows/lottery/flow.py:lottery_flow": "lottery",
+            "flows/minitron/flow.py:minitron_flow": "minitron"}[entrypoint]
 
 
 def test_deploy_registers_every_deployment(stack_prefect, deployed):
@@ -121,7 +121,7 @@ def test_deployment_run_scores_on_dask_workers_and_logs_to_mlflow(stack_prefect,
         flow_run = run_deployment("oneshot-prune/wanda-50-nightly", parameters={"job": job}, timeout=300)
         stream = dask.get_task_stream()
     assert flow_run.state.is_completed(), flow_run.state
-    from flows.config import parse_config
+    from flows.jobs import parse_config
 
     parsed = parse_config(job)
     (out,) = (stack.state / "runs" / f"{parsed.name}-{parsed.job_hash()}").iterdir()  # $PRUNING_RUNS_DIR

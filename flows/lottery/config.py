@@ -1,4 +1,4 @@
-"""Lottery Ticket jobs (``job: lottery``): the config model and the entry point of the flow.
+"""Lottery Ticket jobs (``job: lottery``): the config model.
 
 A lottery YAML config has four sections besides the common ones (name, model, device, runner,
 tracking): ``search`` (the fields of :class:`pruning_core.lottery.LotteryTicketConfig`),
@@ -8,36 +8,20 @@ the shape (types, unknown keys); every value is validated by the library's own c
 (``LotteryTicketConfig.from_dict``, ``TrainingConfig``), so there is one validation path and a
 bad value gives the library's message, reported with the field's YAML path.
 
-The flow itself (Prefect + MLflow) lives in :mod:`flows.lottery_flow` and is imported only
-when a job runs, so validating a config does not import Prefect or MLflow.
+This module imports neither Prefect nor MLflow: the flow (:mod:`flows.lottery.flow`) is imported
+only when a job runs, so validating a config stays light.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 from pydantic import Field, field_validator, model_validator
-from torch import nn
 
 from flows.config import JobBase, PositiveInt, StrictModel
-from pruning_core.errors import ConfigError, PruningError
-from pruning_core.lottery import (
-    CONTROLS,
-    LotteryTicketConfig,
-    LotteryTicketPruner,
-    TrainingConfig,
-    TrainSpec,
-    WinningTicket,
-    load_ticket,
-)
-from pruning_core.vision import DEFAULT_ROOT, Conv2, LeNet300100
-
-MODELS: dict[str, type[nn.Module]] = {"lenet300_100": LeNet300100, "conv2": Conv2}
+from pruning_core.errors import PruningError
+from pruning_core.lottery import CONTROLS, LotteryTicketConfig, TrainingConfig
+from pruning_core.vision import DEFAULT_ROOT
 
 
 class SearchSection(StrictModel):
@@ -142,74 +126,12 @@ class LotteryJob(JobBase):
     def registered_model_name(self) -> str:
         return self.registry.model_name or f"lottery-{self.model}"
 
+    def default_name(self) -> str:
+        return f"lottery-{self.model}"
+
     def job_hash(self) -> str:
         """As :meth:`JobBase.job_hash`, also leaving out ``registry`` (naming, not results)."""
         return JobBase.job_hash(self.model_copy(update={"registry": RegistrySection()}))
 
 
-EvalObserver = Callable[[TrainSpec, int, dict[str, float]], None]
-
-
-def run_lottery(job: LotteryJob, output_dir: Path, *, on_eval: EvalObserver | None = None) -> dict[str, Any]:
-    """Run (or resume) the search as a Prefect flow; returns the summary also written to summary.json.
-
-    Args:
-        job: the validated job.
-        output_dir: where the round checkpoints, figures and ``summary.json`` go.
-        on_eval: optional observer ``on_eval(spec, step, metrics)`` called at every test-set
-            evaluation of every training run (``spec.round_index``, ``spec.run``); an exception it
-            raises aborts the search, which a rerun resumes at the interrupted round.
-
-    Raises:
-        ConfigError: bad values found only at run time (e.g. layer names the model lacks) or an
-            ``output_dir`` that holds another job.
-        ServiceUnavailable: the MLflow tracking server does not answer.
-    """
-    from flows.runtime import configure_environment
-
-    configure_environment()  # before Prefect is imported (no-op for what the CLI or the user already set)
-    from flows.lottery_flow import lottery_search
-    from flows.tracking import Tracker
-
-    if not isinstance(job, LotteryJob):
-        raise ConfigError("job", f"run_lottery needs a LotteryJob, got {type(job).__name__}")
-    Tracker.check_available(job.tracking.tracking_uri)
-    if job.name is None:  # names runs and artifacts; not part of the job's identity
-        job = job.model_copy(update={"name": f"lottery-{job.model}"})
-    return lottery_search(job, str(Path(output_dir).resolve()), on_eval=on_eval)
-
-
-def build_model(name: str, seed: int = 0) -> nn.Module:
-    """A freshly initialised ``lenet300_100`` or ``conv2`` (Glorot-normal, seeded)."""
-    if name not in MODELS:
-        raise ConfigError("model", f"unknown model {name!r}; expected one of {sorted(MODELS)}")
-    return MODELS[name](generator=torch.Generator().manual_seed(seed))
-
-
-def load_registered_ticket(name: str, alias: str = "winning", *, tracking_uri: str | None = None,
-                           dst: str | Path | None = None, weights: str = "trained") -> tuple[nn.Module, WinningTicket]:
-    """Load the ticket registered as ``models:/<name>@<alias>`` into a fresh model of its architecture.
-
-    Args:
-        name: registered model name (a lottery job registers ``lottery-<model>`` by default).
-        alias: the registry alias (``winning``).
-        tracking_uri: MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).
-        dst: where to download the files (default: a new temporary directory).
-        weights: ``"trained"`` (the ticket's trained sparse network) or ``"rewind"`` (its masked
-            rewind weights, to retrain it).
-
-    Returns:
-        ``(model, ticket)``: the model with the ticket's weights and masks applied, and the ticket.
-    """
-    from flows.tracking import Tracker
-
-    directory = Tracker(tracking_uri).download_model(name, alias, dst or tempfile.mkdtemp(prefix="ticket-"))
-    card = json.loads((directory / "model.json").read_text())
-    ticket = load_ticket(directory)
-    model = build_model(card["model"])
-    LotteryTicketPruner(LotteryTicketConfig.from_dict(ticket.config)).apply_ticket(model, ticket, weights=weights)
-    return model, ticket
-
-
-__all__ = ["DataSection", "LotteryJob", "RegistrySection", "SearchSection", "TrainingSection", "build_model",
-           "load_registered_ticket", "run_lottery"]
+__all__ = ["DataSection", "LotteryJob", "RegistrySection", "SearchSection", "TrainingSection"]

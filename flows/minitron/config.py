@@ -1,4 +1,4 @@
-"""Minitron architecture search jobs (``job: minitron``): the config model and the flow's entry point.
+"""Minitron architecture search jobs (``job: minitron``): the config model and its helpers.
 
 A minitron YAML config names a **target** (a parameter budget, absolute or as a fraction of the
 dense model, and/or explicit values per axis: layers, hidden, ffn, heads, kv_groups), the
@@ -14,18 +14,17 @@ Without a parameter budget an axis left out keeps the dense model's value (``ffn
 halves the MLP and changes nothing else); with a budget an axis left out is searched over every
 value the divisors allow.
 
-The flow itself lives in :mod:`flows.minitron_flow` (Prefect + MLflow) and is imported only when
-a job runs, so validating a config does not import Prefect or MLflow.
+This module imports neither Prefect nor MLflow: the flow (:mod:`flows.minitron.flow`) is imported
+only when a job runs, so validating a config stays light.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from flows.config import JobBase, PositiveInt, StrictModel
+from flows.config import CalibrationConfig, EvaluationConfig, JobBase, PositiveInt, StrictModel
 from pruning_core.errors import ConfigError, InvalidSparsity
 from pruning_core.minitron import (
     Architecture,
@@ -119,34 +118,17 @@ class DistillationSection(StrictModel):
     seed: int = Field(1, description="seed of the distillation windows' start positions")
 
 
-class MinitronCalibration(StrictModel):
-    """Calibration windows and which of them each step uses (the first N).
+class MinitronCalibration(CalibrationConfig):
+    """The shared calibration windows, and which of them each step uses (the first N).
 
     Distillation (if on) uses separate windows of the same text that share no token with the
     candidate windows; see :class:`DistillationSection`.
     """
 
-    text: str = Field("emma", description="a shipped text (emma, pride_and_prejudice) or a .txt/.txt.gz/.jsonl/.parquet path")
-    text_field: str = "text"
-    num_windows: PositiveInt = 64
-    window_length: PositiveInt = 256
-    seed: int = 0
-    batch_size: PositiveInt = 8
     score_windows: PositiveInt | None = Field(None, description="windows for Block Importance and width importance (None: all)")
     loss_windows: PositiveInt = Field(8, description="windows for the layer/block-drop LM loss (depth_criterion "
                                       "loss, loss_block, loss_iterative)")
     candidate_windows: PositiveInt = Field(8, description="windows on which each candidate's LM loss is measured")
-
-
-class MinitronEvaluation(StrictModel):
-    """Held-out perplexity: the first ``num_windows`` x ``window_length`` tokens, non-overlapping."""
-
-    enabled: bool = True
-    text: str = "pride_and_prejudice"
-    text_field: str = "text"
-    num_windows: PositiveInt = 64
-    window_length: PositiveInt = 256
-    batch_size: PositiveInt = 8
 
 
 class MinitronJob(JobBase):
@@ -163,7 +145,7 @@ class MinitronJob(JobBase):
     importance: ImportanceSection = Field(default_factory=ImportanceSection)
     distillation: DistillationSection = Field(default_factory=DistillationSection)
     calibration: MinitronCalibration = Field(default_factory=MinitronCalibration)
-    evaluation: MinitronEvaluation = Field(default_factory=MinitronEvaluation)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     @model_validator(mode="after")
     def _library_validates(self) -> MinitronJob:
@@ -245,26 +227,4 @@ def check_head_groups(heads: list[int] | tuple[int, ...], kv_groups: list[int] |
         raise error
 
 
-def run_minitron(job: MinitronJob, output_dir: Path) -> dict[str, Any]:
-    """Entry point of ``prune run`` for ``job: minitron``: run (or resume) the search flow.
-
-    Returns:
-        The summary, also written to ``output_dir/summary.json``.
-
-    Raises:
-        ConfigError / InvalidSparsity: a target the model cannot satisfy (before any long work).
-        ServiceUnavailable: the MLflow tracking server does not answer.
-    """
-    from flows.runtime import configure_environment
-
-    configure_environment()  # before Prefect is imported (no-op for what the CLI or the user already set)
-    from flows.minitron_flow import minitron_flow
-
-    if not isinstance(job, MinitronJob):
-        raise ConfigError("job", f"run_minitron needs a MinitronJob, got {type(job).__name__}")
-    if job.name is None:
-        job = job.model_copy(update={"name": "minitron"})
-    return minitron_flow(job, str(Path(output_dir).resolve()))
-
-
-__all__ = ["MinitronJob", "candidate_id", "check_head_groups", "run_minitron", "short_architecture"]
+__all__ = ["MinitronJob", "candidate_id", "check_head_groups", "short_architecture"]

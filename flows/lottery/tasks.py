@@ -1,30 +1,31 @@
 """The tasks of the Lottery Ticket flow: train one round, record it in MLflow, publish the ticket.
 
 Each task does one thing with the library or the tracker and exchanges only small JSON-able
-values and paths with the flow. A round's state lives on disk under the job's output directory:
-
-    <output_dir>/job.json                        the job (hash) owning the directory
-    <output_dir>/tickets/<config hash>/round_NNN/ the library's checkpoint (ticket.json = commit mark)
-    <output_dir>/rounds/round_NNN.json           round record and learning curves, written just before it
+values and paths with the flow. A round's state lives on disk under the job's output directory
+(names from :mod:`pruning_core.io.paths`): the library's checkpoint under
+``tickets/<config hash>/round_NNN/`` (its ``ticket.json`` is the commit mark) and the round record
+with its learning curves in ``rounds/round_NNN.json``, written just before the checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from flows.lottery import EvalObserver, LotteryJob, build_model
-from flows.tracking import JOB_TAG, KIND_TAG, ROLE_TAG, Tracker
+from flows.execution import IO_TASK, torch_threads
+from flows.lottery.config import LotteryJob
+from flows.lottery.models import build_model
+from flows.report import lottery_figure
+from flows.tracking import JOB_TAG, ROLE_TAG, Tracker
 from pruning_core.errors import ConfigError
-from pruning_core.io.atomic import atomic_write_text
+from pruning_core.io import paths
+from pruning_core.io.atomic import atomic_path, atomic_write_text
+from pruning_core.lm import resolve_device
 from pruning_core.lottery import (
     ClassifierTrainFn,
     LotteryTicketPruner,
@@ -37,62 +38,29 @@ from pruning_core.lottery.paths import round_dir
 from pruning_core.vision import ImageData, load_fashion_mnist
 
 ROUND_TAG = "pruning.round"
-LOGGED_TAG = "pruning.round_logged"  # set on a round's child run once everything of the round is logged
+# on_eval(spec, step, metrics): called at every test-set evaluation of every training run
+EvalObserver = Callable[[TrainSpec, int, dict[str, float]], None]
 
 
-@dataclass(frozen=True)
-class SearchPaths:
-    """Every on-disk name of a lottery job's output directory."""
-
-    root: Path
-    config_hash: str
-
-    @property
-    def job_file(self) -> Path:
-        return self.root / "job.json"
-
-    @property
-    def tickets(self) -> Path:
-        return self.root / "tickets" / self.config_hash
-
-    def ticket_dir(self, round_index: int) -> Path:
-        return round_dir(self.tickets, round_index)
-
-    def round_file(self, round_index: int) -> Path:
-        return self.root / "rounds" / f"round_{round_index:03d}.json"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-    @property
-    def figure(self) -> Path:
-        return self.root / "accuracy_vs_density.png"
+def tickets_dir(job: LotteryJob, run_dir: str | Path) -> Path:
+    """The root of the search's ticket store: ``tickets/<search config hash>``."""
+    return paths.tickets(run_dir, job.lottery_config().hashname())
 
 
-def search_paths(job: LotteryJob, output_dir: str | Path) -> SearchPaths:
-    return SearchPaths(Path(output_dir), job.lottery_config().hashname())
+def ticket_dir(job: LotteryJob, run_dir: str | Path, round_index: int) -> Path:
+    """The checkpoint directory of round ``round_index``."""
+    return round_dir(tickets_dir(job, run_dir), round_index)
 
 
 def tracker_for(job: LotteryJob) -> Tracker:
     return Tracker(job.tracking.tracking_uri, job.tracking.experiment)
 
 
-def search_identity(job: LotteryJob) -> dict[str, str]:
-    return {JOB_TAG: job.job_hash(), KIND_TAG: "lottery", ROLE_TAG: "search"}
-
-
 def round_identity(job: LotteryJob, round_index: int) -> dict[str, str]:
     return {JOB_TAG: job.job_hash(), ROLE_TAG: "round", ROUND_TAG: str(round_index)}
 
 
-# -- the workspace of a round: device, data, model, train function --------------------------------
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
+# -- the workspace of a round: data and learning curves ---------------------------------------------
 def _subset(data: ImageData, n: int | None, seed: int, field: str) -> ImageData:
     if n is None:
         return data
@@ -108,18 +76,6 @@ def load_data(job: LotteryJob, device: torch.device) -> tuple[ImageData, ImageDa
     train = _subset(load_fashion_mnist("train", root=d.root), d.train_subset, d.subset_seed, "data.train_subset")
     test = _subset(load_fashion_mnist("test", root=d.root), d.test_subset, d.subset_seed, "data.test_subset")
     return train.to(device), test.to(device)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Use ``n`` intra-op CPU threads inside the block (None: leave torch's setting), then restore."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class CurveRecorder:
@@ -140,43 +96,26 @@ class CurveRecorder:
             self.observer(spec, step, metrics)
 
 
+def _progress(pruner: LotteryTicketPruner, ticket: WinningTicket) -> dict[str, Any]:
+    return {"round": ticket.round, "done": pruner.is_done(ticket), "records": [r.to_dict() for r in ticket.records]}
+
+
 # -- tasks ------------------------------------------------------------------------------------------
-@task(name="resume-point", cache_policy=NO_CACHE, persist_result=False)
-def resume_point(job: LotteryJob, output_dir: str) -> dict[str, Any]:
-    """The last completed round of the search in ``output_dir`` (-1 if none), its records, and done."""
+@task(name="resume-point", **IO_TASK)
+def resume_point(job: LotteryJob, run_dir: str) -> dict[str, Any]:
+    """The last completed round of the search in ``run_dir`` (-1 if none), its records, and done."""
     cfg = job.lottery_config()
-    paths = search_paths(job, output_dir)
-    _claim(job, paths)
-    ticket = TicketStore(paths.tickets).latest(config_hash=cfg.hashname())
+    ticket = TicketStore(tickets_dir(job, run_dir)).latest(config_hash=cfg.hashname())
     if ticket is None:
         return {"round": -1, "done": False, "records": []}
     return _progress(LotteryTicketPruner(cfg), ticket)
 
 
-def _claim(job: LotteryJob, paths: SearchPaths) -> None:
-    """Refuse an output directory that holds another job; record this job in it otherwise."""
-    if paths.job_file.is_file():
-        other = json.loads(paths.job_file.read_text()).get("job_hash")
-        if other != job.job_hash():
-            raise ConfigError(
-                "output_dir", f"{paths.root} holds job {other}, not {job.job_hash()}; use another directory"
-            )
-        return
-    atomic_write_text(paths.job_file, json.dumps({"job_hash": job.job_hash(), "job": job.model_dump(mode="json")},
-                                                 indent=1))
-
-
-def _progress(pruner: LotteryTicketPruner, ticket: WinningTicket) -> dict[str, Any]:
-    return {"round": ticket.round, "done": pruner.is_done(ticket), "records": [r.to_dict() for r in ticket.records]}
-
-
-@task(name="train-round", task_run_name="train-round-{round_index}", cache_policy=NO_CACHE, persist_result=False)
-def train_round(job: LotteryJob, output_dir: str, round_index: int,
-                on_eval: EvalObserver | None = None) -> dict[str, Any]:
+@task(name="train-round", task_run_name="train-round-{round_index}", **IO_TASK)
+def train_round(job: LotteryJob, run_dir: str, round_index: int, on_eval: EvalObserver | None = None) -> dict[str, Any]:
     """Round 0: the dense run; round r: prune, rewind, retrain (+ controls). Commits the checkpoint."""
     cfg = job.lottery_config()
-    paths = search_paths(job, output_dir)
-    pruner, store = LotteryTicketPruner(cfg), TicketStore(paths.tickets)
+    pruner, store = LotteryTicketPruner(cfg), TicketStore(tickets_dir(job, run_dir))
     device = resolve_device(job.device)
     train, test = load_data(job, device)
     model = build_model(job.model, cfg.seed).to(device)
@@ -190,12 +129,12 @@ def train_round(job: LotteryJob, output_dir: str, round_index: int,
             ticket = pruner.run_round(model, train_fn, store.load(round_index - 1), controls=job.controls)
     # The round file first, then the checkpoint whose ticket.json commits the round.
     record = {"record": ticket.records[-1].to_dict(), "curves": curves.points, "end_step": cfg.training_steps}
-    atomic_write_text(paths.round_file(round_index), json.dumps(record))
+    atomic_write_text(paths.round_record(run_dir, round_index), json.dumps(record))
     store.save(ticket)
     return _progress(pruner, ticket)
 
 
-@task(name="open-round-run", task_run_name="open-round-run-{round_index}", cache_policy=NO_CACHE)
+@task(name="open-round-run", task_run_name="open-round-run-{round_index}", **IO_TASK)
 def open_round_run(job: LotteryJob, round_index: int, parent_run_id: str) -> str:
     """The round's MLflow child run: found again by its tags after a crash, created otherwise."""
     run_id, _ = tracker_for(job).start_run(round_identity(job, round_index), run_name=f"round-{round_index}",
@@ -203,7 +142,7 @@ def open_round_run(job: LotteryJob, round_index: int, parent_run_id: str) -> str
     return run_id
 
 
-@task(name="close-run", cache_policy=NO_CACHE)
+@task(name="close-run", **IO_TASK)
 def close_run(job: LotteryJob, run_id: str, status: str) -> None:
     tracker_for(job).end_run(run_id, status)
 
@@ -233,36 +172,50 @@ def summary_row(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@task(name="log-round", task_run_name="log-round-{round_index}", cache_policy=NO_CACHE)
-def log_round(job: LotteryJob, output_dir: str, round_index: int, parent_run_id: str) -> str:
+@task(name="log-round", task_run_name="log-round-{round_index}", **IO_TASK)
+def log_round(job: LotteryJob, run_dir: str, round_index: int, parent_run_id: str) -> str:
     """Record a completed round in MLflow once: its child run and its point on the parent's series."""
-    tracker, identity = tracker_for(job), round_identity(job, round_index)
-    done = tracker.find_run({**identity, "mlflow.parentRunId": parent_run_id, LOGGED_TAG: "true"})
-    if done:
-        # Reopened by open_round_run because the round's checkpoint broke and the round was redone
-        # (TicketStore.latest fell back): same results, already logged; close it again.
-        if tracker.client.get_run(done).info.status == "RUNNING":
-            tracker.end_run(done)
-        return done
-    child, _ = tracker.start_run(identity, run_name=f"round-{round_index}", parent_run_id=parent_run_id)
-    data = json.loads(search_paths(job, output_dir).round_file(round_index).read_text())
+    tracker = tracker_for(job)
+    data = json.loads(paths.round_record(run_dir, round_index).read_text())
     row = summary_row(data["record"])
-    tracker.log_params(child, {"round": round_index, "controls": ",".join(job.controls) or "none"})
-    tracker.log_metrics_once(child, round_points(data))
-    tracker.log_table(child, [{"layer": k, "density": v} for k, v in row["layer_density"].items()],
-                      "layer_density.json")
-    series = ("density", "accuracy", "loss", "random_reinit_accuracy", "random_mask_accuracy")
-    tracker.log_metrics_once(parent_run_id, [(k, row[k], round_index) for k in series if row[k] is not None])
-    tracker.set_tags(child, {LOGGED_TAG: "true", "pruning.density": f"{row['density']:.6f}"})
-    tracker.end_run(child)
-    return child
+
+    def fill(child: str) -> None:
+        tracker.log_params(child, {"round": round_index, "controls": ",".join(job.controls) or "none"})
+        tracker.log_metrics_once(child, round_points(data))
+        tracker.log_table(child, [{"layer": k, "density": v} for k, v in row["layer_density"].items()],
+                          "layer_density.json")
+        series = ("density", "accuracy", "loss", "random_reinit_accuracy", "random_mask_accuracy")
+        tracker.log_metrics_once(parent_run_id, [(k, row[k], round_index) for k in series if row[k] is not None])
+        tracker.set_tags(child, {"pruning.density": f"{row['density']:.6f}"})
+
+    # A round redone because its checkpoint broke was reopened by open_round_run: same results,
+    # already logged; log_child_once only closes it again.
+    return tracker.log_child_once(parent_run_id, round_identity(job, round_index), f"round-{round_index}", fill)
 
 
-@task(name="publish-ticket", cache_policy=NO_CACHE)
-def publish_ticket(job: LotteryJob, output_dir: str, parent_run_id: str, final: dict[str, Any]) -> dict | None:
+@task(name="log-search-results", **IO_TASK)
+def log_search_results(job: LotteryJob, run_dir: str, parent_run_id: str, rows: list[dict[str, Any]]) -> None:
+    """The accuracy-vs-density figure, the per-round table and the headline metrics on the parent run."""
+    import matplotlib.pyplot as plt
+
+    tracker, figure = tracker_for(job), paths.accuracy_figure(run_dir)
+    fig = lottery_figure(rows, f"{job.model}, {job.search.rewind_strategy} rewinding ({job.name})")
+    with atomic_path(figure) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    tracker.log_artifact(parent_run_id, figure)
+    tracker.log_table(parent_run_id, [{k: v for k, v in r.items() if k != "layer_density"} for r in rows], "rounds.json")
+    final = rows[-1]
+    tracker.log_metrics_once(parent_run_id, [("dense_accuracy", rows[0]["accuracy"], 0),
+                                             ("ticket_accuracy", final["accuracy"], final["round"]),
+                                             ("ticket_density", final["density"], final["round"])])
+
+
+@task(name="publish-ticket", **IO_TASK)
+def publish_ticket(job: LotteryJob, run_dir: str, parent_run_id: str, final: dict[str, Any]) -> dict | None:
     """Log the final ticket (safetensors + JSON + model card) on the parent run and register it."""
-    tracker, paths = tracker_for(job), search_paths(job, output_dir)
-    tracker.log_artifacts(parent_run_id, paths.ticket_dir(final["round"]), "ticket")
+    tracker = tracker_for(job)
+    tracker.log_artifacts(parent_run_id, ticket_dir(job, run_dir, final["round"]), "ticket")
     card = {"model": job.model, "job_hash": job.job_hash(), "round": final["round"], "density": final["density"],
             "accuracy": final["accuracy"], "load": "flows.lottery.load_registered_ticket"}
     tracker.log_dict(parent_run_id, card, "ticket/model.json")
@@ -274,3 +227,7 @@ def publish_ticket(job: LotteryJob, output_dir: str, parent_run_id: str, final: 
         tags={JOB_TAG: job.job_hash(), "round": final["round"], "density": f"{final['density']:.6f}",
               "accuracy": final["accuracy"]})
     return {"name": name, "version": version, "alias": alias, "uri": f"models:/{name}@{alias}"}
+
+
+__all__ = ["EvalObserver", "close_run", "log_round", "log_search_results", "open_round_run", "publish_ticket",
+           "resume_point", "summary_row", "ticket_dir", "train_round"]

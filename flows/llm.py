@@ -1,0 +1,183 @@
+"""What every LLM job shares: the model directory, token windows, and the perplexity task.
+
+- :func:`prepare_windows` cuts the calibration and evaluation windows (plus optional extra
+  windows disjoint from the first calibration windows) and records them in the run directory;
+  each job's first task calls it once its own checks have passed.
+- :func:`evaluate_perplexity` (a task) measures a model directory's perplexity on the run's
+  evaluation windows. The dense model's value is cached by (model content hash, evaluation
+  windows hash, how it was computed) under the cache root, so any job on the same model and
+  evaluation reuses it (:mod:`flows.cache`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+
+from flows.cache import ResultCache, digest, tree_sha256
+from flows.config import CalibrationConfig, EvaluationConfig
+from flows.execution import IO_TASK
+from pruning_core.errors import ArtifactError
+from pruning_core.io import paths
+from pruning_core.io.atomic import atomic_write_text
+from pruning_core.io.manifest import Manifest
+from pruning_core.io.tensors import load_tensors, save_tensors
+from pruning_core.lm import (
+    calibration_windows,
+    evaluation_windows,
+    load_causal_lm,
+    load_text,
+    perplexity,
+    resolve_device,
+    smollm2_dir,
+    tokenize_corpus,
+)
+from pruning_core.lm.models import check_model_dir, offline_transformers
+from pruning_core.minitron import disjoint_windows
+
+log = logging.getLogger(__name__)
+# transformers' from_pretrained swaps torch.nn.init functions process-wide while it loads; two
+# threads loading at once can leave them swapped. Loads in this process take turns.
+_LOAD_LOCK = threading.Lock()
+DENSE_PERPLEXITY = "perplexity"  # the result cache's namespace of dense models' perplexities
+
+
+def model_dir(model: str) -> str:
+    """The absolute model directory a job's ``model`` names (``smollm2``: the shipped SmolLM2-135M)."""
+    return str((smollm2_dir() if model == "smollm2" else Path(model)).resolve())
+
+
+def load_model(directory: str, device: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a model directory (checked: files, shapes, NaN/Inf), one load at a time."""
+    with _LOAD_LOCK:
+        return load_causal_lm(directory, device=device)
+
+
+def load_tokenizer(directory: str) -> Any:
+    """The tokenizer of a model directory, without loading the weights."""
+    root = Path(directory)
+    check_model_dir(root)
+    try:
+        return offline_transformers().AutoTokenizer.from_pretrained(root, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ArtifactError(str(root), f"cannot load a tokenizer ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class DisjointWindows:
+    """Extra windows of the calibration text sharing no token with its first ``avoid`` windows."""
+
+    name: str
+    count: int
+    seed: int
+    avoid: int
+
+
+def _cut(tokenizer: Any, calibration: CalibrationConfig, evaluation: EvaluationConfig,
+         extra: DisjointWindows | None) -> dict[str, torch.Tensor]:
+    cal, ev = calibration, evaluation
+    tokens = tokenize_corpus(tokenizer, load_text(cal.text, field=cal.text_field))
+    windows = {"calibration": calibration_windows(tokens, cal.num_windows, cal.window_length, cal.seed,
+                                                  what=f"calibration text '{cal.text}'")}
+    if extra is not None:
+        windows[extra.name] = disjoint_windows(tokens, extra.count, cal.window_length, extra.seed,
+                                               avoid=windows["calibration"][: extra.avoid])
+    if ev.enabled:
+        ev_tokens = tokenize_corpus(tokenizer, load_text(ev.text, field=ev.text_field))
+        windows["evaluation"] = evaluation_windows(ev_tokens, ev.num_windows, ev.window_length,
+                                                   what=f"evaluation text '{ev.text}'")
+    return windows
+
+
+def prepare_windows(run_dir: str, tokenizer: Any, calibration: CalibrationConfig, evaluation: EvaluationConfig,
+                    *, extra: DisjointWindows | None = None) -> None:
+    """Tokenize the texts, cut the windows (``[n, length]`` int64) and record them in the run
+    directory (``windows.safetensors``); nothing if they are recorded already.
+
+    Raises:
+        ConfigError: a text too short for the requested windows (names the text).
+    """
+    if Manifest(run_dir).is_complete("windows"):
+        return
+    save_tensors(paths.windows(run_dir), _cut(tokenizer, calibration, evaluation, extra))
+    Manifest(run_dir).record("windows", paths.windows(run_dir), kind="tokens")
+
+
+def load_windows(run_dir: str, which: str) -> torch.Tensor:
+    """The run's ``which`` windows (calibration, evaluation, distillation): ``[n, length]`` int64."""
+    return load_tensors(paths.windows(run_dir), [which])[which]
+
+
+def window_batches(run_dir: str, which: str, batch_size: int, *, count: int | None = None,
+                   device: torch.device | None = None) -> list[torch.Tensor]:
+    """The first ``count`` windows of ``which`` (all if None) in batches of ``batch_size``, on ``device``."""
+    windows = load_windows(run_dir, which)[:count]
+    return [b.to(device) if device is not None else b for b in windows.split(batch_size)]
+
+
+def _windows_sha256(windows: torch.Tensor) -> str:
+    data = windows.contiguous().cpu()
+    head = f"{data.dtype} {list(data.shape)}\n".encode()
+    return hashlib.sha256(head + data.numpy().tobytes()).hexdigest()
+
+
+def dense_perplexity_key(model: str, windows: torch.Tensor, batch_size: int, device: str) -> str:
+    """The cache key of a model directory's perplexity on ``windows``: its content hash, the windows'
+    hash, and what could change the printed digits (batch size, device type, torch and transformers)."""
+    return digest({"model": tree_sha256(model), "windows": _windows_sha256(windows), "batch_size": batch_size,
+                   "device": resolve_device(device).type, "dtype": "float32", "torch": torch.__version__,
+                   "transformers": importlib.metadata.version("transformers")})
+
+
+def _measure(model: str, windows: torch.Tensor, batch_size: int, device: str) -> float:
+    network, _ = load_model(model, device)
+    return perplexity(network, windows, batch_size=batch_size)
+
+
+def _cached_measure(model: str, windows: torch.Tensor, batch_size: int, device: str) -> tuple[float, bool]:
+    """The perplexity from the cache if a valid entry exists, else measured and stored; (value, hit)."""
+    cache, key = ResultCache(DENSE_PERPLEXITY), dense_perplexity_key(model, windows, batch_size, device)
+    entry = cache.get(key)
+    value = entry.get("perplexity") if entry else None
+    if isinstance(value, float) and math.isfinite(value) and value >= 1.0:
+        log.info("dense perplexity %.4f from the cache (%s)", value, key[:12])
+        return value, True
+    value = _measure(model, windows, batch_size, device)
+    cache.put(key, {"perplexity": value, "model_dir": model})
+    return value, False
+
+
+@task(name="evaluate", task_run_name="evaluate-perplexity-{which}", **IO_TASK)
+def evaluate_perplexity(run_dir: str, model: str, which: str, evaluation: EvaluationConfig, device: str,
+                        *, cached: bool = False) -> float:
+    """Perplexity of the model in directory ``model`` on the run's evaluation windows, recorded as
+    ``perplexity_<which>.json`` (``which``: before or after pruning).
+
+    With ``cached`` (the dense model) the value comes from the result cache when the same model
+    content was measured on the same windows before, and is stored there otherwise.
+    """
+    out, key = paths.perplexity(run_dir, which), f"perplexity_{which}"
+    if Manifest(run_dir).is_complete(key):
+        return float(json.loads(out.read_text())["perplexity"])
+    windows, hit = load_windows(run_dir, "evaluation"), False
+    if cached:
+        ppl, hit = _cached_measure(model, windows, evaluation.batch_size, device)
+    else:
+        ppl = _measure(model, windows, evaluation.batch_size, device)
+    atomic_write_text(out, json.dumps({"perplexity": ppl, "model_dir": model, "from_cache": hit}))
+    Manifest(run_dir).record(key, out, kind="metric")
+    return ppl
+
+
+__all__ = ["DisjointWindows", "dense_perplexity_key", "evaluate_perplexity", "load_model", "load_tokenizer",
+           "load_windows", "model_dir", "prepare_windows", "window_batches"]

@@ -1,0 +1,109 @@
+"""The one-shot job's config (``job: oneshot``): method, sparsity pattern and scope, calibration
+mode, evaluation, SparseGPT's solver options and the optional sparse export.
+
+Imports neither Prefect nor MLflow (``prune validate`` stays light).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from flows.config import CalibrationConfig, EvaluationConfig, JobBase, PositiveInt, StrictModel
+from pruning_core.masks.pattern import NM, SparsityPattern, Unstructured
+
+
+class OneShotCalibration(CalibrationConfig):
+    """The shared calibration windows, and how the statistics are collected."""
+
+    mode: Literal["one_pass", "sequential"] = Field(
+        "one_pass",
+        description="one_pass: statistics of the dense model; sequential: prune block i, then feed block i+1 "
+        "with the pruned block's outputs (the Wanda/SparseGPT reference procedure)",
+    )
+
+
+class OneShotEvaluation(EvaluationConfig):
+    """The shared held-out perplexity, and where per-layer reconstruction errors are measured."""
+
+    error_windows: PositiveInt = Field(
+        8, description="calibration windows on which each layer's output reconstruction error is measured"
+    )
+
+
+class SparseGPTConfig(StrictModel):
+    blocksize: PositiveInt = 128
+    percdamp: float = Field(0.01, gt=0, le=1)
+
+
+class ExportConfig(StrictModel):
+    """Optional sparse export of the pruned weights to ``<output dir>/sparse/``."""
+
+    sparse_format: Literal["none", "csr", "semi_structured", "compressed_tensors"] = Field(
+        "none",
+        description="csr (any pattern), semi_structured (2:4: values + 2-bit indices) or compressed_tensors "
+        "(2:4: compressed-tensors' sparse-24-bitmask Hugging Face layout)",
+    )
+
+
+class OneShotJob(JobBase):
+    """One-shot unstructured or N:M pruning of a causal LM (magnitude, Wanda, SparseGPT)."""
+
+    job: Literal["oneshot"] = "oneshot"
+    method: Literal["magnitude", "wanda", "sparsegpt"]
+    sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="fraction pruned, in [0, 1); implied by N:M")
+    pattern: str = Field("unstructured", description="unstructured, N:M (e.g. 2:4), block:HxW, row or column")
+    scope: Literal["layer", "row", "global"] | None = Field(
+        None, description="comparison group for unstructured masks; default row for wanda, layer otherwise"
+    )
+    calibration: OneShotCalibration = Field(default_factory=OneShotCalibration)
+    evaluation: OneShotEvaluation = Field(default_factory=OneShotEvaluation)
+    sparsegpt: SparseGPTConfig = Field(default_factory=SparseGPTConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        try:
+            return str(SparsityPattern.parse(v))
+        except Exception as e:  # InvalidPattern -> pydantic error naming the field
+            raise ValueError(str(e)) from e
+
+    @model_validator(mode="after")
+    def _sparsity_matches_pattern(self) -> OneShotJob:
+        pattern = self.sparsity_pattern
+        implied = pattern.theoretical_sparsity()
+        if isinstance(pattern, NM):
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(f"sparsity: pattern {pattern} fixes it at {implied}; got {self.sparsity}")
+        elif self.sparsity is None:
+            raise ValueError(f"sparsity: required for pattern {pattern} (a fraction in [0, 1))")
+        if self.scope is not None and not isinstance(pattern, Unstructured):
+            raise ValueError(f"scope: applies to unstructured masks only, not pattern {pattern}")
+        if self.method == "sparsegpt" and pattern.theoretical_sparsity() is None and str(pattern) != "unstructured":
+            raise ValueError(f"pattern: sparsegpt supports unstructured and N:M patterns, not {pattern}")
+        if self.method == "sparsegpt" and self.scope not in (None, "layer"):
+            raise ValueError(f"scope: sparsegpt selects within column blocks of each layer; scope {self.scope} "
+                             "is not supported (allowed: layer)")
+        if self.scope == "global" and self.calibration.mode == "sequential":
+            raise ValueError("scope: global needs every layer's scores at once; use calibration mode one_pass")
+        fmt = self.export.sparse_format
+        if fmt in ("semi_structured", "compressed_tensors") and str(pattern) != "2:4":
+            raise ValueError(f"export.sparse_format: {fmt} stores 2:4 sparsity only; pattern is {pattern} "
+                             "(use pattern 2:4, or sparse_format csr or none)")
+        return self
+
+    @property
+    def sparsity_pattern(self) -> SparsityPattern:
+        return SparsityPattern.parse(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        implied = self.sparsity_pattern.theoretical_sparsity()
+        return float(self.sparsity if self.sparsity is not None else implied)
+
+    @property
+    def mask_scope(self) -> str:
+        return self.scope or ("row" if self.method == "wanda" else "layer")
+

@@ -1,0 +1,155 @@
+"""The main job: one-shot compression of a causal LM, as Prefect flows tracked in MLflow.
+
+    prepare inputs -> dense perplexity (cached across jobs) -> calibrate (one pass, or block by
+    block; no pass for methods that read no statistics) -> per-layer pruning tasks on the
+    configured task runner -> assemble the pruned model -> optional sparse export -> pruned
+    perplexity -> MLflow run + summary.json
+
+All math lives in pruning_core; the tasks (:mod:`flows.oneshot.tasks`) move files and call it,
+and :class:`flows.runtime.JobRun` claims the directory, tracks the run and writes the summary.
+A job's directory holds a checksummed manifest of everything finished, so running the same
+config again resumes where it stopped and finds its MLflow run again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.futures import as_completed
+from prefect.utilities.annotations import unmapped
+from tqdm.auto import tqdm
+
+from flows import llm
+from flows.execution import make_task_runner, split_threads
+from flows.oneshot import tasks as t
+from flows.oneshot.config import OneShotJob
+from flows.report import layer_figure
+from flows.runtime import JobRun
+from pruning_core.io import paths
+from pruning_core.io.manifest import Manifest
+
+
+@flow(name="prune-layers")
+def prune_layers(job: OneShotJob, run_dir: str, inputs: dict[str, Any], stats: dict[str, str | None]) -> list[str]:
+    """One task per layer, mapped over this subflow's task runner (threads or Dask)."""
+    layers = inputs["layers"]
+    scores_only = job.mask_scope == "global"
+    with split_threads(job.runner):
+        futures = t.prune_layer.map(unmapped(job), unmapped(run_dir), unmapped(inputs["model_dir"]), layers,
+                                    unmapped(stats), unmapped(scores_only))
+        for future in tqdm(as_completed(futures), total=len(layers), desc="pruning layers", unit="layer"):
+            future.result()
+    if scores_only:
+        return t.select_global(job, run_dir, layers)
+    return [str(paths.layer_scores(run_dir, layer)) for layer in layers]
+
+
+@flow(name="prune-blocks")
+def prune_blocks(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> list[str]:
+    """Sequential mode: one task per decoder block, each fed by the previous pruned block."""
+    t.capture_inputs(job, run_dir, inputs)
+    files: list[str] = []
+    for index in tqdm(range(inputs["num_blocks"]), desc="pruning blocks", unit="block"):
+        files += t.prune_block.submit(job, run_dir, inputs, index).result()
+    return files
+
+
+def _prune(run: JobRun, job: OneShotJob, inputs: dict[str, Any]) -> None:
+    """Calibrate and prune every layer: one pass then one task per layer, or block by block."""
+    runner = make_task_runner(job.runner)
+    if job.calibration.mode == "sequential":
+        with run.stage("calibrate_and_prune"):
+            prune_blocks.with_options(task_runner=runner)(job, run.dir, inputs)
+        return
+    stats: dict[str, str | None] = {"stats": None, "hessians": None}
+    if t.needs_stats(job)[0]:  # magnitude reads no statistics: no calibration pass
+        with run.stage("calibrate"):
+            stats = t.calibrate(job, run.dir, inputs)
+    with run.stage("prune"):
+        prune_layers.with_options(task_runner=runner)(job, run.dir, inputs, stats)
+
+
+def _summary(job: OneShotJob, inputs: dict[str, Any], table: list[dict[str, Any]], ppl: dict[str, float | None],
+             run: JobRun, export: dict[str, Any] | None) -> dict[str, Any]:
+    sizes = [r["shape"][0] * r["shape"][1] for r in table]
+    pruned = sum(r["sparsity"] * n for r, n in zip(table, sizes, strict=True))
+    return {
+        "job_hash": job.job_hash(), "name": job.name, "method": job.method, "pattern": job.pattern,
+        "scope": job.mask_scope, "calibration_mode": job.calibration.mode, "target_sparsity": job.target_sparsity,
+        "sparsity": pruned / sum(sizes), "parameters_targeted": sum(sizes), "parameters_pruned": round(pruned),
+        "perplexity_before": ppl["before"], "perplexity_after": ppl["after"], "mlflow_run_id": run.run_id,
+        "model_dir": inputs["model_dir"], "pruned_model_dir": str(paths.model(run.dir)),
+        "masks": str(paths.masks(run.dir)), "sparse_export": export["path"] if export else None,
+        "sparse_export_size": {k: export[k] for k in ("format", "layers", "file_bytes", "dense_bytes", "size_ratio")}
+        if export else None,
+        "seconds": run.clock.totals(), "layers": table,
+    }
+
+
+def _log_results(run: JobRun, job: OneShotJob, summary: dict[str, Any]) -> None:
+    """Headline metrics, the per-layer table and figure, the masks, the model and the export."""
+    tracker, run_id = run.tracker, run.run_id
+    run.log_metrics({"sparsity": summary["sparsity"], "parameters_pruned": summary["parameters_pruned"],
+                     "perplexity_before": summary["perplexity_before"],
+                     "perplexity_after": summary["perplexity_after"]})
+    tracker.log_table(run_id, summary["layers"], "tables/layers.json")
+    if not tracker.has_artifact(run_id, "figures/layers.png"):
+        title = f"{job.name}: {job.method} {job.pattern}, sparsity {summary['sparsity']:.3f}"
+        tracker.log_figure(run_id, layer_figure(summary["layers"], title), "figures/layers.png")
+    if not tracker.has_artifact(run_id, "masks.safetensors"):
+        tracker.log_artifact(run_id, paths.masks(run.dir))
+    if job.tracking.log_model and not tracker.has_artifact(run_id, "model/config.json"):
+        tracker.log_artifacts(run_id, paths.model(run.dir), "model")
+    if summary["sparse_export"]:
+        size = summary["sparse_export_size"]
+        run.log_metrics({"sparse_export_bytes": size["file_bytes"], "sparse_export_size_ratio": size["size_ratio"]})
+        if not tracker.has_artifact(run_id, "sparse/sparse_index.json"):
+            tracker.log_artifacts(run_id, summary["sparse_export"], "sparse")
+
+
+def _headline(summary: dict[str, Any]) -> str:
+    before, after = summary["perplexity_before"], summary["perplexity_after"]
+    ppl = f", perplexity {before:.2f} -> {after:.2f}" if before is not None and after is not None else ""
+    return f"{summary['method']} {summary['pattern']}, sparsity {summary['sparsity']:.3f}{ppl}"
+
+
+@flow(name="oneshot-prune")
+def oneshot_flow(job: OneShotJob, output_dir: str | None = None) -> dict[str, Any]:
+    """Prune ``job.model`` one-shot as ``job`` describes; artifacts and summary.json go to ``output_dir``.
+
+    Without ``output_dir`` (a deployment's scheduled run) each flow run gets a directory of its
+    own, which a retry of the flow run resumes (:func:`flows.rundir.flow_run_output_dir`).
+    """
+    tags = {"method": job.method, "pattern": job.pattern, "model": job.model, "calibration_mode": job.calibration.mode}
+    with JobRun.open(job, output_dir, tags=tags) as run:
+        job = run.job
+        with run.stage("prepare"):
+            inputs = t.prepare_inputs(job, run.dir)
+        ppl: dict[str, float | None] = {"before": None, "after": None}
+        if job.evaluation.enabled:
+            with run.stage("evaluate_dense"):
+                ppl["before"] = llm.evaluate_perplexity(run.dir, inputs["model_dir"], "before", job.evaluation,
+                                                        job.device, cached=True)
+            run.log_metrics({"perplexity_before": ppl["before"]})
+        _prune(run, job, inputs)
+        with run.stage("assemble"):
+            table = t.assemble(job, run.dir, inputs)
+        export = None
+        if job.export.sparse_format != "none":
+            with run.stage("export"):
+                export = t.export_sparse_model(job, run.dir)
+        if job.evaluation.enabled:
+            with run.stage("evaluate_pruned"):
+                ppl["after"] = llm.evaluate_perplexity(run.dir, str(paths.model(run.dir)), "after", job.evaluation,
+                                                       job.device)
+        Manifest(run.dir).verify(checksums=False)
+        summary = _summary(job, inputs, table, ppl, run, export)
+        with run.stage("log"):
+            _log_results(run, job, summary)
+        load = ("from pruning_core.lm import load_causal_lm; "
+                f"model, tokenizer = load_causal_lm({run.quoted(paths.model(run.dir))})")
+        return run.finish({**summary, "seconds": run.clock.totals()}, headline=_headline(summary), load=load)
+
+
+__all__ = ["oneshot_flow", "prune_blocks", "prune_layers"]
