@@ -41,6 +41,7 @@ import time
 import types
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -167,7 +168,7 @@ def save_zero_pattern(model, path: Path) -> str:
     return str(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], required=True)
     p.add_argument("--pattern", default="unstructured", help="unstructured or N:M")
@@ -178,16 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reverse-calibration", action="store_true",
                    help="feed the same calibration windows in reverse order (same math, another float "
                         "summation order): the reference's own numerical spread")
-    args = p.parse_args(argv)
-    from pruning_core.lm import load_causal_lm, perplexity
-    from pruning_core.masks.pattern import NM, SparsityPattern
+    return p
 
-    pattern = SparsityPattern.parse(args.pattern)
-    nm = (pattern.m - pattern.n, pattern.m) if isinstance(pattern, NM) else (0, 0)  # theirs: n PRUNED of m
-    sparsity = args.sparsity if args.sparsity is not None else float(pattern.theoretical_sparsity())
-    repo = "sparsegpt" if args.method == "sparsegpt" else "wanda"
-    _, commit = checkout(repo, args.ref_root)
-    root = args.ref_root
+
+def _prune_with_reference(args: argparse.Namespace, repo: str, sparsity: float,
+                          nm: tuple[int, int]) -> tuple[Any, dict[str, Any]]:
+    """Load SmolLM2, cut the protocol's windows and prune with the reference code; the model and
+    what was measured on the way (seconds, windows, dense zeros)."""
+    from pruning_core.lm import load_causal_lm
+
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     model, tokenizer = load_causal_lm("smollm2", device="cpu")
@@ -202,27 +202,42 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with torch.no_grad():
         if repo == "wanda":
-            run_wanda_repo(args.method, model, tokenizer, their_loader(cal), sparsity, nm, root)
+            run_wanda_repo(args.method, model, tokenizer, their_loader(cal), sparsity, nm, args.ref_root)
         else:
-            run_sparsegpt_repo(model, their_loader(cal), sparsity, nm, root)
+            run_sparsegpt_repo(model, their_loader(cal), sparsity, nm, args.ref_root)
     seconds["prune"] = time.perf_counter() - t0
     for h in handles:
         h.remove()
+    return model, {"seconds": seconds, "windows_match": windows_match, "dense_zeros": dense_zeros,
+                   "nsamples": len(cal), "evaluation": ev}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from pruning_core.lm import perplexity
+    from pruning_core.masks.pattern import NM, SparsityPattern
+
+    pattern = SparsityPattern.parse(args.pattern)
+    nm = (pattern.m - pattern.n, pattern.m) if isinstance(pattern, NM) else (0, 0)  # theirs: n PRUNED of m
+    sparsity = args.sparsity if args.sparsity is not None else float(pattern.theoretical_sparsity())
+    repo = "sparsegpt" if args.method == "sparsegpt" else "wanda"
+    _, commit = checkout(repo, args.ref_root)
+    model, run = _prune_with_reference(args, repo, sparsity, nm)
     layers = decoder_linears(model)
     zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
     numel = sum(m.weight.numel() for m in layers.values())
     t0 = time.perf_counter()
-    ppl = perplexity(model, ev, batch_size=8, progress=False)
-    seconds["evaluate_pruned"] = time.perf_counter() - t0
+    ppl = perplexity(model, run["evaluation"], batch_size=8, progress=False)
+    run["seconds"]["evaluate_pruned"] = time.perf_counter() - t0
     result = {"reference_repo": {"wanda": "locuslab/wanda", "sparsegpt": "IST-DASLab/sparsegpt"}[repo],
               "reference_commit": commit, "patches": [{"file": f, "why": why} for f, _o, _n, why in PATCHES[repo]],
               "function": {"wanda": "lib.prune.prune_wanda", "magnitude": "lib.prune.prune_magnitude",
                            "sparsegpt": "llama.llama_sequential"}[args.method],
-              "their_args": {"sparsity": sparsity, "prune_n": nm[0], "prune_m": nm[1], "nsamples": len(cal)},
-              "reverse_calibration": args.reverse_calibration, "perplexity_after": ppl, "sparsity": zeros / numel, "parameters_targeted": numel,
-              "parameters_pruned": zeros, "dense_zero_weights": dense_zeros,
-              "windows_identical_to_job": windows_match,
-              "seconds": {k: round(v, 3) for k, v in seconds.items()}, **compare_masks(model, args.our_masks),
+              "their_args": {"sparsity": sparsity, "prune_n": nm[0], "prune_m": nm[1], "nsamples": run["nsamples"]},
+              "reverse_calibration": args.reverse_calibration, "perplexity_after": ppl, "sparsity": zeros / numel,
+              "parameters_targeted": numel, "parameters_pruned": zeros, "dense_zero_weights": run["dense_zeros"],
+              "windows_identical_to_job": run["windows_match"],
+              "seconds": {k: round(v, 3) for k, v in run["seconds"].items()}, **compare_masks(model, args.our_masks),
               "ref_masks": save_zero_pattern(model, args.out.with_name("ref_masks.safetensors"))}
     args.out.write_text(json.dumps(result, indent=1))
     return 0

@@ -25,7 +25,9 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,20 +53,8 @@ def no_sharing(model, batches, **kwargs):
         capture._PartialsCache.get = original  # type: ignore[method-assign]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok = load_smollm2()
-    ids = emma_windows(tok, args.batches * args.batch_size, args.seq_len, seed=0)
-    batches = list(ids.split(args.batch_size))
-    variants = {
+def _variants(model, batches) -> dict[str, Callable[[], Any]]:
+    return {
         "plain forward": lambda: plain(model, batches),
         "stats (no hessian)": lambda: collect_activation_stats(model, batches, progress=False),
         "stats, no sharing": lambda: no_sharing(model, batches),
@@ -75,16 +65,23 @@ def main() -> None:
         "stats + hessian (XᵀX f64)": lambda: collect_activation_stats(
             model, batches, hessian=True, progress=False, batch_dtype=torch.float64),
     }
-    plain(model, batches[:1])  # warm-up
+
+
+def _measure(variants: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict, dict, dict]:
+    """Wall and CPU seconds of every variant, ``repeats`` rounds in turn, and each one's last result."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     results = {}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for name, fn in variants.items():
             t0, c0 = time.perf_counter(), time.process_time()
             results[name] = fn()
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
+    return times, cpu, results
+
+
+def _report(args: argparse.Namespace, times: dict, cpu: dict, results: dict) -> None:
     shared, unshared = results["stats (no hessian)"], results["stats, no sharing"]
     same = all(torch.equal(s.sum_sq, unshared.require_stats(n).sum_sq) for n, s in shared)
     h32, h64 = results["stats + hessian (XᵀX f32)"], results["stats + hessian (XᵀX f64)"]
@@ -101,6 +98,24 @@ def main() -> None:
         print(f"| {name} | {med:.2f} | {med / base:.3f} | {med_cpu:.2f} | {med_cpu / base_cpu:.3f} | "
               f"{', '.join(f'{t:.2f}' for t in ts)} |")
     print(f"\nshared == unshared statistics: {same}; max relative ‖XᵀX_f32 - XᵀX_f64‖/‖XᵀX_f64‖ = {rel:.1e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_smollm2()
+    ids = emma_windows(tok, args.batches * args.batch_size, args.seq_len, seed=0)
+    batches = list(ids.split(args.batch_size))
+    variants = _variants(model, batches)
+    plain(model, batches[:1])  # warm-up
+    _report(args, *_measure(variants, args.repeats))
 
 
 if __name__ == "__main__":

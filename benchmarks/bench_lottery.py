@@ -257,6 +257,12 @@ def _timing(results: dict) -> list[str]:
         c = f"{cmed[key]:.1f} | {cmed[key] / cmed['ours']:.2f}" if key in cmed and "ours" in cmed else "– | –"
         a = f"{100 * statistics.median(acc[key]):.2f}%" if acc.get(key) else "–"
         lines.append(f"| {label} | {len(t[key])} | {med[key]:.1f} | {med[key] / med['ours']:.2f} | {c} | {a} |")
+    return lines + _timing_conditions(results, t, cpu) + _search_run_seconds(results, steps)
+
+
+def _timing_conditions(results: dict, t: dict, cpu: dict) -> list[str]:
+    """The load during the timing repeats and the per-repeat ratios."""
+    lines = []
     if t.get("loadavg"):
         loads = [x[0] for x in t["loadavg"]]
         lines.append("")
@@ -270,17 +276,21 @@ def _timing(results: dict) -> list[str]:
             f"{w / wo:.2f}/{c / co:.2f}" for w, wo, c, co in zip(t[k], t["ours"], cpu[k], cpu["ours"], strict=True))
             for k in paired]
         lines.append(f"Per repeat, open_lth ÷ ours (wall/CPU): {'; '.join(per)}.")
+    return lines
+
+
+def _search_run_seconds(results: dict, steps: int) -> list[str]:
+    """Median seconds per training run inside the search, scaled to ``steps`` iterations."""
     per_run: dict[str, list[float]] = {}
     for records in results.get("search", {}).values():
         for rec in records:
             per_run.setdefault("imp", []).append(rec["metrics"]["seconds"] / rec["metrics"]["steps"] * steps)
             for c, m in rec["controls"].items():
                 per_run.setdefault(c, []).append(m["seconds"] / m["steps"] * steps)
-    if per_run:
-        lines.append("")
-        lines.append(f"Inside the search (all runs, scaled to {steps:,} iterations; the machine was shared): "
-                     + ", ".join(f"{k} median {statistics.median(v):.1f} s over {len(v)} runs" for k, v in per_run.items()))
-    return lines
+    if not per_run:
+        return []
+    return ["", f"Inside the search (all runs, scaled to {steps:,} iterations; the machine was shared): "
+            + ", ".join(f"{k} median {statistics.median(v):.1f} s over {len(v)} runs" for k, v in per_run.items())]
 
 
 def _figure(rounds: list[int], dens: dict, acc: dict, path: Path) -> None:

@@ -76,7 +76,30 @@ def timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, float, l
     return statistics.median(wall), statistics.median(cpu), wall, out
 
 
-def main() -> None:
+def _row(name: str, ours: Callable[[], torch.Tensor], baseline: Callable[[], torch.Tensor], n: int,
+         args: argparse.Namespace) -> str:
+    """One table row: ours against the sort baseline (same mask asserted), CPU, peak memory, load."""
+    load0 = os.getloadavg()[0]
+    ours(), baseline()  # warm up
+    t_ours, cpu_ours, all_ours, keep = timed(ours, args.repeats)
+    t_base, cpu_base, all_base, ref = timed(baseline, args.baseline_repeats)
+    assert torch.equal(keep, ref), f"{name}: mask differs from the sort baseline"
+    del keep, ref
+    _, mem_ours = peak_extra_mib(ours)
+    _, mem_base = peak_extra_mib(baseline)
+    load1 = os.getloadavg()[0]
+    target = TARGETS[name]
+    row = (
+        f"| {name} | {t_ours:.3f} | {n / t_ours / 1e6:.0f} | {t_base:.3f} | {n / t_base / 1e6:.0f} | "
+        f"{t_base / t_ours:.1f}x | {cpu_ours:.3f} | {cpu_base:.3f} | {mem_ours:.0f} | {mem_base:.0f} | "
+        f"{target if target else '-'} | "
+        f"{load0:.1f}→{load1:.1f} |"
+    )
+    print(row, "ours:", [round(t, 3) for t in all_ours], "baseline:", [round(t, 3) for t in all_base])
+    return row
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--log2n", type=int, default=26)
     parser.add_argument("--rows", type=int, default=8192, help="rows of the [rows, n/rows] score matrix")
@@ -85,7 +108,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="subset of case names")
     parser.add_argument("--markdown", default=None, help="append the result table to this file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = _parser().parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -103,26 +130,8 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, (ours, baseline) in cases(scores, args.rows).items():
-        if args.only and name not in args.only:
-            continue
-        load0 = os.getloadavg()[0]
-        ours(), baseline()  # warm up
-        t_ours, cpu_ours, all_ours, keep = timed(ours, args.repeats)
-        t_base, cpu_base, all_base, ref = timed(baseline, args.baseline_repeats)
-        assert torch.equal(keep, ref), f"{name}: mask differs from the sort baseline"
-        del keep, ref
-        _, mem_ours = peak_extra_mib(ours)
-        _, mem_base = peak_extra_mib(baseline)
-        load1 = os.getloadavg()[0]
-        target = TARGETS[name]
-        row = (
-            f"| {name} | {t_ours:.3f} | {n / t_ours / 1e6:.0f} | {t_base:.3f} | {n / t_base / 1e6:.0f} | "
-            f"{t_base / t_ours:.1f}x | {cpu_ours:.3f} | {cpu_base:.3f} | {mem_ours:.0f} | {mem_base:.0f} | "
-            f"{target if target else '-'} | "
-            f"{load0:.1f}→{load1:.1f} |"
-        )
-        lines.append(row)
-        print(row, "ours:", [round(t, 3) for t in all_ours], "baseline:", [round(t, 3) for t in all_base])
+        if not args.only or name in args.only:
+            lines.append(_row(name, ours, baseline, n, args))
     table = "\n".join([header, "", *lines, ""])
     if args.markdown:
         with open(args.markdown, "a", encoding="utf-8") as fh:

@@ -257,6 +257,12 @@ def depth_experiments(rec: Recorder, model, structure, calib, eval_windows, args
                     eval_windows, removed=removed)
 
 
+# Width targets of SmolLM2-135M: label -> (MLP size, query heads, KV groups).
+WIDTH_SHAPES = {"MLP 1536->768": (768, 9, 3), "heads 9->6 (KV 3->2)": (1536, 6, 2), "MLP 768 + heads 6/2": (768, 6, 2),
+                # Torch-Pruning's GQA head pruning keeps every KV group: compared at its own shapes
+                "heads 9->6 (KV 3 kept)": (1536, 6, 3), "MLP 768 + heads 6/3": (768, 6, 3)}
+
+
 def width_experiments(rec: Recorder, model, graph, structure, calib, eval_windows, args) -> None:
     ours_cols = rec.cached("width_scores", lambda: _width_scores_dict(collect_width_scores(model, batches_of(calib), structure)))
     ours = WidthScores(*(torch.tensor(ours_cols[k], dtype=torch.float64) for k in ("hidden", "neurons", "heads")), 0)
@@ -265,9 +271,6 @@ def width_experiments(rec: Recorder, model, graph, structure, calib, eval_window
                        torch.rand(ours.heads.shape, generator=gen, dtype=torch.float64), 0)
     mag = WidthScores(ours.hidden, ours.neurons, magnitude_head_scores(model, structure), 0)
     dense = Architecture.from_config(model.config)
-    shapes = {"MLP 1536->768": (768, 9, 3), "heads 9->6 (KV 3->2)": (1536, 6, 2), "MLP 768 + heads 6/2": (768, 6, 2),
-              # Torch-Pruning's GQA head pruning keeps every KV group: compared at its own shapes
-              "heads 9->6 (KV 3 kept)": (1536, 6, 3), "MLP 768 + heads 6/3": (768, 6, 3)}
 
     def pruned(scores: WidthScores, ffn: int, heads: int, kv: int):
         arch = Architecture(num_layers=dense.num_layers, hidden_size=dense.hidden_size, intermediate_size=ffn,
@@ -287,7 +290,7 @@ def width_experiments(rec: Recorder, model, graph, structure, calib, eval_window
             torch_pruning_mlp_(base, ffn, calib[:1, :16])
         return base
 
-    for label, (ffn, heads, kv) in shapes.items():
+    for label, (ffn, heads, kv) in WIDTH_SHAPES.items():
         tp_heads = heads != dense.num_attention_heads and kv == dense.num_key_value_heads
         rec.row("width", label, "ours (Minitron activations)", lambda f=ffn, h=heads, g=kv: pruned(ours, f, h, g), eval_windows)
         if not tp_heads:

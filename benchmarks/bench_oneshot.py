@@ -267,7 +267,7 @@ def machine() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (appended after every row)")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="scratch directory for configs and runs")
@@ -283,16 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tables", action="store_true", help="print the Markdown tables from --out and exit")
     p.add_argument("--ref-agreement", action="store_true",
                    help="only fill in the in-order vs reversed reference mask agreement in --out")
-    args = p.parse_args(argv)
-    results = load_results(args.out)
-    if args.tables:
-        sys.stdout.write(render_tables(results))
-        return 0
-    if args.ref_agreement:
-        ref_self_agreement(results["rows"])
-        save_results(args.out, results)
-        return 0
-    results["machine"] = machine()
+    return p
+
+
+def _run_rows(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Run every selected row (a job or a reference run), saving the results file after each."""
     env = child_env(args.work, args.omp_wait_policy)
     rows = ([] if args.skip_jobs else job_rows()) + ([] if args.skip_refs else ref_rows())
     wanted = [s for s in args.only.split(",") if s]
@@ -313,6 +308,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    ppl {result.get('perplexity_after')}, sparsity {result.get('sparsity')}, "
               f"wall {result['wall_s']} s, cpu {result['cpu_s']} s, peak RSS {result['peak_rss_mib']} MiB",
               flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    results = load_results(args.out)
+    if args.tables:
+        sys.stdout.write(render_tables(results))
+        return 0
+    if args.ref_agreement:
+        ref_self_agreement(results["rows"])
+        save_results(args.out, results)
+        return 0
+    results["machine"] = machine()
+    _run_rows(args, results)
     ref_self_agreement(results["rows"])
     save_results(args.out, results)
     return 0

@@ -20,74 +20,85 @@ from pathlib import Path
 BOOKS = {"emma": "emma", "prideprejudice": "pride_and_prejudice", "persuasion": "persuasion"}
 
 
-def parse_rds(buf: bytes):  # noqa: C901 - a direct transcription of the XDR format
-    """Parse the subset of R's XDR serialization format used by janeaustenr."""
-    if buf[:2] != b"X\n":
-        raise ValueError("not an XDR-serialized R object")
-    pos = 2
-    refs: list = []
+class _XDRReader:
+    """A reader of the subset of R's XDR serialization format used by janeaustenr."""
 
-    def i32() -> int:
-        nonlocal pos
-        (v,) = struct.unpack_from(">i", buf, pos)
-        pos += 4
+    def __init__(self, buf: bytes) -> None:
+        self.buf, self.pos, self.refs = buf, 0, []
+
+    def i32(self) -> int:
+        (v,) = struct.unpack_from(">i", self.buf, self.pos)
+        self.pos += 4
         return v
 
-    def raw(n: int) -> bytes:
-        nonlocal pos
-        b = buf[pos : pos + n]
-        pos += n
+    def raw(self, n: int) -> bytes:
+        b = self.buf[self.pos : self.pos + n]
+        self.pos += n
         return b
 
-    version = i32()
-    i32()
-    i32()
-    if version == 3:
-        raw(i32())
+    def header(self) -> None:
+        if self.raw(2) != b"X\n":
+            raise ValueError("not an XDR-serialized R object")
+        version = self.i32()
+        self.i32()
+        self.i32()
+        if version == 3:
+            self.raw(self.i32())
 
-    def obj():
-        flags = i32()
+    def obj(self):
+        """The next R object (SEXP): NULL, a reference, a symbol, a string, a pairlist or a vector."""
+        flags = self.i32()
         typ, has_attr, has_tag = flags & 0xFF, bool(flags & 0x200), bool(flags & 0x400)
         if typ == 254:
             return None
         if typ == 255:
             i = flags >> 8
-            return refs[(i if i else i32()) - 1]
+            return self.refs[(i if i else self.i32()) - 1]
         if typ == 1:
-            s = obj()
-            refs.append(s)
+            s = self.obj()
+            self.refs.append(s)
             return s
         if typ == 9:
-            n = i32()
-            return None if n == -1 else raw(n).decode("utf-8", "replace")
+            n = self.i32()
+            return None if n == -1 else self.raw(n).decode("utf-8", "replace")
         if typ == 2:
-            d = {}
-            while True:
-                if has_attr:
-                    obj()
-                tag = obj() if has_tag else None
-                d[tag] = obj()
-                flags = i32()
-                typ = flags & 0xFF
-                if typ == 254:
-                    return d
-                has_attr, has_tag = bool(flags & 0x200), bool(flags & 0x400)
-        n = i32()
+            return self.pairlist(has_attr, has_tag)
+        return self.vector(typ, has_attr)
+
+    def pairlist(self, has_attr: bool, has_tag: bool) -> dict:
+        d = {}
+        while True:
+            if has_attr:
+                self.obj()
+            tag = self.obj() if has_tag else None
+            d[tag] = self.obj()
+            flags = self.i32()
+            if flags & 0xFF == 254:
+                return d
+            has_attr, has_tag = bool(flags & 0x200), bool(flags & 0x400)
+
+    def vector(self, typ: int, has_attr: bool):
+        n = self.i32()
         if typ in (16, 19):
-            val = [obj() for _ in range(n)]
+            val = [self.obj() for _ in range(n)]
         elif typ in (13, 10):
-            val = [i32() for _ in range(n)]
+            val = [self.i32() for _ in range(n)]
         elif typ == 14:
-            val = list(struct.unpack_from(f">{n}d", raw(8 * n)))
+            val = list(struct.unpack_from(f">{n}d", self.raw(8 * n)))
         else:
             raise ValueError(f"unsupported R SEXP type {typ}")
         if has_attr:
-            a = obj()
+            a = self.obj()
             if isinstance(a, dict) and "names" in a:
                 return dict(zip(a["names"], val, strict=True))
         return val
 
-    return obj()
+
+def parse_rds(buf: bytes):
+    """Parse the subset of R's XDR serialization format used by janeaustenr."""
+    reader = _XDRReader(buf)
+    reader.header()
+    return reader.obj()
 
 
 def load_austen(datadir: Path) -> dict[str, list[str]]:
