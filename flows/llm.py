@@ -57,6 +57,12 @@ def model_dir(model: str) -> str:
     return str((smollm2_dir() if model == "smollm2" else Path(model)).resolve())
 
 
+def model_hash(directory: str) -> str:
+    """A model directory's content hash: sha256 over its files' sha256s (memoized per file), never
+    from a manifest that may be stale (:func:`flows.cache.tree_sha256`)."""
+    return tree_sha256(directory)
+
+
 def load_model(directory: str, device: str) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a model directory (checked: files, shapes, NaN/Inf), one load at a time."""
     with _LOAD_LOCK:
@@ -134,7 +140,7 @@ def _windows_sha256(windows: torch.Tensor) -> str:
 def dense_perplexity_key(model: str, windows: torch.Tensor, batch_size: int, device: str) -> str:
     """The cache key of a model directory's perplexity on ``windows``: its content hash, the windows'
     hash, and what could change the printed digits (batch size, device type, torch and transformers)."""
-    return digest({"model": tree_sha256(model), "windows": _windows_sha256(windows), "batch_size": batch_size,
+    return digest({"model": model_hash(model), "windows": _windows_sha256(windows), "batch_size": batch_size,
                    "device": resolve_device(device).type, "dtype": "float32", "torch": torch.__version__,
                    "transformers": importlib.metadata.version("transformers")})
 
@@ -180,4 +186,4 @@ def evaluate_perplexity(run_dir: str, model: str, which: str, evaluation: Evalua
 
 
 __all__ = ["DisjointWindows", "dense_perplexity_key", "evaluate_perplexity", "load_model", "load_tokenizer",
-           "load_windows", "model_dir", "prepare_windows", "window_batches"]
+           "load_windows", "model_dir", "model_hash", "prepare_windows", "window_batches"]

@@ -24,7 +24,6 @@ import torch
 from prefect import task
 
 from flows import llm
-from flows.cache import tree_sha256
 from flows.execution import IO_TASK
 from flows.minitron.config import MinitronJob, candidate_id, short_architecture
 from pruning_core.graph import StructuredPlan, apply_plan_
@@ -103,7 +102,7 @@ def prepare_inputs(job: MinitronJob, run_dir: str) -> dict[str, Any]:
     llm.prepare_windows(run_dir, tokenizer, job.calibration, job.evaluation, extra=_distillation(job))
     trace_decoder(model, llm.load_windows(run_dir, "calibration")[:1, :16].to(_device(model)))
     dense, dense_params = Architecture.from_config(model.config), sum(p.numel() for p in model.parameters())
-    info = {"model_dir": model_dir, "fingerprint": tree_sha256(model_dir),
+    info = {"model_dir": model_dir, "fingerprint": llm.model_hash(model_dir),
             "dense_architecture": dense.to_dict(), "dense_parameters": dense_params,
             "budget": job.library_target(dense, dense_params).param_budget, "candidates_enumerated": total,
             "candidates": [{"id": candidate_id(a), "architecture": a.to_dict(),

@@ -18,7 +18,6 @@ import torch
 from prefect import task
 
 from flows import llm
-from flows.cache import tree_sha256
 from flows.execution import IO_TASK
 from flows.oneshot.config import OneShotJob
 from pruning_core.calibration import (
@@ -125,7 +124,7 @@ def prepare_inputs(job: OneShotJob, run_dir: str) -> dict[str, Any]:
         job.sparsity_pattern.check_shape(module.weight.shape, name=name)
     llm.prepare_windows(run_dir, tokenizer, job.calibration, job.evaluation)
     prefix, blocks = find_decoder_blocks(model) if job.calibration.mode == "sequential" else ("", [])
-    info = {"model_dir": model_dir, "fingerprint": tree_sha256(model_dir),
+    info = {"model_dir": model_dir, "fingerprint": llm.model_hash(model_dir),
             "layers": list(layers), "blocks_prefix": prefix, "num_blocks": len(blocks),
             "parameters": sum(m.weight.numel() for m in layers.values())}
     atomic_write_text(record, json.dumps(info, indent=2))
