@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
 from prefect.utilities.annotations import unmapped
 from tqdm.auto import tqdm
@@ -29,30 +28,11 @@ from flows import llm
 from flows.execution import make_task_runner, split_threads
 from flows.minitron import tasks as t
 from flows.minitron.config import MinitronJob, short_architecture
-from flows.report import candidate_figure
 from flows.runtime import JobRun
-from flows.tracking import JOB_TAG, ROLE_TAG, Tracker
+from flows.tracking import ROLE_TAG
 from pruning_core.io import paths
 from pruning_core.io.manifest import Manifest
 from pruning_core.minitron import Architecture
-
-CANDIDATE_TAG = "pruning.candidate"
-
-
-def candidate_identity(job: MinitronJob, cid: str) -> dict[str, str]:
-    return {JOB_TAG: job.job_hash(), ROLE_TAG: "candidate", CANDIDATE_TAG: cid}
-
-
-def log_candidate(tracker: Tracker, job: MinitronJob, parent_run_id: str, result: dict[str, Any]) -> str:
-    """A candidate's child run (architecture as params; parameters, loss as metrics), logged once."""
-
-    def fill(child: str) -> None:
-        tracker.log_params(child, {**result["architecture"], "removed_layers": result["removed_layers"]})
-        points = [("parameters", result["parameters"], 0), ("loss", result["loss"], 0),
-                  ("seconds", result["seconds"], 0)]
-        tracker.log_metrics_once(child, points + [("distill_kl", v, i) for i, v in enumerate(result["distill_losses"])])
-
-    return tracker.log_child_once(parent_run_id, candidate_identity(job, result["id"]), result["id"], fill)
 
 
 @flow(name="minitron-candidates")
@@ -61,7 +41,6 @@ def score_candidates(job: MinitronJob, run_dir: str, inputs: dict[str, Any], par
 
     A failed candidate does not stop the others: they finish and are recorded, then its error is
     raised (a rerun scores only what is missing)."""
-    tracker = Tracker(job.tracking.tracking_uri, job.tracking.experiment)
     results, failure = [], None
     with split_threads(job.runner):
         futures = t.score_candidate.map(unmapped(job), unmapped(run_dir), unmapped(inputs), inputs["candidates"])
@@ -71,7 +50,7 @@ def score_candidates(job: MinitronJob, run_dir: str, inputs: dict[str, Any], par
             except Exception as exc:  # noqa: BLE001 - re-raised below, once the others are recorded
                 failure = failure or exc
                 continue
-            log_candidate(tracker, job, parent_run_id, results[-1])
+            t.log_candidate(job, parent_run_id, results[-1])
     if failure is not None:  # every finished candidate is on disk and in MLflow; a rerun does the rest
         raise failure
     return results
@@ -99,30 +78,6 @@ def _summary(job: MinitronJob, inputs: dict[str, Any], ranked: list[dict[str, An
                        | {"distill_loss": r["distill_losses"][-1] if r["distill_losses"] else None} for r in ranked],
         "mlflow_run_id": run.run_id,
     }
-
-
-def log_results(run: JobRun, job: MinitronJob, summary: dict[str, Any]) -> None:
-    """Headline metrics, the ranking table and figure, the chosen model, on the parent run."""
-    tracker, run_id = run.tracker, run.run_id
-    run.log_metrics({"parameters": summary["parameters"], "dense_parameters": summary["dense_parameters"],
-                     "best_loss": summary["candidates"][0]["loss"], "dense_loss": summary["dense_loss"],
-                     "candidates": len(summary["candidates"]), "perplexity_before": summary["perplexity_before"],
-                     "perplexity_after": summary["perplexity_after"]})
-    tracker.set_tags(run_id, {"chosen": summary["chosen"]})
-    rows = [{"rank": c["rank"], "id": c["id"], **c["architecture"], "parameters": c["parameters"], "loss": c["loss"]}
-            for c in summary["candidates"]]
-    tracker.log_table(run_id, rows, "tables/candidates.json")
-    create_table_artifact(rows, key=f"minitron-{job.job_hash()}-candidates", description="candidates by loss")
-    for child in tracker.child_runs(run_id):
-        cid = child.data.tags.get(CANDIDATE_TAG)
-        tracker.set_tags(child.info.run_id, {"rank": next(r["rank"] for r in rows if r["id"] == cid)})
-    if not tracker.has_artifact(run_id, "figures/candidates.png"):
-        fig = candidate_figure(rows, summary["chosen"], summary["dense_loss"],
-                               f"{job.name}: {len(rows)} candidates, {job.depth_criterion} depth criterion")
-        tracker.log_figure(run_id, fig, "figures/candidates.png")
-    tracker.log_artifact(run_id, paths.scores_table(run.dir))
-    if job.tracking.log_model and not tracker.has_artifact(run_id, "model/config.json"):
-        tracker.log_artifacts(run_id, paths.model(run.dir), "model")
 
 
 def _headline(summary: dict[str, Any]) -> str:
@@ -164,10 +119,10 @@ def minitron_flow(job: MinitronJob, output_dir: str | None = None) -> dict[str, 
         Manifest(run.dir).verify(checksums=False)
         summary = _summary(job, inputs, ranked, chosen, ppl, run)
         with run.stage("log"):
-            log_results(run, job, summary)
+            t.log_results(job, run.dir, run.run_id, summary)
         load = ("from pruning_core.lm import load_causal_lm; "
                 f"model, tokenizer = load_causal_lm({run.quoted(paths.model(run.dir))})")
         return run.finish({**summary, "seconds": run.clock.totals()}, headline=_headline(summary), load=load)
 
 
-__all__ = ["CANDIDATE_TAG", "minitron_flow", "rank", "score_candidates"]
+__all__ = ["minitron_flow", "rank", "score_candidates"]

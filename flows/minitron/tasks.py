@@ -22,10 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from prefect import task
+from prefect.artifacts import create_table_artifact
 
 from flows import llm
 from flows.execution import IO_TASK
 from flows.minitron.config import MinitronJob, candidate_id, short_architecture
+from flows.report import candidate_figure
+from flows.tracking import JOB_TAG, ROLE_TAG, Tracker
 from pruning_core.graph import StructuredPlan, apply_plan_
 from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_path, atomic_write_text
@@ -49,6 +52,7 @@ from pruning_core.minitron.search import ITERATIVE_CRITERIA
 
 log = logging.getLogger(__name__)
 
+CANDIDATE_TAG = "pruning.candidate"
 SCHEMA = pa.schema([("axis", pa.string()), ("layer", pa.int32()), ("index", pa.int32()), ("score", pa.float64())])
 PROMPT = "It is a truth universally acknowledged"
 # torch.export keeps its dispatch-mode stack per process, not per thread: two candidate tasks
@@ -253,3 +257,48 @@ def rebuild_chosen(job: MinitronJob, run_dir: str, inputs: dict[str, Any], chose
     manifest.record("model", out, kind="model")
     manifest.record("chosen", record, kind="json")
     return info
+
+
+def candidate_identity(job: MinitronJob, cid: str) -> dict[str, str]:
+    return {JOB_TAG: job.job_hash(), ROLE_TAG: "candidate", CANDIDATE_TAG: cid}
+
+
+@task(name="log-candidate", task_run_name="log-candidate-{result[id]}", **IO_TASK)
+def log_candidate(job: MinitronJob, parent_run_id: str, result: dict[str, Any]) -> str:
+    """A candidate's child run (architecture as params; parameters, loss as metrics), logged once."""
+    tracker = Tracker(job.tracking.tracking_uri, job.tracking.experiment)
+
+    def fill(child: str) -> None:
+        tracker.log_params(child, {**result["architecture"], "removed_layers": result["removed_layers"]})
+        points = [("parameters", result["parameters"], 0), ("loss", result["loss"], 0),
+                  ("seconds", result["seconds"], 0)]
+        tracker.log_metrics_once(child, points + [("distill_kl", v, i) for i, v in enumerate(result["distill_losses"])])
+
+    return tracker.log_child_once(parent_run_id, candidate_identity(job, result["id"]), result["id"], fill)
+
+
+@task(name="log-results", **IO_TASK)
+def log_results(job: MinitronJob, run_dir: str, run_id: str, summary: dict[str, Any]) -> None:
+    """Headline metrics, the ranking table and figure, the scores and the chosen model on the job's
+    MLflow run, and each candidate's rank on its child run."""
+    tracker = Tracker(job.tracking.tracking_uri, job.tracking.experiment)
+    metrics = {"parameters": summary["parameters"], "dense_parameters": summary["dense_parameters"],
+               "best_loss": summary["candidates"][0]["loss"], "dense_loss": summary["dense_loss"],
+               "candidates": len(summary["candidates"]), "perplexity_before": summary["perplexity_before"],
+               "perplexity_after": summary["perplexity_after"]}
+    tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if v is not None})
+    tracker.set_tags(run_id, {"chosen": summary["chosen"]})
+    rows = [{"rank": c["rank"], "id": c["id"], **c["architecture"], "parameters": c["parameters"], "loss": c["loss"]}
+            for c in summary["candidates"]]
+    tracker.log_table(run_id, rows, "tables/candidates.json")
+    create_table_artifact(rows, key=f"minitron-{job.job_hash()}-candidates", description="candidates by loss")
+    for child in tracker.child_runs(run_id):
+        cid = child.data.tags.get(CANDIDATE_TAG)
+        tracker.set_tags(child.info.run_id, {"rank": next(r["rank"] for r in rows if r["id"] == cid)})
+    if not tracker.has_artifact(run_id, "figures/candidates.png"):
+        fig = candidate_figure(rows, summary["chosen"], summary["dense_loss"],
+                               f"{job.name}: {len(rows)} candidates, {job.depth_criterion} depth criterion")
+        tracker.log_figure(run_id, fig, "figures/candidates.png")
+    tracker.log_artifact(run_id, paths.scores_table(run_dir))
+    if job.tracking.log_model and not tracker.has_artifact(run_id, "model/config.json"):
+        tracker.log_artifacts(run_id, paths.model(run_dir), "model")

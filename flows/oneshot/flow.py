@@ -24,7 +24,6 @@ from flows import llm
 from flows.execution import make_task_runner, split_threads
 from flows.oneshot import tasks as t
 from flows.oneshot.config import OneShotJob
-from flows.report import layer_figure
 from flows.runtime import JobRun
 from pruning_core.io import paths
 from pruning_core.io.manifest import Manifest
@@ -87,27 +86,6 @@ def _summary(job: OneShotJob, inputs: dict[str, Any], table: list[dict[str, Any]
     }
 
 
-def _log_results(run: JobRun, job: OneShotJob, summary: dict[str, Any]) -> None:
-    """Headline metrics, the per-layer table and figure, the masks, the model and the export."""
-    tracker, run_id = run.tracker, run.run_id
-    run.log_metrics({"sparsity": summary["sparsity"], "parameters_pruned": summary["parameters_pruned"],
-                     "perplexity_before": summary["perplexity_before"],
-                     "perplexity_after": summary["perplexity_after"]})
-    tracker.log_table(run_id, summary["layers"], "tables/layers.json")
-    if not tracker.has_artifact(run_id, "figures/layers.png"):
-        title = f"{job.name}: {job.method} {job.pattern}, sparsity {summary['sparsity']:.3f}"
-        tracker.log_figure(run_id, layer_figure(summary["layers"], title), "figures/layers.png")
-    if not tracker.has_artifact(run_id, "masks.safetensors"):
-        tracker.log_artifact(run_id, paths.masks(run.dir))
-    if job.tracking.log_model and not tracker.has_artifact(run_id, "model/config.json"):
-        tracker.log_artifacts(run_id, paths.model(run.dir), "model")
-    if summary["sparse_export"]:
-        size = summary["sparse_export_size"]
-        run.log_metrics({"sparse_export_bytes": size["file_bytes"], "sparse_export_size_ratio": size["size_ratio"]})
-        if not tracker.has_artifact(run_id, "sparse/sparse_index.json"):
-            tracker.log_artifacts(run_id, summary["sparse_export"], "sparse")
-
-
 def _headline(summary: dict[str, Any]) -> str:
     before, after = summary["perplexity_before"], summary["perplexity_after"]
     ppl = f", perplexity {before:.2f} -> {after:.2f}" if before is not None and after is not None else ""
@@ -146,7 +124,7 @@ def oneshot_flow(job: OneShotJob, output_dir: str | None = None) -> dict[str, An
         Manifest(run.dir).verify(checksums=False)
         summary = _summary(job, inputs, table, ppl, run, export)
         with run.stage("log"):
-            _log_results(run, job, summary)
+            t.log_results(job, run.dir, run.run_id, summary)
         load = ("from pruning_core.lm import load_causal_lm; "
                 f"model, tokenizer = load_causal_lm({run.quoted(paths.model(run.dir))})")
         return run.finish({**summary, "seconds": run.clock.totals()}, headline=_headline(summary), load=load)

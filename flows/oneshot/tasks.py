@@ -20,6 +20,8 @@ from prefect import task
 from flows import llm
 from flows.execution import IO_TASK
 from flows.oneshot.config import OneShotJob
+from flows.report import layer_figure
+from flows.tracking import Tracker
 from pruning_core.calibration import (
     BlockInputs,
     calibrate_block,
@@ -277,6 +279,29 @@ def export_sparse_model(job: OneShotJob, run_dir: str) -> dict[str, Any] | None:
     return info.to_dict()
 
 
-__all__ = ["assemble", "calibrate", "capture_inputs", "export_sparse_model", "make_pruner", "needs_stats",
+@task(name="log-results", **IO_TASK)
+def log_results(job: OneShotJob, run_dir: str, run_id: str, summary: dict[str, Any]) -> None:
+    """Headline metrics, the per-layer table and figure, the masks, the model and the export on the
+    job's MLflow run (each artifact once: a resumed job does not upload it again)."""
+    tracker = Tracker(job.tracking.tracking_uri, job.tracking.experiment)
+    metrics = {k: summary[k] for k in ("sparsity", "parameters_pruned", "perplexity_before", "perplexity_after")}
+    tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if v is not None})
+    tracker.log_table(run_id, summary["layers"], "tables/layers.json")
+    if not tracker.has_artifact(run_id, "figures/layers.png"):
+        title = f"{job.name}: {job.method} {job.pattern}, sparsity {summary['sparsity']:.3f}"
+        tracker.log_figure(run_id, layer_figure(summary["layers"], title), "figures/layers.png")
+    if not tracker.has_artifact(run_id, "masks.safetensors"):
+        tracker.log_artifact(run_id, paths.masks(run_dir))
+    if job.tracking.log_model and not tracker.has_artifact(run_id, "model/config.json"):
+        tracker.log_artifacts(run_id, paths.model(run_dir), "model")
+    if summary["sparse_export"]:
+        size = summary["sparse_export_size"]
+        tracker.log_metrics(run_id, {"sparse_export_bytes": size["file_bytes"],
+                                     "sparse_export_size_ratio": size["size_ratio"]})
+        if not tracker.has_artifact(run_id, "sparse/sparse_index.json"):
+            tracker.log_artifacts(run_id, summary["sparse_export"], "sparse")
+
+
+__all__ = ["assemble", "calibrate", "capture_inputs", "export_sparse_model", "log_results", "make_pruner", "needs_stats",
            "prepare_inputs", "prune_block", "prune_block_layers", "prune_layer", "prune_one", "score_one",
            "select_global"]

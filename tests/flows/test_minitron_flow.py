@@ -22,8 +22,7 @@ from flows.cli import main as prune_main
 from flows.jobs import parse_config
 from flows.jobs import run_job as run_minitron
 from flows.minitron import candidate_id
-from flows.minitron.flow import CANDIDATE_TAG
-from flows.minitron.tasks import PROMPT
+from flows.minitron.tasks import CANDIDATE_TAG, PROMPT
 from flows.tracking import ROLE_TAG
 from pruning_core.graph import StructuredPlan, apply_plan_
 from pruning_core.io.manifest import Manifest
