@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from prefect import task
 
-from flows.cache import ResultCache, digest, tree_sha256
+from flows.cache import ResultCache, digest
 from flows.config import CalibrationConfig, EvaluationConfig
 from flows.execution import IO_TASK
 from pruning_core.errors import ArtifactError
@@ -37,6 +37,7 @@ from pruning_core.lm import (
     evaluation_windows,
     load_causal_lm,
     load_text,
+    model_fingerprint,
     perplexity,
     resolve_device,
     smollm2_dir,
@@ -55,12 +56,6 @@ DENSE_PERPLEXITY = "perplexity"  # the result cache's namespace of dense models'
 def model_dir(model: str) -> str:
     """The absolute model directory a job's ``model`` names (``smollm2``: the shipped SmolLM2-135M)."""
     return str((smollm2_dir() if model == "smollm2" else Path(model)).resolve())
-
-
-def model_hash(directory: str) -> str:
-    """A model directory's content hash: sha256 over its files' sha256s (memoized per file), never
-    from a manifest that may be stale (:func:`flows.cache.tree_sha256`)."""
-    return tree_sha256(directory)
 
 
 def load_model(directory: str, device: str) -> tuple[Any, Any]:
@@ -140,7 +135,7 @@ def _windows_sha256(windows: torch.Tensor) -> str:
 def dense_perplexity_key(model: str, windows: torch.Tensor, batch_size: int, device: str) -> str:
     """The cache key of a model directory's perplexity on ``windows``: its content hash, the windows'
     hash, and what could change the printed digits (batch size, device type, torch and transformers)."""
-    return digest({"model": model_hash(model), "windows": _windows_sha256(windows), "batch_size": batch_size,
+    return digest({"model": model_fingerprint(model), "windows": _windows_sha256(windows), "batch_size": batch_size,
                    "device": resolve_device(device).type, "dtype": "float32", "torch": torch.__version__,
                    "transformers": importlib.metadata.version("transformers")})
 
@@ -186,4 +181,4 @@ def evaluate_perplexity(run_dir: str, model: str, which: str, evaluation: Evalua
 
 
 __all__ = ["DisjointWindows", "dense_perplexity_key", "evaluate_perplexity", "load_model", "load_tokenizer",
-           "load_windows", "model_dir", "model_hash", "prepare_windows", "window_batches"]
+           "load_windows", "model_dir", "prepare_windows", "window_batches"]

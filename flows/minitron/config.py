@@ -28,7 +28,6 @@ from flows.config import CalibrationConfig, EvaluationConfig, JobBase, PositiveI
 from pruning_core.errors import ConfigError, InvalidSparsity
 from pruning_core.minitron import (
     Architecture,
-    DepthPruner,
     MinitronTarget,
     ModelShape,
     WidthImportanceConfig,
@@ -203,12 +202,10 @@ class MinitronJob(JobBase):
             every = enumerate_candidates(dense, shape, target)
         except ConfigError as e:
             raise as_field_error(e) from None
-        fewest = min(a.num_layers for a in every)
-        try:
-            DepthPruner(num_layers_to_remove=dense.num_layers - fewest, min_layers=self.target.min_layers).validate(
-                dense.num_layers)
-        except InvalidSparsity as e:
-            raise InvalidSparsity(e.value, e.constraint, name="target.layers") from None
+        removed, keep = dense.num_layers - min(a.num_layers for a in every), self.target.min_layers
+        if removed > dense.num_layers - keep:
+            raise InvalidSparsity(float(removed), f"cannot remove {removed} of {dense.num_layers} layers and keep "
+                                  f"min_layers {keep}", name="target.layers")
         return every[: self.target.max_candidates], len(every)
 
 

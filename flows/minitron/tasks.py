@@ -33,7 +33,7 @@ from pruning_core.graph import StructuredPlan, apply_plan_
 from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_path, atomic_write_text
 from pruning_core.io.manifest import Manifest
-from pruning_core.lm import generate_text, save_pretrained_atomic
+from pruning_core.lm import generate_text, model_fingerprint, save_pretrained_atomic
 from pruning_core.minitron import (
     Architecture,
     MinitronScores,
@@ -106,7 +106,7 @@ def prepare_inputs(job: MinitronJob, run_dir: str) -> dict[str, Any]:
     llm.prepare_windows(run_dir, tokenizer, job.calibration, job.evaluation, extra=_distillation(job))
     trace_decoder(model, llm.load_windows(run_dir, "calibration")[:1, :16].to(_device(model)))
     dense, dense_params = Architecture.from_config(model.config), sum(p.numel() for p in model.parameters())
-    info = {"model_dir": model_dir, "fingerprint": llm.model_hash(model_dir),
+    info = {"model_dir": model_dir, "fingerprint": model_fingerprint(model_dir),
             "dense_architecture": dense.to_dict(), "dense_parameters": dense_params,
             "budget": job.library_target(dense, dense_params).param_budget, "candidates_enumerated": total,
             "candidates": [{"id": candidate_id(a), "architecture": a.to_dict(),

@@ -37,60 +37,52 @@ from pruning_core.io.manifest import Manifest
 from pruning_core.io.masks import load_masks, save_masks
 from pruning_core.io.stats import load_layer_stats, save_activation_stats, save_hessians
 from pruning_core.io.tensors import load_tensors, save_tensors
-from pruning_core.lm import resolve_device, save_pretrained_atomic
+from pruning_core.lm import model_fingerprint, resolve_device, save_pretrained_atomic
 from pruning_core.lm.weights import load_decoder_block, read_weight
-from pruning_core.masks import MaskScope, generate_global_masks
+from pruning_core.masks import SparsitySpec, Unstructured, generate_global_masks
+from pruning_core.methods import Method, get_method
 from pruning_core.metrics import layer_output_errors
-from pruning_core.pruning import (
-    MagnitudePruner,
-    Pruner,
-    SparseGPTPruner,
-    WandaPruner,
-    prune_module,
-    prune_weight,
-    score_weight,
-    target_layers,
-)
+from pruning_core.pruning import prune_module, target_layers
 from pruning_core.sparse import export_sparse, read_export_info
 
 log = logging.getLogger(__name__)
 
 
-# -- the one adapter between this job and pruning_core's pruning API ------------------------------
-# Every call into the pruning methods goes through these five functions; moving to the method
-# registry (``get_method(job.method, **options).prune_weight(weight, stats, spec)``) is done here.
-def make_pruner(job: OneShotJob) -> Pruner:
-    """The pruner a job's ``method`` names."""
-    if job.method == "magnitude":
-        return MagnitudePruner()
-    if job.method == "wanda":
-        return WandaPruner()
-    return SparseGPTPruner(blocksize=job.sparsegpt.blocksize, percdamp=job.sparsegpt.percdamp)
+# -- the one place this job calls pruning_core's method API ---------------------------------------
+def method_of(job: OneShotJob) -> Method:
+    """The registered method a job's ``method`` names, with its options (SparseGPT's solver)."""
+    options = job.sparsegpt.model_dump() if job.method == "sparsegpt" else {}
+    return get_method(job.method, **options)
+
+
+def spec_of(job: OneShotJob) -> SparsitySpec:
+    """What to prune: the job's sparsity, pattern and (for unstructured masks) comparison scope."""
+    pattern = job.sparsity_pattern
+    scope = job.mask_scope if isinstance(pattern, Unstructured) else None
+    return SparsitySpec.parse(job.sparsity, pattern, scope, default_scope=method_of(job).default_scope)
 
 
 def needs_stats(job: OneShotJob) -> tuple[bool, bool]:
     """Whether the method reads activation statistics, and whether it needs Hessians (XᵀX)."""
-    pruner = make_pruner(job)
-    return pruner.importance.requires_calibration or pruner.requires_hessian, pruner.requires_hessian
+    method = method_of(job)
+    return method.needs_stats, method.needs_hessian
 
 
 def prune_one(job: OneShotJob, weight: torch.Tensor, stats: Any, *, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one ``[out, in]`` weight: ``(new weight, bool keep mask)``, both shaped like ``weight``."""
-    new_weight, mask = prune_weight(make_pruner(job), weight, job.sparsity, job.sparsity_pattern, stats, name=name,
-                                    scope=MaskScope(job.mask_scope))
-    return new_weight, mask.tensor
+    return method_of(job).prune_weight(weight, stats, spec_of(job), name=name)
 
 
 def score_one(job: OneShotJob, weight: torch.Tensor, stats: Any, *, name: str) -> torch.Tensor:
     """The method's importance scores of one weight (for a GLOBAL selection), shaped like ``weight``."""
-    return score_weight(make_pruner(job), weight, stats, name=name)
+    return method_of(job).score(weight, stats, name=name)
 
 
 def prune_block_layers(job: OneShotJob, block: torch.nn.Module, ctx: Any, prefix: str,
                        layers: list[str]) -> dict[str, torch.Tensor]:
     """Prune ``layers`` of a decoder block in place (``prefix``: the block's module path + "."); their masks."""
-    result = prune_module(block, make_pruner(job), job.sparsity, job.sparsity_pattern, ctx, prefix=prefix,
-                          filter_fn=lambda name, _m: name in layers, scope=job.scope, measure_memory=False)
+    result = prune_module(block, method_of(job), spec_of(job), ctx, prefix=prefix,
+                          filter_fn=lambda name, _m: name in layers, measure_memory=False)
     return {name: result.masks[name].tensor for name in layers}
 
 
@@ -126,7 +118,7 @@ def prepare_inputs(job: OneShotJob, run_dir: str) -> dict[str, Any]:
         job.sparsity_pattern.check_shape(module.weight.shape, name=name)
     llm.prepare_windows(run_dir, tokenizer, job.calibration, job.evaluation)
     prefix, blocks = find_decoder_blocks(model) if job.calibration.mode == "sequential" else ("", [])
-    info = {"model_dir": model_dir, "fingerprint": llm.model_hash(model_dir),
+    info = {"model_dir": model_dir, "fingerprint": model_fingerprint(model_dir),
             "layers": list(layers), "blocks_prefix": prefix, "num_blocks": len(blocks),
             "parameters": sum(m.weight.numel() for m in layers.values())}
     atomic_write_text(record, json.dumps(info, indent=2))
@@ -302,6 +294,6 @@ def log_results(job: OneShotJob, run_dir: str, run_id: str, summary: dict[str, A
             tracker.log_artifacts(run_id, summary["sparse_export"], "sparse")
 
 
-__all__ = ["assemble", "calibrate", "capture_inputs", "export_sparse_model", "log_results", "make_pruner", "needs_stats",
+__all__ = ["assemble", "calibrate", "capture_inputs", "export_sparse_model", "log_results", "method_of", "needs_stats",
            "prepare_inputs", "prune_block", "prune_block_layers", "prune_layer", "prune_one", "score_one",
-           "select_global"]
+           "select_global", "spec_of"]

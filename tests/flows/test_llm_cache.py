@@ -1,5 +1,6 @@
-"""The dense-perplexity cache: content hashes (memoized per file), the result cache, and two jobs
-on the same model and evaluation windows measuring the dense model once."""
+"""The dense-perplexity cache: its key (the model's content hash, the windows, how it is computed),
+the result cache, and two jobs on the same model and evaluation windows measuring the dense model
+once."""
 
 from __future__ import annotations
 
@@ -12,16 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
-import flows.cache as cache
 import flows.llm as llm
-from flows.cache import ResultCache, file_sha256, tree_sha256
+from flows.cache import ResultCache
 from flows.config import CalibrationConfig, EvaluationConfig
 from flows.jobs import run_job
 from pruning_core.io import paths
-from pruning_core.io.atomic import sha256_file
-from pruning_core.lm import load_causal_lm, model_fingerprint, perplexity, save_pretrained_atomic
+from pruning_core.lm import load_causal_lm, perplexity, save_pretrained_atomic
 from tests.flows.oneshot_helpers import tiny_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,33 +43,17 @@ def _count(monkeypatch, module, name: str) -> list[int]:
     return calls
 
 
-# -- content hashes ---------------------------------------------------------------------------------------
-def test_file_hash_is_memoized_until_the_file_changes(cache_root, tmp_path, monkeypatch):
-    f = tmp_path / "weights.bin"
-    f.write_bytes(b"a" * 1000)
-    reads = _count(monkeypatch, cache, "sha256_file")
-    first = file_sha256(f)
-    assert first == sha256_file(f) and file_sha256(f) == first and len(reads) == 1  # second call: the memo
-    f.write_bytes(b"b" * 1000)  # same size, new content (and mtime)
-    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000))
-    assert file_sha256(f) == sha256_file(f) != first and len(reads) == 2
-    for memo in (cache_root / "file-sha256").iterdir():  # a corrupt memo is a miss, not a wrong answer
-        memo.write_text("not a digest")
-    assert file_sha256(f) == sha256_file(f) and len(reads) == 3
-
-
-def test_model_hash_comes_from_the_files_not_a_stale_manifest(cache_root, tmp_path, tiny_model_dir_session):
+# -- the cache key -------------------------------------------------------------------------------------
+def test_the_key_hashes_the_model_files_not_a_stale_manifest(cache_root, tmp_path, tiny_model_dir_session):
     model, tokenizer = load_causal_lm(tiny_model_dir_session)
     saved = save_pretrained_atomic(model, tokenizer, tmp_path / "model")  # writes a manifest
-    assert tree_sha256(saved) == model_fingerprint(saved)  # the fingerprint of earlier runs, while it is fresh
+    windows = torch.zeros(2, 8, dtype=torch.int64)
+    before = llm.dense_perplexity_key(str(saved), windows, 4, "cpu")
     weights = load_file(saved / "model.safetensors")
     name = sorted(weights)[-1]
     weights[name] = weights[name] * 2  # the manifest is now stale
     save_file(weights, saved / "model.safetensors", metadata={"format": "pt"})
-    assert tree_sha256(saved) != model_fingerprint(saved)
-    copy = shutil.copytree(saved, tmp_path / "copy")
-    (copy / "manifest.json").unlink()
-    assert tree_sha256(copy) == tree_sha256(saved)  # contents only: the manifest is not hashed
+    assert llm.dense_perplexity_key(str(saved), windows, 4, "cpu") != before
 
 
 def test_result_cache_round_trip_and_corrupt_entries(tmp_path):
