@@ -43,7 +43,8 @@ from pruning_core.lm import (
     smollm2_dir,
     tokenize_corpus,
 )
-from pruning_core.lm.models import check_model_dir, offline_transformers
+from pruning_core.lm.checks import offline_transformers
+from pruning_core.lm.models import check_model_dir
 from pruning_core.minitron import disjoint_windows
 
 log = logging.getLogger(__name__)
