@@ -73,6 +73,14 @@ def row_id(which: str, args: argparse.Namespace) -> str:
     return tag + (f"-lm{args.lm_weight:g}" if args.lm_weight else "") + (f"-{args.schedule}" if args.schedule != "cosine" else "")
 
 
+def make_trainer(student: Any, teacher: Any, tokenizer: Any, args: argparse.Namespace) -> RecoveryTrainer:
+    """The recovery trainer on calibration-text windows (Emma, disjoint from the evaluation texts)."""
+    train = calibration_windows(Q.text_tokens(tokenizer, "emma"), args.windows, args.window_length, seed=1)
+    config = RecoveryConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup,
+                            schedule=args.schedule, lm_weight=args.lm_weight, seed=0)
+    return RecoveryTrainer(student, teacher, train, config)
+
+
 def run_row(which: str, args: argparse.Namespace, teacher: Any, tokenizer: Any) -> dict[str, Any]:
     rid = row_id(which, args)
     work = args.work / rid
@@ -80,10 +88,8 @@ def run_row(which: str, args: argparse.Namespace, teacher: Any, tokenizer: Any) 
     batches = list(Q.calibration(tokenizer).split(8))
     student, prune_s = pruned_student(teacher, batches, which, args.work)
     evaluation = Q.evaluation(tokenizer, n=args.eval_windows)
-    train = calibration_windows(Q.text_tokens(tokenizer, "emma"), args.windows, args.window_length, seed=1)
-    config = RecoveryConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup,
-                            schedule=args.schedule, lm_weight=args.lm_weight, seed=0)
-    trainer = RecoveryTrainer(student, teacher, train, config)
+    trainer = make_trainer(student, teacher, tokenizer, args)
+    config = trainer.config
     progress_path, ckpt = work / "progress.json", work / "trainer.pt"
     progress: dict[str, Any] = {"curve": [], "train_s": 0.0, "train_cpu_s": 0.0, "eval_s": 0.0}
     if ckpt.exists():
