@@ -16,6 +16,7 @@ from pruning_core.errors import ConfigError
 from pruning_core.io.manifest import Manifest
 from pruning_core.sparse import load_sparse_export
 from tests.flows.oneshot_helpers import SMALL, tiny_job
+from tests.legacy_ct import run_legacy_check
 
 pytestmark = pytest.mark.flows
 
@@ -88,20 +89,14 @@ def test_export_is_added_to_a_finished_job_and_then_resumed(prefect_server, mlfl
 
 
 def test_library_decompresses_the_flow_export(prefect_server, mlflow_uri, tiny_model_dir_session, tmp_path):
-    """compressed-tensors' own decompressor reads the flow's export back into the pruned weights."""
-    pytest.importorskip("compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask")
-    from compressed_tensors.compressors import ModelCompressor
-
+    """compressed-tensors' own decompressor (0.13, the last release that reads the legacy 2:4
+    layout: tests/legacy_ct.py) reads the flow's export back into every pruned weight."""
     job = tiny_job(tiny_model_dir_session, method="magnitude", pattern="2:4",
                    export={"sparse_format": "compressed_tensors"},
                    evaluation={**SMALL["evaluation"], "enabled": False})
     summary = run_oneshot(job, tmp_path / "run")
-    config = json.loads((tmp_path / "run" / "sparse" / "config.json").read_text())
-    compressor = ModelCompressor.from_compression_config(config["quantization_config"])
-    dense = dict(compressor.sparsity_compressor.decompress(summary["sparse_export"]))
-    pruned = _checkpoint(tmp_path / "run" / "model")
-    assert set(dense) == set(pruned)
-    assert all(_same_bits(dense[k], pruned[k]) for k in pruned)
+    reference = tmp_path / "run" / "model" / "model.safetensors"
+    assert run_legacy_check("decompress", summary["sparse_export"], reference) == "ok"
 
 
 def test_csr_export_of_an_unstructured_job(prefect_server, mlflow_uri, tiny_model_dir_session, tmp_path):
