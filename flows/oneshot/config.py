@@ -11,7 +11,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from flows.config import CalibrationConfig, EvaluationConfig, JobBase, PositiveInt, StrictModel
+from pruning_core.masks import MaskScope
 from pruning_core.masks.pattern import NM, SparsityPattern, Unstructured
+from pruning_core.methods import METHODS
 
 
 class OneShotCalibration(CalibrationConfig):
@@ -48,10 +50,11 @@ class ExportConfig(StrictModel):
 
 
 class OneShotJob(JobBase):
-    """One-shot unstructured or N:M pruning of a causal LM (magnitude, Wanda, SparseGPT)."""
+    """One-shot unstructured or N:M pruning of a causal LM with a registered method
+    (:data:`pruning_core.methods.METHODS`: magnitude, Wanda, SparseGPT, and any method added there)."""
 
     job: Literal["oneshot"] = "oneshot"
-    method: Literal["magnitude", "wanda", "sparsegpt"]
+    method: str = Field(description="a registered method (pruning_core.methods.METHODS)")
     sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="fraction pruned, in [0, 1); implied by N:M")
     pattern: str = Field("unstructured", description="unstructured, N:M (e.g. 2:4), block:HxW, row or column")
     scope: Literal["layer", "row", "global"] | None = Field(
@@ -61,6 +64,13 @@ class OneShotJob(JobBase):
     evaluation: OneShotEvaluation = Field(default_factory=OneShotEvaluation)
     sparsegpt: SparseGPTConfig = Field(default_factory=SparseGPTConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; registered: {', '.join(repr(m) for m in METHODS)}")
+        return v
 
     @field_validator("pattern")
     @classmethod
@@ -81,11 +91,12 @@ class OneShotJob(JobBase):
             raise ValueError(f"sparsity: required for pattern {pattern} (a fraction in [0, 1))")
         if self.scope is not None and not isinstance(pattern, Unstructured):
             raise ValueError(f"scope: applies to unstructured masks only, not pattern {pattern}")
-        if self.method == "sparsegpt" and pattern.theoretical_sparsity() is None and str(pattern) != "unstructured":
-            raise ValueError(f"pattern: sparsegpt supports unstructured and N:M patterns, not {pattern}")
-        if self.method == "sparsegpt" and self.scope not in (None, "layer"):
-            raise ValueError(f"scope: sparsegpt selects within column blocks of each layer; scope {self.scope} "
-                             "is not supported (allowed: layer)")
+        method = METHODS[self.method]
+        if not method.structured_patterns and not isinstance(pattern, Unstructured | NM):
+            raise ValueError(f"pattern: {self.method} supports unstructured and N:M patterns, not {pattern}")
+        if self.scope is not None and MaskScope(self.scope) not in method.scopes:
+            allowed = ", ".join(sorted(s.value for s in method.scopes))
+            raise ValueError(f"scope: {self.method} does not support scope {self.scope} (allowed: {allowed})")
         if self.scope == "global" and self.calibration.mode == "sequential":
             raise ValueError("scope: global needs every layer's scores at once; use calibration mode one_pass")
         fmt = self.export.sparse_format
@@ -105,5 +116,5 @@ class OneShotJob(JobBase):
 
     @property
     def mask_scope(self) -> str:
-        return self.scope or ("row" if self.method == "wanda" else "layer")
+        return self.scope or METHODS[self.method].default_scope.value
 

@@ -36,6 +36,8 @@ class Method(Protocol):
         default_scope: the comparison scope of unstructured masks when none is asked for (Wanda:
             ROW, as in the paper; others LAYER).
         scopes: the scopes the method supports (SparseGPT selects inside column blocks: LAYER only).
+        structured_patterns: the method supports block/row/column patterns besides unstructured
+            and N:M (SparseGPT's column solve does not).
     """
 
     name: ClassVar[str]
@@ -43,6 +45,7 @@ class Method(Protocol):
     needs_hessian: ClassVar[bool]
     default_scope: ClassVar[MaskScope]
     scopes: ClassVar[frozenset[MaskScope]]
+    structured_patterns: ClassVar[bool]
 
     def score(
         self, weight: torch.Tensor, stats: ActivationStats | None = None, *, name: str | None = None
@@ -71,6 +74,7 @@ class BaseMethod:
     needs_hessian: ClassVar[bool] = False
     default_scope: ClassVar[MaskScope] = MaskScope.LAYER
     scopes: ClassVar[frozenset[MaskScope]] = frozenset(MaskScope)
+    structured_patterns: ClassVar[bool] = True
 
     @property
     def group_reduction(self) -> str:

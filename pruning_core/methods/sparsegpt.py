@@ -34,6 +34,7 @@ class SparseGPT(BaseMethod):
     needs_stats: ClassVar[bool] = True
     needs_hessian: ClassVar[bool] = True
     scopes: ClassVar[frozenset[MaskScope]] = frozenset({MaskScope.LAYER})
+    structured_patterns: ClassVar[bool] = False
 
     blocksize: int = 128
     percdamp: float = 0.01

@@ -20,10 +20,25 @@ def test_shipped_configs_validate(path):
     assert len(job.job_hash()) == 12
 
 
+def test_a_method_added_to_the_registry_is_a_valid_job_method(monkeypatch):
+    """Adding a method is one file plus one registry line: the job config takes it from the registry
+    (its name, its default scope, the scopes it supports), with nothing else to change."""
+    from pruning_core.methods import registry
+    from tests.methods.toy_method import SmallestFirst
+
+    with pytest.raises(ConfigError, match="unknown method 'smallest_first'"):
+        parse_config({"method": "smallest_first", "sparsity": 0.5})
+    monkeypatch.setitem(registry.METHODS, "smallest_first", SmallestFirst)
+    job = parse_config({"method": "smallest_first", "sparsity": 0.5, "scope": "global"})
+    assert job.method == "smallest_first" and job.mask_scope == "global"
+    assert parse_config({"method": "smallest_first", "sparsity": 0.5}).mask_scope == "layer"
+    assert parse_config({"method": "wanda", "sparsity": 0.5}).mask_scope == "row"
+
+
 @pytest.mark.parametrize(
     ("data", "field", "fragment"),
     [
-        ({"method": "wandaa", "sparsity": 0.5}, "method", "'magnitude', 'wanda' or 'sparsegpt'"),
+        ({"method": "wandaa", "sparsity": 0.5}, "method", "registered: 'magnitude', 'wanda', 'sparsegpt'"),
         ({"method": "wanda", "sparsity": 1.0}, "sparsity", "less than 1"),
         ({"method": "wanda", "sparsity": -0.1}, "sparsity", "greater than or equal to 0"),
         ({"method": "wanda", "pattern": "2:4", "sparsity": 0.6}, "sparsity", "fixes it at 0.5"),
@@ -36,6 +51,7 @@ def test_shipped_configs_validate(path):
         ({"method": "wanda", "sparsity": 0.5, "device": "tpu"}, "device", "auto, cpu, cuda"),
         ({"job": "nope"}, "job", "allowed: lottery, minitron, oneshot"),
         ({"method": "sparsegpt", "pattern": "row", "sparsity": 0.5}, "pattern", "unstructured and N:M"),
+        ({"method": "sparsegpt", "sparsity": 0.5, "scope": "row"}, "scope", "(allowed: layer)"),
     ],
 )
 def test_bad_configs_name_the_field(data, field, fragment):
