@@ -8,7 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+from flows.preflight import check_inputs, check_services
 from flows.runtime import configure_environment
+from pruning_core.errors import ArtifactError, PruningError
 
 EPILOG = """\
 examples:
@@ -43,10 +45,47 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(config_path: Path, output_dir: Path | None) -> dict:
+    """Check everything that can fail before long work, then run the job, holding its output
+    directory for the whole run: a second identical ``prune run`` waits, then attaches to the
+    finished result instead of doing the work again."""
     from flows.jobs import load_config, run_job
+    from flows.rundir import check_output_dir, default_output_dir, exclusive_run, finished_summary
 
     job = load_config(config_path)
-    return run_job(job, output_dir)
+    out = (output_dir if output_dir is not None else default_output_dir(job)).resolve()
+    check_inputs(job)
+    check_output_dir(out)
+    check_services(job)
+    with exclusive_run(out) as waited:
+        done = finished_summary(out, job) if waited else None
+        if done is not None:
+            logging.getLogger(__name__).info("%s: the run this one waited for finished it; its summary:", out)
+            return done
+        from flows.execution import start_prefect_server
+
+        start_prefect_server()  # tied to this process: never outlives it, even after SIGKILL
+        return run_job(job, out)
+
+
+def _validate(config_path: Path) -> None:
+    from flows.jobs import load_config
+
+    job = load_config(config_path)
+    check_inputs(job)  # the model directory and texts: what `prune run` would fail on in prepare
+    sys.stdout.write(json.dumps(job.model_dump(mode="json"), indent=2) + f"\njob hash: {job.job_hash()}\n")
+
+
+def execute(args: argparse.Namespace) -> dict | None:
+    """Run a parsed command; raises what it fails with (``main`` turns a PruningError into a message)."""
+    if args.command == "validate":
+        _validate(args.config)
+        return None
+    try:
+        return _run(args.config, args.output_dir)
+    except OSError as exc:  # a disk or permission error no artifact write caught: name the path
+        if exc.filename is None:
+            raise
+        raise ArtifactError(str(exc.filename), f"{exc.strerror} (errno {exc.errno})") from exc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,20 +95,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils"):  # one line per API request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from pruning_core.errors import PruningError
-
     try:
-        if args.command == "validate":
-            from flows.jobs import load_config
-
-            job = load_config(args.config)
-            sys.stdout.write(json.dumps(job.model_dump(mode="json"), indent=2) + f"\njob hash: {job.job_hash()}\n")
-            return 0
-        summary = _run(args.config, args.output_dir)
+        summary = execute(args)
     except PruningError as e:
         sys.stderr.write(f"prune: error: {e}\n")
         return 2
-    sys.stdout.write(json.dumps({k: summary[k] for k in summary if k != "layers"}, indent=2, default=str) + "\n")
+    if summary is not None:
+        sys.stdout.write(json.dumps({k: summary[k] for k in summary if k != "layers"}, indent=2, default=str) + "\n")
     return 0
 
 

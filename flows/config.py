@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pruning_core.errors import ConfigError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 # A job name becomes a directory name (runs/<name>-<hash>) and an MLflow run name: one path
@@ -129,3 +133,58 @@ class JobBase(StrictModel):
         semantic["job"] = self.job  # type: ignore[attr-defined]
         blob = json.dumps(semantic, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# -- reading a config file and the checks `prune validate` makes before any work ---------------------
+PREFECT_PARAMETER_LIMIT = 524_288  # prefect's server.api.max_parameter_size default (bytes of JSON)
+PARAMETER_MARGIN = 4096  # room for the other flow parameter (the output directory's path)
+
+
+def read_config_file(path: str | Path) -> Any:
+    """The YAML document of a config file; errors name the file and what is wrong with it.
+
+    Raises:
+        ConfigError: the path does not exist, is a directory, is larger than any job config can
+            be, is not UTF-8 text or is not valid YAML.
+    """
+    import yaml
+
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError("(file)", f"{p} is a directory, not a YAML config file")
+    if not p.is_file():
+        raise ConfigError("(file)", f"config file {p} does not exist")
+    size, limit = p.stat().st_size, 8 * parameter_limit()
+    if limit and size > limit:
+        raise ConfigError("(file)", f"{p} is {size:,} bytes; a job config is at most a few KB "
+                          f"(and at most {parameter_limit():,} bytes of JSON: Prefect's parameter limit)")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("(file)", f"{p} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError("(file)", f"cannot read {p}: {e.strerror}") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("(file)", f"{p}: not valid YAML: {e}") from None
+
+
+def parameter_limit() -> int:
+    """Prefect's limit on a flow run's JSON parameters, in bytes (0: none)."""
+    raw = os.environ.get("PREFECT_SERVER_API_MAX_PARAMETER_SIZE", "")
+    return int(raw) if raw.strip().isdigit() else PREFECT_PARAMETER_LIMIT
+
+
+def check_parameter_size(job: JobBase, source: str = "<config>") -> None:
+    """Reject a job whose JSON would exceed Prefect's flow-run parameter limit (it would fail when
+    the flow run is created, with a server-side traceback); names the largest field."""
+    limit = parameter_limit()
+    data = job.model_dump(mode="json")
+    size = len(json.dumps(data, separators=(",", ":")).encode())
+    if limit and size + PARAMETER_MARGIN > limit:
+        sizes = {k: len(json.dumps(v, separators=(",", ":")).encode()) for k, v in data.items()}
+        field = max(sizes, key=sizes.__getitem__)
+        raise ConfigError(field, f"{source}: the job is {size:,} bytes as JSON ({field}: {sizes[field]:,}); "
+                          f"Prefect's flow-run parameter limit is {limit:,} bytes "
+                          f"(PREFECT_SERVER_API_MAX_PARAMETER_SIZE), less {PARAMETER_MARGIN} for the output path")

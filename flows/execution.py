@@ -10,6 +10,9 @@ infrastructure errors (:func:`is_transient`), never for a :class:`PruningError`.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -102,5 +105,62 @@ def split_threads(runner: RunnerConfig) -> contextlib.AbstractContextManager[Non
     return torch_threads(max(1, torch.get_num_threads() // runner.max_workers))
 
 
+# -- the temporary Prefect server dies with the process that started it -----------------------------
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with(parent: int) -> None:
+    """``preexec_fn`` of the server process: the kernel SIGKILLs it when its parent (the thread
+    that forked it) dies, however the parent dies (SIGKILL included)."""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl: nobody would ever stop us
+        os._exit(1)
+
+
+def start_prefect_server() -> str | None:
+    """Start Prefect's temporary API server now, from this (the main) thread, tied to this process
+    (Linux parent-death signal), unless ``PREFECT_API_URL`` names a server; returns its API URL.
+
+    Prefect starts the same server lazily on first use (``SubprocessASGIServer()``, one per
+    process) and stops it at exit, but a SIGKILLed process runs no exit handlers: its server
+    (uvicorn, ~220 MB) would run on forever, one more per killed run. Started here, Prefect reuses
+    this instance, and the server is killed by the kernel the moment this process dies.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value() or not sys.platform.startswith("linux"):
+        return None
+    server = _tied_server_class()()
+    server.start()
+    return server.api_url
+
+
+def _tied_server_class() -> type:
+    import subprocess
+    import types
+
+    from prefect.server.api import server as prefect_server
+
+    parent = os.getpid()
+
+    class TiedServer(prefect_server.SubprocessASGIServer):
+        """Prefect's temporary server whose process gets :func:`_die_with` as ``preexec_fn``."""
+
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            tied = types.SimpleNamespace(**vars(subprocess))
+            tied.Popen = functools.partial(subprocess.Popen, preexec_fn=functools.partial(_die_with, parent))
+            prefect_server.subprocess = tied  # only its Popen call of this method reads it
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                prefect_server.subprocess = subprocess
+
+    return TiedServer
+
+
 __all__ = ["IO_TASK", "TRANSIENT_RETRIES", "is_transient", "make_task_runner", "retry_on_transient",
-           "split_threads", "torch_threads"]
+           "split_threads", "start_prefect_server", "torch_threads"]

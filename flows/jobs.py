@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from flows.config import JobBase
+from flows.config import JobBase, check_parameter_size, read_config_file
 from pruning_core.errors import ConfigError
 
 
@@ -68,7 +67,7 @@ def parse_config(data: Any, source: str = "<config>") -> JobBase:
     if not isinstance(data, dict):
         raise ConfigError("(top level)", f"{source}: expected a mapping, got {type(data).__name__}")
     kind = data.get("job", "oneshot")
-    if kind not in JOBS:
+    if not isinstance(kind, str) or kind not in JOBS:
         raise ConfigError("job", f"{source}: unknown job kind {kind!r}; allowed: {', '.join(sorted(JOBS))}")
     try:
         return job_model(kind).model_validate(data)
@@ -81,15 +80,12 @@ def parse_config(data: Any, source: str = "<config>") -> JobBase:
 def load_config(path: str | Path) -> JobBase:
     """Read and validate a YAML job config; errors name the file, the field and the allowed values."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError("(file)", f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError("(file)", f"{p}: not valid YAML: {e}") from None
+    data = read_config_file(p)  # ConfigError: missing, a directory, too large, not UTF-8, not YAML
     if isinstance(data, dict) and data.get("name") is None:
         data = {**data, "name": p.stem}  # validated like a given name: the stem becomes a directory name
-    return parse_config(data, str(p))
+    job = parse_config(data, str(p))
+    check_parameter_size(job, str(p))
+    return job
 
 
 def run_job(job: JobBase, output_dir: str | Path | None = None) -> dict[str, Any]:

@@ -14,16 +14,23 @@ import fcntl
 import json
 import logging
 import os
+import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from flows.config import JobBase
-from pruning_core.errors import ConfigError
+from pruning_core.errors import ArtifactError, ConfigError
 from pruning_core.io import atomic, paths
 
 log = logging.getLogger(__name__)
+# run directories whose run lock this process holds exclusively: (fd, thread id)
+_HELD: dict[Path, tuple[int, int]] = {}
 
 
 def _legacy_owner(run_dir: Path, job: JobBase) -> str | None:
@@ -31,10 +38,23 @@ def _legacy_owner(run_dir: Path, job: JobBase) -> str | None:
     config = paths.config(run_dir)
     if not config.is_file():
         return None
-    data = json.loads(config.read_text())
+    data = _read_json(config)
     if isinstance(data, dict) and "job_hash" in data:  # {"job_hash": ..., "job": {...}} (Minitron)
         return str(data["job_hash"])
-    return type(job).model_validate(data).job_hash()
+    try:
+        return type(job).model_validate(data).job_hash()
+    except ValidationError:
+        raise ConfigError("output_dir", f"{run_dir} holds a config.json that is not a {job.job} job's "  # type: ignore[attr-defined]
+                          "config: not this job's run directory; use another output directory") from None
+
+
+def _read_json(file: Path) -> Any:
+    """A run directory's JSON record; ArtifactError naming the file if it is truncated or not JSON."""
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as exc:
+        raise ArtifactError(str(file), f"truncated or not JSON ({exc}); it binds the directory to its job: "
+                            "restore it, or delete the directory to start over") from None
 
 
 def _no_live_run(run_dir: Path) -> bool:
@@ -68,7 +88,9 @@ def claim_output_dir(run_dir: Path, job: JobBase) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
     marker = paths.job_record(run_dir)
     with atomic.directory_lock(run_dir):
-        record = json.loads(marker.read_text()) if marker.is_file() else {}
+        record = _read_json(marker) if marker.is_file() else {}
+        if not isinstance(record, dict):
+            raise ArtifactError(str(marker), f"expected a JSON object, got {type(record).__name__}")
         owner = record.get("job_hash") or _legacy_owner(run_dir, job)
         if owner is not None and owner != job.job_hash():
             raise ConfigError("output_dir", f"{run_dir} holds the artifacts of job {owner}, not of this job "
@@ -78,7 +100,7 @@ def claim_output_dir(run_dir: Path, job: JobBase) -> str:
             uid = uuid.uuid4().hex
             record = {"job_hash": job.job_hash(), "job": job.job, **record, "run_uid": uid}  # type: ignore[attr-defined]
             atomic.atomic_write_text(marker, json.dumps(record))  # looked up at call time (tests slow it down)
-        if _no_live_run(run_dir):
+        if _holds_run_lock(run_dir) or _no_live_run(run_dir):
             for path in atomic.sweep_temporaries(run_dir, skip=lambda d: paths.job_record(d).is_file()):
                 log.info("removed %s, left by an interrupted write", path)
     return str(uid)
@@ -86,20 +108,111 @@ def claim_output_dir(run_dir: Path, job: JobBase) -> str:
 
 @contextlib.contextmanager
 def claimed_output_dir(run_dir: Path, job: JobBase) -> Iterator[str]:
-    """Claim ``run_dir`` for ``job`` (:func:`claim_output_dir`) and hold its run lock (shared)
-    until the block ends; yields the run uid.
+    """Hold ``run_dir``'s run lock exclusively (:func:`exclusive_run`), claim it for ``job``
+    (:func:`claim_output_dir`) and keep the lock until the block ends; yields the run uid.
 
-    The run lock tells a later claim whether any run of the directory is still alive (its
-    temporaries may be in use) or all have ended, so that what they left can be swept. It is a
-    ``flock``: released by the kernel when the process dies, however it dies.
+    Holding the lock, no other run of the directory is alive, so the temporaries killed writes
+    left are swept, and a second run of the same job waits here until the first has ended (then
+    resumes from its manifest). The lock is a ``flock``: the kernel releases it when the process
+    dies, however it dies.
     """
-    uid = claim_output_dir(run_dir, job)
+    with exclusive_run(run_dir):
+        yield claim_output_dir(run_dir, job)
+
+
+@contextlib.contextmanager
+def exclusive_run(run_dir: Path) -> Iterator[bool]:
+    """Hold the directory's run lock exclusively for the block (re-entrant within a thread).
+
+    Yields True when another process held it and this one waited for that run to end (the
+    caller may then attach to its result, :func:`finished_summary`), else False.
+    """
+    held = _HELD.get(run_dir)
+    if held is not None and held[1] == threading.get_ident():
+        yield False
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(paths.run_lock(run_dir), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        yield uid
+        waited = _lock_or_wait(fd, run_dir)
+        _HELD[run_dir] = (fd, threading.get_ident())
+        yield waited
     finally:
+        if _HELD.get(run_dir, (None,))[0] == fd:
+            del _HELD[run_dir]
         os.close(fd)
+
+
+def _lock_or_wait(fd: int, run_dir: Path) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        log.warning("%s: another run of this job is in progress; waiting for it to end", run_dir)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return True
+
+
+def _holds_run_lock(run_dir: Path) -> bool:
+    return run_dir in _HELD
+
+
+def finished_summary(run_dir: Path, job: JobBase) -> dict[str, Any] | None:
+    """The summary of ``run_dir`` if a run of exactly this config finished there, else None."""
+    summary, config = paths.summary(run_dir), paths.config(run_dir)
+    if not (summary.is_file() and config.is_file()):
+        return None
+    if config.read_text(encoding="utf-8") != job.named().model_dump_json(indent=2):
+        return None
+    data = _read_json(summary)
+    return data if isinstance(data, dict) else None
+
+
+def _is_run_dir(names: set[str], run_dir: Path) -> bool:
+    """A directory a run wrote: job.json, a manifest, or a job's config.json (before job.json existed)."""
+    if names & {paths.job_record(run_dir).name, paths.manifest(run_dir).name}:
+        return True
+    config = paths.config(run_dir)
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_bytes())
+    except (ValueError, OSError):
+        return False
+    return isinstance(data, dict) and ("job" in data or "job_hash" in data)
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """Refuse, before any work, an output directory that cannot be a run directory or be written.
+
+    Raises:
+        ConfigError: (``output_dir``) the path is a file, a model directory or another
+            non-empty directory that no run wrote.
+        ArtifactError: the directory (or the nearest existing parent) cannot be written
+            (read-only file system, permissions); names the path and the OS reason.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("output_dir", f"{run_dir} is a file, not a directory")
+    if run_dir.is_dir():
+        names = {p.name for p in run_dir.iterdir()} - {paths.run_lock(run_dir).name}
+        if names and not _is_run_dir(names, run_dir):
+            model = paths.config(run_dir).is_file() and any(n.endswith(".safetensors") for n in names)
+            what = "a model directory" if model else "a directory no run wrote"
+            raise ConfigError("output_dir", f"{run_dir} is {what} (holds {', '.join(sorted(names)[:5])}"
+                              f"{', ...' if len(names) > 5 else ''}); use a new or empty directory")
+    _check_writable(run_dir)
+
+
+def _check_writable(run_dir: Path) -> None:
+    base = run_dir
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=base)
+    except OSError as exc:
+        raise ArtifactError(str(run_dir), f"cannot write in {base}: {exc.strerror} (errno {exc.errno})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _leaf_name(job: JobBase) -> str:
@@ -130,4 +243,5 @@ def flow_run_output_dir(job: JobBase) -> Path:
     return base / _leaf_name(job) / leaf
 
 
-__all__ = ["claim_output_dir", "claimed_output_dir", "default_output_dir", "flow_run_output_dir"]
+__all__ = ["check_output_dir", "claim_output_dir", "claimed_output_dir", "default_output_dir", "exclusive_run",
+           "finished_summary", "flow_run_output_dir"]

@@ -34,6 +34,7 @@ from flows.rundir import claimed_output_dir, flow_run_output_dir
 from flows.tracking import JOB_TAG, KIND_TAG, RUN_TAG, Tracker, flatten
 from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_write_text
+from pruning_core.io.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -135,24 +136,31 @@ class JobRun:
             tags: descriptive tags of the parent run (set on every run, not part of its identity).
             params: params logged besides the flattened config and the job hash.
 
+        A rerun of a finished directory that fails leaves its MLflow run FINISHED (with a warning).
+
         Raises:
             ConfigError: the directory holds another job's artifacts.
+            ArtifactError: its job.json or manifest is truncated (before MLflow is touched).
             ServiceUnavailable: the MLflow tracking server does not answer (before any long work).
         """
         job = job.named()
         # absolute: tasks on Dask workers (other working directories) get the same directory
         run_dir = (Path(output_dir) if output_dir else flow_run_output_dir(job)).resolve()
         with claimed_output_dir(run_dir, job) as uid:
+            Manifest(run_dir).entries()  # ArtifactError on a truncated manifest, before MLflow is touched
+            finished_before = paths.summary(run_dir).is_file()
             atomic_write_text(paths.config(run_dir), job.model_dump_json(indent=2))
             tracker, run_id = _open_parent(job, uid, identity or {}, tags or {}, params or {})
             run = cls(job, run_dir, uid, tracker, run_id)
+            # a later attempt that fails never turns a finished run (its results are logged) FAILED
+            closing = "FINISHED" if finished_before else "FAILED"
             try:
                 yield run
             except BaseException:
-                run._end_quietly("FAILED")
+                run._end_quietly(closing)
                 raise
             if not run.finished:  # the flow body returned without finish(): never leave the run RUNNING
-                run._end_quietly("FAILED")
+                run._end_quietly(closing)
 
     def stage(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Time the block as stage ``name`` (``seconds.<name>`` in summary.json, ``seconds_<name>`` in MLflow)."""

@@ -9,6 +9,7 @@ that is renamed into place at the end. Checksums (sha256) let a manifest verify 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -20,6 +21,41 @@ from pathlib import Path
 from pruning_core.errors import ArtifactError
 
 _CHUNK = 1 << 20
+# errors about the disk, not the data: errno -> what the user must do
+_DISK_ERRORS = {errno.ENOSPC: "free space", errno.EDQUOT: "raise the quota or free space",
+                errno.EFBIG: "raise the file size limit (ulimit -f)", errno.EROFS: "use a writable directory",
+                errno.EACCES: "fix the permissions or use another directory",
+                errno.EPERM: "fix the permissions or use another directory"}
+# libraries that wrap the OS error in their own type (safetensors, torch) keep its text
+_DISK_MESSAGES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                  "File too large": errno.EFBIG, "Read-only file system": errno.EROFS}
+
+
+def _disk_errno(exc: BaseException) -> int | None:
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
+        return exc.errno
+    text = str(exc)
+    return next((code for message, code in _DISK_MESSAGES.items() if message in text), None)
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn an error about the disk (full, quota, file size limit, read-only, permissions) raised
+    while writing ``path`` into an :class:`ArtifactError` naming the path and the remedy.
+
+    Nothing half-written is ever recorded, so a run stopped this way resumes once the disk is fixed.
+    """
+    try:
+        yield
+    except ArtifactError:
+        raise
+    except Exception as exc:
+        code = _disk_errno(exc)
+        elsewhere = isinstance(exc, OSError) and exc.filename and Path(path).parent not in Path(exc.filename).parents
+        if code is None or elsewhere:  # not about the disk, or about another file than this one's
+            raise
+        raise ArtifactError(str(path), f"{os.strerror(code)} (errno {code}) while writing it: "
+                            f"{_DISK_ERRORS[code]}, then run again (finished work is kept and resumes)") from exc
 
 
 def _umask() -> int:
@@ -55,20 +91,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     the usual ``0o666 & ~umask`` permissions (``mkstemp`` alone would leave it private, 0o600).
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with disk_errors(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _fsync_tree(root: Path) -> None:
@@ -88,14 +125,15 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     (between the two renames the path briefly does not exist).
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        yield tmp
-        install_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with disk_errors(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        try:
+            yield tmp
+            install_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def install_dir(staging: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
@@ -199,6 +237,7 @@ def safe_child(root: str | os.PathLike[str], name: str) -> Path:
 
 __all__ = [
     "atomic_dir",
+    "disk_errors",
     "directory_lock",
     "atomic_path",
     "atomic_write_bytes",

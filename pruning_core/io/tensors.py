@@ -9,6 +9,7 @@ boundary with its name and index instead of poisoning a later stage.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -67,7 +68,26 @@ def save_tensors(
     cpu = _check_tensors(tensors, method="save_tensors")
     with atomic_path(path) as tmp:
         save_file(cpu, str(tmp), metadata=meta)
+        if meta:
+            _sort_metadata(tmp)
     return Path(path)
+
+
+def _sort_metadata(file: Path) -> None:
+    """Rewrite the header's ``__metadata__`` in sorted key order, in place.
+
+    safetensors writes metadata from a Rust ``HashMap``: the key order (and so the file's bytes
+    and checksum) changes from one write to the next. Only the order changes, so the header keeps
+    its length and every data offset stays valid.
+    """
+    with open(file, "rb+") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) <= size:  # always, unless the writer escaped characters differently
+            f.seek(8)
+            f.write(text.ljust(size, b" "))
 
 
 def _open(path: PathLike):
