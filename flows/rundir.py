@@ -69,7 +69,7 @@ def _no_live_run(run_dir: Path) -> bool:
     return True
 
 
-def claim_output_dir(run_dir: Path, job: JobBase) -> str:
+def claim_output_dir(run_dir: Path, job: JobBase, *, sweep: bool | None = None) -> str:
     """Bind ``run_dir`` to ``job`` and return the directory's run uid.
 
     ``job.json`` records the owner (its hash) and a random ``run_uid``, drawn the first time the
@@ -78,12 +78,14 @@ def claim_output_dir(run_dir: Path, job: JobBase) -> str:
     written before ``job.json`` existed is identified by its ``config.json``.
 
     The check and the write happen under an exclusive lock on the directory (the manifest's
-    ``flock``), so two jobs claiming one directory at once cannot both win. When no run of the
-    directory is alive (see :func:`claimed_output_dir`), the temporaries that killed atomic writes
-    left behind are deleted under the same lock.
+    ``flock``), so two jobs claiming one directory at once cannot both win. With ``sweep`` True
+    (the caller holds the run lock, :func:`claimed_output_dir`) or, by default, when no run of the
+    directory is alive, the temporaries that killed atomic writes left behind are deleted under
+    the same lock.
 
     Raises:
         ConfigError: ``run_dir`` belongs to a job with another hash.
+        ArtifactError: its ``job.json`` is truncated or not JSON.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     marker = paths.job_record(run_dir)
@@ -100,7 +102,7 @@ def claim_output_dir(run_dir: Path, job: JobBase) -> str:
             uid = uuid.uuid4().hex
             record = {"job_hash": job.job_hash(), "job": job.job, **record, "run_uid": uid}  # type: ignore[attr-defined]
             atomic.atomic_write_text(marker, json.dumps(record))  # looked up at call time (tests slow it down)
-        if _holds_run_lock(run_dir) or _no_live_run(run_dir):
+        if sweep if sweep is not None else _no_live_run(run_dir):
             for path in atomic.sweep_temporaries(run_dir, skip=lambda d: paths.job_record(d).is_file()):
                 log.info("removed %s, left by an interrupted write", path)
     return str(uid)
@@ -116,8 +118,8 @@ def claimed_output_dir(run_dir: Path, job: JobBase) -> Iterator[str]:
     resumes from its manifest). The lock is a ``flock``: the kernel releases it when the process
     dies, however it dies.
     """
-    with exclusive_run(run_dir):
-        yield claim_output_dir(run_dir, job)
+    with exclusive_run(run_dir):  # held by this thread: no run of the directory writes now
+        yield claim_output_dir(run_dir, job, sweep=True)
 
 
 @contextlib.contextmanager
@@ -151,10 +153,6 @@ def _lock_or_wait(fd: int, run_dir: Path) -> bool:
         log.warning("%s: another run of this job is in progress; waiting for it to end", run_dir)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return True
-
-
-def _holds_run_lock(run_dir: Path) -> bool:
-    return run_dir in _HELD
 
 
 def finished_summary(run_dir: Path, job: JobBase) -> dict[str, Any] | None:

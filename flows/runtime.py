@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.config import JobBase
+from flows.preflight import check_services
 from flows.rundir import claimed_output_dir, flow_run_output_dir
 from flows.tracking import JOB_TAG, KIND_TAG, RUN_TAG, Tracker, flatten
 from pruning_core.io import paths
@@ -141,13 +142,15 @@ class JobRun:
         Raises:
             ConfigError: the directory holds another job's artifacts.
             ArtifactError: its job.json or manifest is truncated (before MLflow is touched).
-            ServiceUnavailable: the MLflow tracking server does not answer (before any long work).
+            ServiceUnavailable: the MLflow tracking server or the Dask scheduler does not answer
+                (before any long work).
         """
         job = job.named()
         # absolute: tasks on Dask workers (other working directories) get the same directory
         run_dir = (Path(output_dir) if output_dir else flow_run_output_dir(job)).resolve()
         with claimed_output_dir(run_dir, job) as uid:
             Manifest(run_dir).entries()  # ArtifactError on a truncated manifest, before MLflow is touched
+            check_services(job)  # the Dask scheduler (deployments start here, not in the CLI)
             finished_before = paths.summary(run_dir).is_file()
             atomic_write_text(paths.config(run_dir), job.model_dump_json(indent=2))
             tracker, run_id = _open_parent(job, uid, identity or {}, tags or {}, params or {})

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from flows.cli import _parser, execute, main
 from pruning_core.errors import ArtifactError, ConfigError, ServiceUnavailable, UnsupportedArchitecture
 from pruning_core.io import paths
+from pruning_core.io.manifest import Manifest
 from tests.flows.test_fault_tolerance import HELPER, N_LAYERS, child_env, free_port, job_dict, layer_entries
 
 pytestmark = pytest.mark.flows
@@ -219,13 +220,32 @@ def test_two_identical_runs_into_one_directory_do_the_work_once(prefect_server, 
     assert all(runs[0].info.run_id in out for out in outs)  # both report the one run
 
 
+def _with_stale_manifest(model_dir: Path, tmp_path: Path) -> Path:
+    """A copy of ``model_dir`` carrying the manifest of another directory (as a pruned output
+    modified after it was written would): it vouches for content the directory does not hold."""
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    (other / "model.safetensors").write_bytes(b"other weights")
+    manifest = Manifest(other)
+    for f in sorted(other.iterdir()):
+        manifest.record(f.name, f, kind="model-file")
+    copy = tmp_path / "stale"
+    shutil.copytree(model_dir, copy)
+    shutil.copy(paths.manifest(other), paths.manifest(copy))
+    return copy
+
+
 def test_failed_rerun_keeps_the_finished_run_finished_and_masks_are_reproducible(
         prefect_server, mlflow_uri, tmp_path, tiny_model_dir_session):
+    """Also: a model directory's fingerprint comes from its content, not from a stale manifest."""
     config = write_config(tmp_path / "c.yaml", job_dict(tiny_model_dir_session))
     first = cli("run", config, "--output-dir", tmp_path / "a")
-    cli("run", config, "--output-dir", tmp_path / "b")
+    stale = write_config(tmp_path / "s.yaml", job_dict(_with_stale_manifest(tiny_model_dir_session, tmp_path)))
+    cli("run", stale, "--output-dir", tmp_path / "b")
     masks = [(tmp_path / d / "masks.safetensors").read_bytes() for d in "ab"]
     assert masks[0] == masks[1]  # byte-identical: metadata in sorted order
+    prints = [json.loads(paths.inputs(tmp_path / d).read_text())["fingerprint"] for d in "ab"]
+    assert prints[0] == prints[1]  # the same weights: the same fingerprint, whatever the manifest says
     manifest = paths.manifest(tmp_path / "a")
     manifest.write_text(manifest.read_text()[:40])
     with pytest.raises(ArtifactError, match=r"manifest.json.*malformed manifest"):
@@ -233,3 +253,10 @@ def test_failed_rerun_keeps_the_finished_run_finished_and_masks_are_reproducible
     run = MlflowClient(mlflow_uri).get_run(first["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["mlflow_run_id"] == first["mlflow_run_id"]
+
+
+def test_compose_publishes_servers_on_loopback_only():
+    compose = yaml.safe_load((Path(__file__).parents[2] / "docker" / "compose.yml").read_text())["services"]
+    published = {name: service.get("ports", []) for name, service in compose.items()}
+    assert published["mlflow"] == ["127.0.0.1:5000:5000"]
+    assert all(str(p).startswith("127.0.0.1:") for ports in published.values() for p in ports), published
