@@ -113,6 +113,8 @@ def load_text(source: PathLike, *, field: str = "text") -> str:
             "text",
             f"{path}: unsupported file type; use {', '.join(_SUFFIXES)} or one of {sorted(SHIPPED_TEXTS)}",
         )
+    if path.is_dir():
+        raise ArtifactError(str(path), "is a directory, not a text file")
     if not path.is_file():
         raise ArtifactError(str(path), "text file does not exist")
     try:

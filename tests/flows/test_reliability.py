@@ -58,13 +58,24 @@ def mount(tmp_path):
 
 
 # -- silently wrong, reached through the CLI --------------------------------------------------------
-def test_zero_of_m_pattern_is_refused_by_validate(tmp_path, tiny_model_dir_session):
+COMMANDS = pytest.mark.parametrize("command", [("validate",), ("run", "--output-dir", "out")], ids=["validate", "run"])
+
+
+def cmd(command: tuple[str, ...], config: Path):
+    """``prune validate CONFIG`` or ``prune run CONFIG --output-dir DIR`` (DIR beside the config)."""
+    return cli(command[0], config, *[config.parent / a if a == "out" else a for a in command[1:]])
+
+
+@COMMANDS
+def test_zero_of_m_pattern_is_refused(tmp_path, tiny_model_dir_session, command):
     config = write_config(tmp_path / "c.yaml", job_dict(tiny_model_dir_session, pattern="0:4", sparsity=None))
     with pytest.raises(ConfigError, match=r"pattern.*0:4"):
-        cli("validate", config)
+        cmd(command, config)
+    assert not (tmp_path / "out").exists()
 
 
-def test_non_causal_model_is_refused_by_validate(tmp_path):
+@COMMANDS
+def test_non_causal_model_is_refused(tmp_path, command):
     from transformers import BertConfig, BertForMaskedLM
 
     bert = tmp_path / "bert"
@@ -72,14 +83,25 @@ def test_non_causal_model_is_refused_by_validate(tmp_path):
                                intermediate_size=32)).save_pretrained(bert)
     config = write_config(tmp_path / "c.yaml", job_dict(bert))
     with pytest.raises(UnsupportedArchitecture, match="BertForMaskedLM"):
-        cli("validate", config)
+        cmd(command, config)
+    assert not (tmp_path / "out").exists()
 
 
-def test_window_beyond_the_models_positions_is_refused_by_validate(tmp_path, tiny_model_dir_session):
+@COMMANDS
+def test_window_beyond_the_models_positions_is_refused(tmp_path, tiny_model_dir_session, command):
     data = job_dict(tiny_model_dir_session)
     data["calibration"] = {**data["calibration"], "window_length": 300}
     with pytest.raises(ConfigError, match=r"calibration.window_length.*300.*max_position_embeddings = 256"):
-        cli("validate", write_config(tmp_path / "c.yaml", data))
+        cmd(command, write_config(tmp_path / "c.yaml", data))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_text_path_that_is_a_directory_in_the_library(tmp_path):
+    from pruning_core.lm import load_text
+
+    (tmp_path / "corpus.txt").mkdir()
+    with pytest.raises(ArtifactError, match="corpus.txt.*is a directory, not a text file"):
+        load_text(tmp_path / "corpus.txt")
 
 
 # -- raw tracebacks that became typed errors --------------------------------------------------------

@@ -6,6 +6,7 @@ import os
 import stat
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,42 @@ def test_directory_lock_serializes_threads(tmp_path):
     for t in threads:
         t.join()
     assert overlaps == []
+
+
+def test_a_write_past_the_file_size_limit_is_an_artifact_error_naming_the_path(tmp_path):
+    """A real size-limited write (RLIMIT_FSIZE in a child process; SIGXFSZ ignored, so write()
+    fails with EFBIG): nothing is left under the final name or as a temporary."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "big.safetensors"
+    code = (
+        "import resource, signal, sys, torch\n"
+        "from pruning_core.errors import ArtifactError\n"
+        "from pruning_core.io.tensors import save_tensors\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "try:\n"
+        "    save_tensors(sys.argv[1], {'w': torch.zeros(10000)}, metadata={'b': '1', 'a': '2'})\n"
+        "except ArtifactError as e:\n"
+        "    print('ArtifactError', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert f"ArtifactError Artifact '{target}': File too large (errno 27)" in out.stdout, out.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_errors_leave_other_errors_alone(tmp_path):
+    from pruning_core.errors import ArtifactError
+    from pruning_core.io.atomic import disk_errors
+
+    with pytest.raises(ArtifactError, match="No space left on device"):
+        with disk_errors(tmp_path / "x"):
+            raise RuntimeError("Error while serializing: IoError(Os { code: 28, message: \"No space left on device\" })")
+    with pytest.raises(ValueError, match="unrelated"):
+        with disk_errors(tmp_path / "x"):
+            raise ValueError("unrelated")
+    with pytest.raises(PermissionError):  # about another file than the one being written
+        with disk_errors(tmp_path / "x"):
+            raise PermissionError(13, "Permission denied", "/elsewhere/file")
