@@ -209,7 +209,11 @@ class JobRun:
                           f"  MLflow:  {ui}"])
 
     def _end_quietly(self, status: str) -> None:
-        """Close the parent run without hiding the error that got us here."""
+        """Close the parent run without hiding the error that got us here (``FINISHED``: this
+        attempt failed on a directory whose run had finished; its logged results stand)."""
+        if status == "FINISHED":
+            log.warning("this attempt failed; MLflow run %s keeps the status FINISHED of its completed run",
+                        self.run_id)
         try:
             self.tracker.end_run(self.run_id, status)
         except Exception as exc:  # noqa: BLE001 - the original error is re-raised by the caller
