@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from pruning_core.importance.base import SCORE_DTYPE, check_weight_2d
 from pruning_core.calibration.hessian import check_hessian, inverse_hessian
+from pruning_core.importance.base import SCORE_DTYPE, check_weight_2d
 
 
 def obs_saliency(weight: torch.Tensor, hessian: torch.Tensor, *, percdamp: float = 0.01,

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,6 +25,7 @@ from pruning_core.errors import ConfigError
 from pruning_core.masks import MaskScope
 from pruning_core.methods import get_method
 from pruning_core.pruning import prune_sequential
+from tests.conftest import make_tiny_llama
 
 
 def test_round_to_groups_golden():

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 from torch import nn
 
 from pruning_core.allocation import Allocation, allocation_units, layer_targets, prune_allocated_
@@ -33,6 +32,7 @@ from pruning_core.allocation.search import (
 from pruning_core.calibration.capture import collect_activation_stats
 from pruning_core.errors import ConfigError
 from pruning_core.minitron.loss import lm_loss
+from tests.conftest import make_tiny_llama
 
 
 def test_grid_keeps_the_parameter_weighted_mean_exact_for_unequal_units():

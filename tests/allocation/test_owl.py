@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,6 +21,7 @@ from pruning_core.allocation import (
 )
 from pruning_core.calibration.capture import collect_activation_stats
 from pruning_core.errors import ConfigError, NumericalInstability
+from tests.conftest import make_tiny_llama
 
 
 def weighted_mean(s: torch.Tensor, n: torch.Tensor) -> float:

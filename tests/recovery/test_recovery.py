@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 
 from pruning_core.calibration.capture import collect_activation_stats
 from pruning_core.errors import ConfigError, InvalidMask
@@ -16,6 +15,7 @@ from pruning_core.methods import get_method
 from pruning_core.minitron.loss import lm_loss
 from pruning_core.pruning import prune_module
 from pruning_core.recovery import RecoveryConfig, RecoveryTrainer, batch_indices, capture_masks, verify_masks
+from tests.conftest import make_tiny_llama
 
 
 def _pruned(pattern: str, generator: torch.Generator, dtype: torch.dtype = torch.float32):
