@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ROOTS = ("pruning_core", "flows", "benchmarks", "scripts")
+ROOTS = ("pruning_core", "flows", "pruning_pipeline", "benchmarks", "scripts")
 LIMIT = 40
 
 
