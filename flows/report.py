@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,29 +16,64 @@ def _pyplot():
     return plt
 
 
+DEPTH = re.compile(r"\.(\d+)\.")
+UNIFORM_TOLERANCE = 1e-3
+
+
+def module_type(name: str) -> str:
+    """The kind of a prunable layer from its name: ``model.layers.3.mlp.up_proj`` -> ``up_proj``
+    (an expert's index is dropped: ``...experts.down_proj.3`` -> ``down_proj``)."""
+    parts = [p for p in name.split(".") if not p.isdigit()]
+    return parts[-1] if parts else name
+
+
+def depth_of(name: str) -> int:
+    """The decoder block a layer sits in (the first index in its name; 0 when it has none)."""
+    found = DEPTH.search(f".{name}.")
+    return int(found.group(1)) if found else 0
+
+
+def _by_type(layers: Sequence[Mapping[str, Any]], key: str) -> dict[str, list[tuple[int, float]]]:
+    """``{module type: [(depth, value), ...]}`` in model order, rows without a value left out."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in layers:
+        if r.get(key) is not None:
+            series.setdefault(module_type(str(r["name"])), []).append((depth_of(str(r["name"])), float(r[key])))
+    return series
+
+
+def _plot_series(ax: Any, series: dict[str, list[tuple[int, float]]], ylabel: str) -> None:
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab10"]
+    for i, (kind, points) in enumerate(series.items()):
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, marker="o", ms=3, lw=1.2, color=colours(i % 10), label=kind)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(title="module", fontsize=7, ncol=2, loc="best")
+
+
 def layer_figure(layers: Sequence[Mapping[str, Any]], title: str):
-    """Per-layer sparsity (bars) and relative output reconstruction error (line) in model order."""
+    """Relative output reconstruction error ``||WX - W'X|| / ||WX||`` by depth, one line per module
+    type (q/k/v/o/gate/up/down coloured apart). Sparsity gets a panel only when it varies across
+    layers (a uniform target would only repeat itself); without errors, that panel is all there is.
+    """
     plt = _pyplot()
-    names = [str(r["name"]) for r in layers]
+    panels = []
+    errors = _by_type(layers, "reconstruction_error")
+    if errors:
+        panels.append((errors, "relative output error"))
     sparsity = [float(r["sparsity"]) for r in layers]
-    error = [r.get("reconstruction_error") for r in layers]
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.06 * len(names)), 4.5), constrained_layout=True)
-    xs = range(len(names))
-    ax.bar(xs, sparsity, color="tab:blue", alpha=0.6, label="sparsity")
-    ax.set_ylabel("sparsity")
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("layer (model order)")
-    if any(e is not None for e in error):
-        ax2 = ax.twinx()
-        ax2.plot(xs, [float("nan") if e is None else float(e) for e in error], color="tab:red", lw=1.2,
-                 marker=".", label="relative reconstruction error")
-        ax2.set_ylabel("relative output error ||WX - W'X|| / ||WX||")
-        ax2.set_ylim(bottom=0)
-        ax2.legend(loc="upper right")
-    step = max(1, len(names) // 30)
-    ax.set_xticks(list(xs)[::step], [n.removeprefix("model.") for n in names][::step], rotation=90, fontsize=6)
-    ax.legend(loc="upper left")
-    ax.set_title(title)
+    if sparsity and (max(sparsity) - min(sparsity) > UNIFORM_TOLERANCE or not panels):
+        panels.append((_by_type(layers, "sparsity"), "sparsity"))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.6 * len(panels)), squeeze=False, sharex=True,
+                             constrained_layout=True)
+    for ax, (series, label) in zip(axes[:, 0], panels, strict=True):
+        _plot_series(ax, series, label)
+    axes[-1, 0].set_xlabel("decoder block (depth)")
+    axes[0, 0].set_title(title)
     return fig
 
 

@@ -32,7 +32,7 @@ from typing import Any
 from flows.config import JobBase
 from flows.preflight import check_services
 from flows.rundir import claimed_output_dir, flow_run_output_dir
-from flows.tracking import JOB_TAG, KIND_TAG, RUN_TAG, Tracker, flatten
+from flows.tracking import JOB_TAG, KIND_TAG, RUN_TAG, Tracker, flatten, source_tags
 from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_write_text
 from pruning_core.io.manifest import Manifest
@@ -45,6 +45,9 @@ ENV_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "pruning_core",
+    # One "Finished in state Completed()" line per task run drowns the progress bars: task runs log
+    # warnings and errors only (flow runs still log their start and end).
+    "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "WARNING",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     # MLflow's own HTTP retries default to 7 with backoff factor 2 (minutes of waiting); ours take over.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -175,10 +178,13 @@ class JobRun:
 
     def finish(self, summary: dict[str, Any], *, headline: str, load: str) -> dict[str, Any]:
         """Write ``summary.json`` atomically, log it (and config.json) and the stage timings, close
-        the MLflow run FINISHED and print the closing lines; returns ``summary``.
+        the MLflow run FINISHED, leave the summary as Prefect artifacts and print the closing lines;
+        returns ``summary``.
 
         Args:
-            summary: the job's result (JSON-able).
+            summary: the job's result (JSON-able); its ``output`` (else ``pruned_model_dir``,
+                ``chosen_model_dir``, ``ticket_path``) is shown as where the model is, and its
+                ``registered_model`` (``{uri}``) as the registry entry.
             headline: the headline numbers, rounded (e.g. ``sparsity 0.500, perplexity 28.93 -> 54.08``).
             load: one line of Python that loads the result.
         """
@@ -187,9 +193,15 @@ class JobRun:
             self.log_metrics({f"seconds_{k}": v for k, v in self.clock.totals().items()})
         for file in (paths.summary(self.dir), paths.config(self.dir)):
             self.tracker.log_artifact(self.run_id, file)
+        self.tracker.set_tags(self.run_id, {"pruning.headline": headline})
         self.tracker.end_run(self.run_id, "FINISHED")
         self.finished = True
-        _logger().info(self.closing_lines(headline, load))
+        lines = self.closing_lines(headline, load, summary)
+        if _flow_run_id():
+            from flows.artifacts import publish_summary
+
+            publish_summary(self.job, summary, lines)
+        _logger().info(lines)
         return summary
 
     @staticmethod
@@ -198,15 +210,28 @@ class JobRun:
         when inside it)."""
         return json.dumps(_shown(Path(path)))
 
-    def closing_lines(self, headline: str, load: str) -> str:
-        """What to do next: the headline, where the output is, how to load it, how to see the MLflow run."""
+    def mlflow_ui(self) -> str:
+        """How to see this run: its URL on a tracking server, or the ``mlflow ui`` command for this
+        store followed by the run's address in that UI."""
         uri = self.tracker.tracking_uri
-        ui = (self.tracker.run_url(self.run_id) if uri.startswith(("http://", "https://"))
-              else f"mlflow ui --backend-store-uri {shlex.quote(uri)}   (run {self.run_id})")
+        if uri.startswith(("http://", "https://")):
+            return self.tracker.run_url(self.run_id)
+        page = f"http://127.0.0.1:5000/#/experiments/{self.tracker.experiment_id}/runs/{self.run_id}"
+        return f"mlflow ui --backend-store-uri {shlex.quote(uri)}   then open {page}"
+
+    def closing_lines(self, headline: str, load: str, summary: Mapping[str, Any] | None = None) -> str:
+        """What to do next: the headline, where the model is, how to load it, how to see the MLflow run."""
+        summary = summary or {}
+        output = next((summary[k] for k in ("output", "pruned_model_dir", "chosen_model_dir", "ticket_path")
+                       if summary.get(k)), None)
+        where = f"{_shown(Path(output))}/" if output else f"{_shown(Path(self.dir))}/"
+        registered = (summary.get("registered_model") or {}).get("uri")
         return "\n".join([f"{self.job.name}: {headline}",
-                          f"  output:  {_shown(Path(self.dir))}/  (summary.json)",
+                          f"  model:   {where}",
                           f"  load:    python -c {shlex.quote(load)}",
-                          f"  MLflow:  {ui}"])
+                          *([f"  registry: {registered}   (mlflow.pyfunc.load_model)"] if registered else []),
+                          f"  output:  {_shown(Path(self.dir))}/  (summary.json)",
+                          f"  MLflow:  {self.mlflow_ui()}"])
 
     def _end_quietly(self, status: str) -> None:
         """Close the parent run without hiding the error that got us here (``FINISHED``: this
@@ -229,7 +254,7 @@ def _open_parent(job: JobBase, uid: str, identity: Mapping[str, str], tags: Mapp
     ident = {JOB_TAG: job.job_hash(), KIND_TAG: kind, RUN_TAG: uid, **identity}
     run_id, resumed = tracker.start_run(ident, run_name=job.tracking.run_name or job.name)
     flow_run_id = _flow_run_id()
-    described = {**job.tracking.tags, **tags, "pruning.name": job.name or "", "prefect.flow_run_id": flow_run_id}
+    described = {**source_tags(kind), **job.tracking.tags, **tags, "pruning.name": job.name or "", "prefect.flow_run_id": flow_run_id}
     tracker.set_tags(run_id, {**described, **({"pruning.resumed": "true"} if resumed else {})})
     config = flatten(job.model_dump(mode="json", exclude={"tracking"}))
     tracker.log_params(run_id, {**config, "job_hash": job.job_hash(), **params})

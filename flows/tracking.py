@@ -23,6 +23,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,6 +44,19 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     """The configured URI, else $MLFLOW_TRACKING_URI, else SQLite in the working directory."""
     chosen = uri or os.environ.get("MLFLOW_TRACKING_URI")
     return chosen or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def source_tags(kind: str) -> dict[str, str]:
+    """MLflow's source tags of a job's runs: what ran (the kind's flow) and, in a git checkout, which commit."""
+    import subprocess
+
+    tags = {"mlflow.source.type": "JOB", "mlflow.source.name": f"flows.{kind}.flow"}
+    try:
+        commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return tags
+    return {**tags, "mlflow.source.git.commit": commit} if commit else tags
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -285,6 +299,48 @@ class Tracker:
         for i in range(0, len(new), 1000):  # MLflow's log_batch limit
             self._call("log metrics", self.client.log_batch, run_id, metrics=new[i : i + 1000])
         return len(new)
+
+    # -- MLflow models and dataset inputs -----------------------------------------------------------
+    def log_pyfunc_flavor(self, run_id: str, artifact_path: str, loader_module: str,
+                          metadata: Mapping[str, Any] | None = None) -> None:
+        """Make the run's ``artifact_path`` directory (already logged) an MLflow ``python_function``
+        model: add an ``MLmodel`` file whose loader module reads the directory itself, so the files
+        are stored once and ``mlflow.pyfunc.load_model("runs:/<run>/<artifact_path>")`` loads them.
+        Idempotent (a resumed job does not upload it again)."""
+        import tempfile
+
+        import mlflow.pyfunc
+        from mlflow.models import Model
+
+        if self.has_artifact(run_id, f"{artifact_path}/MLmodel"):
+            return
+        model = Model(artifact_path=artifact_path, run_id=run_id, metadata=dict(metadata or {}))
+        mlflow.pyfunc.add_to_model(model, loader_module=loader_module)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save(str(Path(tmp) / "MLmodel"))
+            self.log_artifact(run_id, Path(tmp) / "MLmodel", artifact_path)
+
+    def log_dataset_inputs(self, run_id: str, datasets: Iterable[Mapping[str, str]]) -> None:
+        """Record datasets as the run's inputs (``mlflow.log_input``): each mapping has ``name``,
+        ``digest``, ``source`` (a local path or URI) and ``context`` (e.g. calibration, evaluation)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = []
+        for d in datasets:
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": local files are local artifacts
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(d["source"])
+            dataset = MetaDataset(source, name=d["name"], digest=d["digest"])
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])]))
+        if inputs:
+            self._call("log inputs", self.client.log_inputs, run_id, datasets=inputs)
+
+    def run_inputs(self, run_id: str) -> list[Any]:
+        """The run's dataset inputs (``DatasetInput``: ``.dataset.name``, ``.dataset.digest``, ``.tags``)."""
+        return list(self._call("get run", self.client.get_run, run_id).inputs.dataset_inputs)
 
     # -- model registry -------------------------------------------------------------------------
     def register_model_version(self, name: str, run_id: str, artifact_path: str, *, alias: str | None = None,

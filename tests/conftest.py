@@ -100,3 +100,24 @@ def tiny_model_dir_session(tmp_path_factory, tiny_tokenizer):
     model.save_pretrained(out)
     tiny_tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect API server (temporary SQLite database) shared by the session's flow and API tests."""
+    from flows.runtime import configure_environment
+
+    configure_environment()  # before Prefect reads its settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite MLflow store; flows pick it up through MLFLOW_TRACKING_URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    return uri

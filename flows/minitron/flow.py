@@ -28,11 +28,15 @@ from flows import llm
 from flows.execution import make_task_runner, split_threads
 from flows.minitron import tasks as t
 from flows.minitron.config import MinitronJob, short_architecture
+from flows.publish import publish_model
 from flows.runtime import JobRun
 from flows.tracking import ROLE_TAG
 from pruning_core.io import paths
 from pruning_core.io.manifest import Manifest
 from pruning_core.minitron import Architecture
+
+# rounded, as headline/<key> in MLflow
+HEADLINE = ("parameters", "dense_parameters", "perplexity_before", "perplexity_after", "dense_loss")
 
 
 @flow(name="minitron-candidates")
@@ -120,6 +124,7 @@ def minitron_flow(job: MinitronJob, output_dir: str | None = None) -> dict[str, 
         summary = _summary(job, inputs, ranked, chosen, ppl, run)
         with run.stage("log"):
             t.log_results(job, run.dir, run.run_id, summary)
+            summary["registered_model"] = publish_model(job, run.dir, run.run_id, summary, HEADLINE)
         load = ("from pruning_core.lm import load_causal_lm; "
                 f"model, tokenizer = load_causal_lm({run.quoted(paths.model(run.dir))})")
         return run.finish({**summary, "seconds": run.clock.totals()}, headline=_headline(summary), load=load)

@@ -21,12 +21,16 @@ from prefect.utilities.annotations import unmapped
 from tqdm.auto import tqdm
 
 from flows import llm
+from flows.artifacts import layer_table
 from flows.execution import make_task_runner, split_threads
 from flows.oneshot import tasks as t
 from flows.oneshot.config import OneShotJob
+from flows.publish import publish_model
 from flows.runtime import JobRun
 from pruning_core.io import paths
 from pruning_core.io.manifest import Manifest
+
+HEADLINE = ("sparsity", "perplexity_before", "perplexity_after")  # rounded, as headline/<key> in MLflow
 
 
 @flow(name="prune-layers")
@@ -125,6 +129,8 @@ def oneshot_flow(job: OneShotJob, output_dir: str | None = None) -> dict[str, An
         summary = _summary(job, inputs, table, ppl, run, export)
         with run.stage("log"):
             t.log_results(job, run.dir, run.run_id, summary)
+            summary["registered_model"] = publish_model(job, run.dir, run.run_id, summary, HEADLINE)
+            layer_table(job, summary["layers"])
         load = ("from pruning_core.lm import load_causal_lm; "
                 f"model, tokenizer = load_causal_lm({run.quoted(paths.model(run.dir))})")
         return run.finish({**summary, "seconds": run.clock.totals()}, headline=_headline(summary), load=load)

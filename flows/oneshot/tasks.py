@@ -144,7 +144,7 @@ def calibrate(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> dict[str
     return {"stats": str(stats_path), "hessians": str(hess_path) if hessian else None}
 
 
-@task(name="prune-layer", **IO_TASK)
+@task(name="prune-layer", task_run_name="prune-{layer}", **IO_TASK)
 def prune_layer(job: OneShotJob, run_dir: str, model_dir: str, layer: str,
                 stats: dict[str, str | None], scores_only: bool = False) -> str:
     """Prune (or, for a GLOBAL selection, only score) one layer; returns its output file.
@@ -195,7 +195,7 @@ def capture_inputs(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> str
     return str(out)
 
 
-@task(name="prune-block", **IO_TASK)
+@task(name="prune-block", task_run_name="prune-block-{index}", **IO_TASK)
 def prune_block(job: OneShotJob, run_dir: str, inputs: dict[str, Any], index: int) -> list[str]:
     """Sequential mode, block ``index``: statistics on its (already pruned-path) inputs, prune its
     layers, then run the pruned block to produce block ``index + 1``'s inputs."""
