@@ -36,8 +36,8 @@ def summary_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
 def summary_markdown(title: str, lines: str) -> str:
     """The closing lines of a run (:meth:`flows.runtime.JobRun.closing_lines`) as markdown."""
     head, *rest = lines.splitlines()
-    body = "\n".join(f"- {line.strip()}" if not line.strip().startswith(("python ", "mlflow ")) else
-                     f"\n```bash\n{line.strip()}\n```\n" for line in rest)
+    items = [line.strip().partition(":") for line in rest]
+    body = "\n".join(f"- **{label}:** `{value.strip()}`" for label, _, value in items)
     return f"# {title}\n\n**{head}**\n\n{body}\n"
 
 

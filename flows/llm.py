@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import logging
 import math
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from prefect import task
 from flows.cache import ResultCache, digest
 from flows.config import CalibrationConfig, EvaluationConfig
 from flows.execution import IO_TASK
-from pruning_core.errors import ArtifactError
+from pruning_core.errors import ArtifactError, ConfigError
 from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_write_text
 from pruning_core.io.manifest import Manifest
@@ -51,12 +52,30 @@ log = logging.getLogger(__name__)
 # transformers' from_pretrained swaps torch.nn.init functions process-wide while it loads; two
 # threads loading at once can leave them swapped. Loads in this process take turns.
 _LOAD_LOCK = threading.Lock()
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 DENSE_PERPLEXITY = "perplexity"  # the result cache's namespace of dense models' perplexities
 
 
 def model_dir(model: str) -> str:
-    """The absolute model directory a job's ``model`` names (``smollm2``: the shipped SmolLM2-135M)."""
-    return str((smollm2_dir() if model == "smollm2" else Path(model)).resolve())
+    """The absolute model directory a job's ``model`` names: ``smollm2`` (the shipped SmolLM2-135M),
+    a directory, or a Hugging Face hub id (``org/name``) found in the local hub cache.
+
+    Raises:
+        ConfigError: a hub id that is not in the cache (nothing downloads: ``HF_HUB_OFFLINE=1``).
+    """
+    if model == "smollm2":
+        return str(smollm2_dir().resolve())
+    path = Path(model)
+    if path.exists() or not HUB_ID.fullmatch(model):
+        return str(path.resolve())
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return str(Path(snapshot_download(model, local_files_only=True)).resolve())
+    except LocalEntryNotFoundError:
+        raise ConfigError("model", f"{model!r} is neither a directory nor a Hugging Face model in the local "
+                          f"hub cache (download it first, e.g. `huggingface-cli download {model}`)") from None
 
 
 def load_model(directory: str, device: str) -> tuple[Any, Any]:

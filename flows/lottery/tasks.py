@@ -19,6 +19,7 @@ from prefect import task
 
 from flows.execution import IO_TASK, torch_threads
 from flows.lottery.config import LotteryJob
+from flows.lottery.mlflow_model import LOADER_MODULE as TICKET_LOADER
 from flows.lottery.models import build_model
 from flows.report import lottery_figure
 from flows.tracking import JOB_TAG, ROLE_TAG, Tracker
@@ -221,6 +222,7 @@ def publish_ticket(job: LotteryJob, run_dir: str, parent_run_id: str, final: dic
     tracker.log_dict(parent_run_id, card, "ticket/model.json")
     if not job.tracking.log_model:
         return None
+    tracker.log_pyfunc_flavor(parent_run_id, "ticket", TICKET_LOADER, metadata={JOB_TAG: job.job_hash(), "job": "lottery"})
     name, alias = job.registered_model_name, job.registry.alias
     version = tracker.register_model_version(
         name, parent_run_id, "ticket", alias=alias, description=f"Lottery ticket of job {job.job_hash()}",

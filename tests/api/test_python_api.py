@@ -97,3 +97,24 @@ def test_oneshot_end_to_end_on_a_tiny_model(prefect_server, mlflow_uri, tiny_mod
                        **SMALL)  # the same arguments resume the finished job
     assert again["mlflow_run_id"] == summary["mlflow_run_id"]
     assert isinstance(model, torch.nn.Module)
+
+
+def test_a_hub_id_resolves_to_the_local_hub_cache_only(tiny_model_dir_session, tmp_path, monkeypatch):
+    """``model="org/name"`` (API or YAML) is read from the Hugging Face cache; nothing downloads."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from flows import llm
+
+    snapshot = tmp_path / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_model_dir_session, snapshot)
+    (tmp_path / "hub" / "models--tiny-org--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tiny-org--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert pp.oneshot_job("tiny-org/tiny-llama").model == "tiny-org/tiny-llama"
+    assert llm.model_dir("tiny-org/tiny-llama") == str(snapshot.resolve())
+    with pytest.raises(ConfigError, match="local hub cache") as err:
+        llm.model_dir("tiny-org/not-downloaded")
+    assert err.value.field == "model"
+    assert llm.model_dir(str(tiny_model_dir_session)) == str(tiny_model_dir_session.resolve())

@@ -155,7 +155,7 @@ def test_mlflow_parent_and_one_child_per_round(uninterrupted):
     files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"accuracy_vs_density.png", "rounds.json", "summary.json", "ticket"} <= files
     ticket_files = {a.path for a in client.list_artifacts(parent.info.run_id, "ticket")}
-    assert ticket_files == {"ticket/ticket.safetensors", "ticket/ticket.json", "ticket/model.json"}
+    assert ticket_files == {"ticket/ticket.safetensors", "ticket/ticket.json", "ticket/model.json", "ticket/MLmodel"}
 
 
 @needs_data
@@ -174,6 +174,12 @@ def test_registry_alias_loads_the_winning_ticket_into_a_fresh_model(uninterrupte
         assert torch.equal(weight, stored.trained_weights[name]) and not weight[~mask].any()
     test = load_fashion_mnist("test").subset(JOB["data"]["test_subset"], seed=0)
     assert evaluate(model, test.images, test.labels)["accuracy"] == s["ticket_accuracy"]
+    import mlflow  # the registered directory is also an MLflow pyfunc model
+
+    pyfunc = mlflow.pyfunc.load_model(str(next((tmp_path / "dl").rglob("MLmodel")).parent))
+    with torch.no_grad():
+        expected = model(test.images[:32]).argmax(dim=-1).numpy()
+    assert (pyfunc.predict(test.images[:32].numpy()) == expected).all()
 
 
 @needs_data
