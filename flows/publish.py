@@ -78,7 +78,7 @@ def publish_model(job: JobBase, run_dir: str, run_id: str, summary: dict[str, An
     """
     tracker = Tracker(job.tracking.tracking_uri, job.tracking.experiment)
     tracker.log_dataset_inputs(run_id, dataset_inputs(job, run_dir))
-    tracker.log_metrics(run_id, headline_metrics(summary, headline))
+    tracker.log_metrics_once(run_id, [(k, v, 0) for k, v in headline_metrics(summary, headline).items()])
     if not job.tracking.log_model or not tracker.has_artifact(run_id, "model/config.json"):
         return None
     tracker.log_pyfunc_flavor(run_id, "model", LOADER_MODULE,

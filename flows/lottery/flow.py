@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from flows.lottery import tasks as t
 from flows.lottery.config import LotteryJob
 from flows.lottery.tasks import EvalObserver
+from flows.publish import headline_metrics
 from flows.runtime import JobRun
 from flows.tracking import ROLE_TAG
 
@@ -139,6 +140,8 @@ def lottery_flow(job: LotteryJob, output_dir: str | None = None, on_eval: EvalOb
         t.log_search_results(job, run.dir, run.run_id, rows)
         registered = t.publish_ticket(job, run.dir, run.run_id, rows[-1])
         summary = _summary(job, run, rows, registered, resumed_from, time.perf_counter() - started)
+        headline = headline_metrics(summary, ("ticket_accuracy", "ticket_density", "dense_accuracy"))
+        run.tracker.log_metrics_once(run.run_id, [(k, v, 0) for k, v in headline.items()])  # once, also on resume
         load = (f"from flows.lottery import load_ticket_model; "
                 f'model, ticket = load_ticket_model({run.quoted(summary["ticket_path"])}, "{job.model}")')
         return run.finish(summary, headline=_headline(summary), load=load)

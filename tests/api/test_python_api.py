@@ -96,6 +96,12 @@ def test_oneshot_end_to_end_on_a_tiny_model(prefect_server, mlflow_uri, tiny_mod
     again = pp.oneshot(str(tiny_model_dir_session), method="magnitude", output_dir=tmp_path / "run", name="api",
                        **SMALL)  # the same arguments resume the finished job
     assert again["mlflow_run_id"] == summary["mlflow_run_id"]
+    from mlflow import MlflowClient  # the rerun added no second headline point, input or model version
+
+    client = MlflowClient(mlflow_uri)
+    assert len(client.get_metric_history(summary["mlflow_run_id"], "headline/sparsity")) == 1
+    assert len(client.get_run(summary["mlflow_run_id"]).inputs.dataset_inputs) == 2
+    assert again["registered_model"] == summary["registered_model"]
     assert isinstance(model, torch.nn.Module)
 
 

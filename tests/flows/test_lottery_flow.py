@@ -167,6 +167,8 @@ def test_registry_alias_loads_the_winning_ticket_into_a_fresh_model(uninterrupte
     version = MlflowClient(uri).get_model_version_by_alias(reg["name"], "winning")
     assert str(version.version) == "1" and version.run_id == s["mlflow_run_id"]
     assert version.source == f"runs:/{s['mlflow_run_id']}/ticket" and version.tags["round"] == str(ROUNDS)
+    metrics = MlflowClient(uri).get_run(s["mlflow_run_id"]).data.metrics  # rounded, apart from the timings
+    assert metrics["headline/ticket_accuracy"] == round(s["ticket_accuracy"], 4)
     model, ticket = load_registered_ticket(reg["name"], "winning", tracking_uri=uri, dst=tmp_path / "dl")
     stored = load_ticket(s["ticket_path"])
     for name, mask in stored.masks.items():
@@ -192,6 +194,10 @@ def test_prefect_progress_and_table_artifacts(uninterrupted):
     table = Artifact.get(f"{key}-rounds")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
+    summary = Artifact.get(f"{key}-summary")  # every job kind's markdown summary and summary table (JobRun.finish)
+    assert summary.type == "markdown" and "models:/lottery-lenet300_100@winning" in summary.data
+    assert "mlflow ui --backend-store-uri" in summary.data
+    assert uninterrupted["summary"]["mlflow_run_id"] in str(Artifact.get(f"{key}-summary-table").data)
 
 
 @needs_data
