@@ -175,3 +175,14 @@ def test_task_runs_log_no_completed_lines():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int(proc.stdout.split()[-1]) == logging.WARNING
+
+
+@pytest.mark.parametrize("name, model, registered, alias", [
+    ("wanda-50", "smollm2", "oneshot-smollm2", "wanda-50"),
+    ("v1.2", "/models/My Model", "oneshot-My-Model", "v1-2"),
+    ("latest", "smollm2", "oneshot-smollm2", "job-latest"),  # MLflow reserves 'latest' and v<N>
+    ("v3", "org/name", "oneshot-name", "job-v3"),
+])
+def test_registry_names_and_aliases_are_valid(name, model, registered, alias):
+    job = parse_config({"method": "magnitude", "sparsity": 0.5, "model": model, "name": name})
+    assert (registered_name(job), alias_of(job)) == (registered, alias)
