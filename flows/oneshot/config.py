@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from flows.config import CalibrationConfig, EvaluationConfig, JobBase, PositiveInt, StrictModel
+from flows.oneshot.quality import AllocationSection, RecoverySection, check_allocation
 from pruning_core.masks import MaskScope
 from pruning_core.masks.pattern import NM, SparsityPattern, Unstructured
 from pruning_core.methods import METHODS
@@ -64,6 +65,8 @@ class OneShotJob(JobBase):
     evaluation: OneShotEvaluation = Field(default_factory=OneShotEvaluation)
     sparsegpt: SparseGPTConfig = Field(default_factory=SparseGPTConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    allocation: AllocationSection = Field(default_factory=AllocationSection)
+    recovery: RecoverySection | None = Field(None, description="fixed-mask distillation after pruning (absent: none)")
 
     @field_validator("method")
     @classmethod
@@ -103,6 +106,11 @@ class OneShotJob(JobBase):
         if fmt in ("semi_structured", "compressed_tensors") and str(pattern) != "2:4":
             raise ValueError(f"export.sparse_format: {fmt} stores 2:4 sparsity only; pattern is {pattern} "
                              "(use pattern 2:4, or sparse_format csr or none)")
+        check_allocation(self.allocation, unstructured=isinstance(pattern, Unstructured), scope=self.mask_scope,
+                         sparsity=self.target_sparsity)
+        if self.recovery is not None and self.calibration.text == self.evaluation.text:
+            raise ValueError(f"recovery: trains on the calibration text, which must differ from the evaluation "
+                             f"text (both {self.calibration.text!r})")
         return self
 
     @property

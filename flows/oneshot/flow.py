@@ -24,7 +24,9 @@ from flows import llm
 from flows.artifacts import layer_table
 from flows.execution import make_task_runner, split_threads
 from flows.oneshot import tasks as t
+from flows.oneshot.allocation import allocate
 from flows.oneshot.config import OneShotJob
+from flows.oneshot.recovery import recover
 from flows.publish import publish_model
 from flows.runtime import JobRun
 from pruning_core.io import paths
@@ -108,6 +110,9 @@ def oneshot_flow(job: OneShotJob, output_dir: str | None = None) -> dict[str, An
         job = run.job
         with run.stage("prepare"):
             inputs = t.prepare_inputs(job, run.dir)
+        if job.allocation.non_uniform:
+            with run.stage("allocate"):
+                allocate(job, run.dir, inputs, run.run_id)
         ppl: dict[str, float | None] = {"before": None, "after": None}
         if job.evaluation.enabled:
             with run.stage("evaluate_dense"):
@@ -117,6 +122,9 @@ def oneshot_flow(job: OneShotJob, output_dir: str | None = None) -> dict[str, An
         _prune(run, job, inputs)
         with run.stage("assemble"):
             table = t.assemble(job, run.dir, inputs)
+        if job.recovery is not None:
+            with run.stage("recover"):
+                recover(job, run.dir, inputs, run.run_id)
         export = None
         if job.export.sparse_format != "none":
             with run.stage("export"):

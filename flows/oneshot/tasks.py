@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,7 +20,9 @@ from prefect import task
 
 from flows import llm
 from flows.execution import IO_TASK
+from flows.oneshot.allocation import allocation_targets, layer_target
 from flows.oneshot.config import OneShotJob
+from flows.oneshot.recovery import recovery_windows
 from flows.report import layer_figure
 from flows.tracking import Tracker
 from pruning_core.calibration import (
@@ -55,11 +58,17 @@ def method_of(job: OneShotJob) -> Method:
     return get_method(job.method, **options)
 
 
-def spec_of(job: OneShotJob) -> SparsitySpec:
-    """What to prune: the job's sparsity, pattern and (for unstructured masks) comparison scope."""
+def spec_of(job: OneShotJob, name: str | None = None, allocation: str | Mapping[str, float] | None = None) -> SparsitySpec:
+    """What to prune: the job's sparsity, pattern and (for unstructured masks) comparison scope.
+
+    With ``allocation`` (the run's ``allocation_targets.json``, or ``{layer: sparsity}``) and a
+    layer ``name``: that layer's allocated sparsity, rounded to its comparison groups
+    (:mod:`flows.oneshot.allocation`).
+    """
     pattern = job.sparsity_pattern
     scope = job.mask_scope if isinstance(pattern, Unstructured) else None
-    return SparsitySpec.parse(job.sparsity, pattern, scope, default_scope=method_of(job).default_scope)
+    spec = SparsitySpec.parse(job.sparsity, pattern, scope, default_scope=method_of(job).default_scope)
+    return spec if allocation is None or name is None else spec.with_sparsity(layer_target(allocation, name))
 
 
 def needs_stats(job: OneShotJob) -> tuple[bool, bool]:
@@ -68,9 +77,10 @@ def needs_stats(job: OneShotJob) -> tuple[bool, bool]:
     return method.needs_stats, method.needs_hessian
 
 
-def prune_one(job: OneShotJob, weight: torch.Tensor, stats: Any, *, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def prune_one(job: OneShotJob, weight: torch.Tensor, stats: Any, *, name: str,
+              allocation: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one ``[out, in]`` weight: ``(new weight, bool keep mask)``, both shaped like ``weight``."""
-    return method_of(job).prune_weight(weight, stats, spec_of(job), name=name)
+    return method_of(job).prune_weight(weight, stats, spec_of(job, name, allocation), name=name)
 
 
 def score_one(job: OneShotJob, weight: torch.Tensor, stats: Any, *, name: str) -> torch.Tensor:
@@ -79,11 +89,18 @@ def score_one(job: OneShotJob, weight: torch.Tensor, stats: Any, *, name: str) -
 
 
 def prune_block_layers(job: OneShotJob, block: torch.nn.Module, ctx: Any, prefix: str,
-                       layers: list[str]) -> dict[str, torch.Tensor]:
-    """Prune ``layers`` of a decoder block in place (``prefix``: the block's module path + "."); their masks."""
-    result = prune_module(block, method_of(job), spec_of(job), ctx, prefix=prefix,
-                          filter_fn=lambda name, _m: name in layers, measure_memory=False)
-    return {name: result.masks[name].tensor for name in layers}
+                       layers: list[str], allocation: str | None = None) -> dict[str, torch.Tensor]:
+    """Prune ``layers`` of a decoder block in place (``prefix``: the block's module path + "."); their masks.
+
+    With an ``allocation`` each layer is pruned at its own sparsity (one ``prune_module`` call per layer).
+    """
+    groups = [(layers, spec_of(job))] if allocation is None else [([n], spec_of(job, n, allocation)) for n in layers]
+    masks: dict[str, torch.Tensor] = {}
+    for names, spec in groups:
+        result = prune_module(block, method_of(job), spec, ctx, prefix=prefix,
+                              filter_fn=lambda name, _m, names=names: name in names, measure_memory=False)
+        masks.update({name: result.masks[name].tensor for name in names})
+    return masks
 
 
 # -- tasks ------------------------------------------------------------------------------------------
@@ -116,7 +133,7 @@ def prepare_inputs(job: OneShotJob, run_dir: str) -> dict[str, Any]:
     layers = target_layers(model)
     for name, module in layers.items():  # raises InvalidPattern naming the layer and its shape
         job.sparsity_pattern.check_shape(module.weight.shape, name=name)
-    llm.prepare_windows(run_dir, tokenizer, job.calibration, job.evaluation)
+    llm.prepare_windows(run_dir, tokenizer, job.calibration, job.evaluation, extra=recovery_windows(job))
     prefix, blocks = find_decoder_blocks(model) if job.calibration.mode == "sequential" else ("", [])
     info = {"model_dir": model_dir, "fingerprint": model_fingerprint(model_dir),
             "layers": list(layers), "blocks_prefix": prefix, "num_blocks": len(blocks),
@@ -160,7 +177,7 @@ def prune_layer(job: OneShotJob, run_dir: str, model_dir: str, layer: str,
         scores = score_one(job, weight, layer_stats, name=layer)
         save_layer_result(out, torch.ones_like(weight, dtype=torch.bool), scores=scores)
     else:
-        new_weight, mask = prune_one(job, weight, layer_stats, name=layer)
+        new_weight, mask = prune_one(job, weight, layer_stats, name=layer, allocation=allocation_targets(job, run_dir))
         save_layer_result(out, mask, new_weight if needs_stats(job)[1] else None)
     Manifest(run_dir).record(key, out, kind="layer")
     return str(out)
@@ -208,7 +225,7 @@ def prune_block(job: OneShotJob, run_dir: str, inputs: dict[str, Any], index: in
     block_in = BlockInputs.from_tensors(load_tensors(paths.block_inputs(run_dir, index)))
     ctx = calibrate_block(block, block_in, hessian=needs_stats(job)[1], prefix=prefix, dataset=job.calibration.text)
     save_activation_stats(paths.block_stats(run_dir, index), ctx, _metadata(job, inputs))
-    masks = prune_block_layers(job, block, ctx, prefix, layers)
+    masks = prune_block_layers(job, block, ctx, prefix, layers, allocation_targets(job, run_dir))
     manifest = Manifest(run_dir)
     manifest.record(f"stats:{index}", paths.block_stats(run_dir, index), kind="stats")
     for name, file in zip(layers, files, strict=True):

@@ -31,6 +31,7 @@ from pruning_core.allocation.apply import (
     prune_allocated_,
     prune_allocated_sequential_,
     prune_layer_weight,
+    shape_targets,
 )
 from pruning_core.allocation.owl import (
     OWLConfig,
@@ -38,6 +39,7 @@ from pruning_core.allocation.owl import (
     outlier_ratio,
     owl_allocation,
     owl_sparsities,
+    unit_outlier_ratios,
 )
 from pruning_core.allocation.rounding import comparison_groups, realised_count, round_to_groups
 from pruning_core.allocation.units import Allocation, AllocationUnit, allocation_units
@@ -59,4 +61,6 @@ __all__ = [
     "prune_layer_weight",
     "realised_count",
     "round_to_groups",
+    "shape_targets",
+    "unit_outlier_ratios",
 ]

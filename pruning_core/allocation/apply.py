@@ -64,10 +64,16 @@ def layer_targets(model: nn.Module, allocation: Allocation, method: str) -> dict
     (:func:`~pruning_core.allocation.rounding.round_to_groups`): each unit prunes
     ``floor(s_u·n_u)`` weights up to less than its smallest group count, exactly as the search's
     database variants (``database.build_variant``) do."""
-    scope = method_scope(method)
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for u in allocation.units for n in u.layers}
+    return shape_targets(allocation, shapes, method_scope(method))
+
+
+def shape_targets(allocation: Allocation, shapes: Mapping[str, tuple[int, ...]], scope: MaskScope) -> dict[str, float]:
+    """:func:`layer_targets` from the layers' ``[out, in]`` shapes and a comparison scope (ROW or
+    LAYER) instead of a model and a method: what a job that never holds the model calls."""
     out: dict[str, float] = {}
     for unit, s in zip(allocation.units, allocation.sparsities, strict=True):
-        groups = {n: comparison_groups(tuple(model.get_submodule(n).weight.shape), scope) for n in unit.layers}
+        groups = {n: comparison_groups(tuple(shapes[n]), scope) for n in unit.layers}
         out.update(round_to_groups(dict.fromkeys(unit.layers, s), groups))
     return out
 
@@ -131,4 +137,4 @@ def prune_allocated_sequential_(model: nn.Module, batches: Iterable[Batch], spar
 
 
 __all__ = ["layer_targets", "method_scope", "needs_stats", "prune_allocated_", "prune_allocated_sequential_",
-           "prune_layer_weight"]
+           "prune_layer_weight", "shape_targets"]

@@ -119,16 +119,19 @@ def owl_sparsities(ratios: torch.Tensor, sizes: torch.Tensor, sparsity: float, l
 
 
 def unit_outlier_ratios(model: nn.Module, context: CalibrationContext, units: Sequence[AllocationUnit],
-                        m: float) -> list[float]:
+                        m: float, *, prefix: str = "") -> list[float]:
     """OWL's ``D_u`` of every unit from the model's weights and the context's ``Σx²``.
+
+    ``model`` may be one decoder block: ``prefix`` (``"model.layers.3."``) is then stripped from
+    the units' layer names to find the block's modules (statistics stay keyed by full names).
 
     Raises:
         MissingActivationStats: a layer of a unit has no statistics in ``context``.
     """
     ratios = []
     for unit in units:
-        scores = [wanda_scores(model.get_submodule(name).weight, context.require_stats(name).sum_sq,
-                               layer_name=name) for name in unit.layers]
+        scores = [wanda_scores(model.get_submodule(name.removeprefix(prefix)).weight,
+                               context.require_stats(name).sum_sq, layer_name=name) for name in unit.layers]
         ratios.append(outlier_ratio(scores, m))
     return ratios
 

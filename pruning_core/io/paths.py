@@ -28,6 +28,12 @@ One-shot (``job: oneshot``)::
     masks.safetensors        all masks, bit-packed (io.masks)
     layers.json              per-layer table (sparsity, reconstruction error)
     sparse/                  optional sparse-format export
+    allocation.json          non-uniform allocation (allocation.Allocation.to_dict): OWL or a reused file
+    allocation_targets.json  its per-layer sparsities, rounded to this job's comparison groups
+    allocation.png           sparsity per unit versus depth, with the target line
+    recovery/trainer.pt      recovery: the trainer's last checkpoint (step, weights, optimizer)
+    recovery/curve.json      recovery: loss per step (the finished stage's record)
+    recovery/loss.png        recovery: the loss curve
 
 Minitron (``job: minitron``)::
 
@@ -150,6 +156,30 @@ def layers_table(root: PathLike) -> Path:
 
 def sparse_export(root: PathLike) -> Path:
     return Path(root) / "sparse"
+
+
+def allocation(root: PathLike) -> Path:
+    return Path(root) / "allocation.json"
+
+
+def allocation_targets(root: PathLike) -> Path:
+    return Path(root) / "allocation_targets.json"
+
+
+def allocation_figure(root: PathLike) -> Path:
+    return Path(root) / "allocation.png"
+
+
+def recovery_state(root: PathLike) -> Path:
+    return Path(root) / "recovery" / "trainer.pt"
+
+
+def recovery_curve(root: PathLike) -> Path:
+    return Path(root) / "recovery" / "curve.json"
+
+
+def recovery_figure(root: PathLike) -> Path:
+    return Path(root) / "recovery" / "loss.png"
 
 
 # -- Minitron -------------------------------------------------------------------------------------------

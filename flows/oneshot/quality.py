@@ -1,0 +1,88 @@
+"""The one-shot job's quality sections: ``allocation`` (non-uniform sparsity, issue 16 §1) and
+``recovery`` (fixed-mask distillation after pruning, issue 16 §2).
+
+    allocation: {kind: owl, m: 5, lambda: 0.08, granularity: block}      # OWL (Yin et al. 2023)
+    allocation: {kind: file, path: runs/owl70/allocation.json}          # reuse another run's
+    recovery: {steps: 200, lr: 1e-4, windows: 64, batch_size: 4, checkpoint_every: 25}
+
+Imports neither torch, Prefect nor MLflow (``prune validate`` stays light); the checks that
+need the model (a file's units fit it) run in the job's allocation stage, before any long work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from flows.config import PositiveInt, StrictModel
+
+
+class AllocationSection(StrictModel):
+    """How the target sparsity is spread over the model: uniformly, by OWL, or from a file."""
+
+    kind: Literal["uniform", "owl", "file"] = Field(
+        "uniform", description="uniform (every layer at the target), owl (outlier-weighted, per block or layer) "
+        "or file (an allocation.json of another run on the same model)")
+    m: float = Field(5.0, gt=0, description="OWL: outlier threshold, in multiples of a unit's mean Wanda score")
+    lam: float = Field(0.08, ge=0, alias="lambda",
+                       description="OWL: half-width of the band [s - lambda, s + lambda] of every unit's sparsity")
+    granularity: Literal["block", "layer"] = Field("block", description="OWL: one sparsity per decoder block or per layer")
+    path: str | None = Field(None, description="file: the allocation.json to reuse")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _path_matches_kind(self) -> AllocationSection:
+        if self.kind == "file":
+            if self.path is None:
+                raise ValueError("allocation.path: required for kind file (an allocation.json)")
+            if not Path(self.path).is_file():
+                raise ValueError(f"allocation.path: no such file {self.path!r}")
+        elif self.path is not None:
+            raise ValueError(f"allocation.path: only for kind file, not kind {self.kind}")
+        return self
+
+    @property
+    def non_uniform(self) -> bool:
+        return self.kind != "uniform"
+
+
+def check_allocation(section: AllocationSection, *, unstructured: bool, scope: str, sparsity: float) -> None:
+    """ValueError unless a non-uniform allocation fits the job (pattern, scope, band)."""
+    if not section.non_uniform:
+        return
+    if not unstructured:
+        raise ValueError(f"allocation: kind {section.kind} needs an unstructured pattern (N:M and structured "
+                         "patterns fix every layer's sparsity)")
+    if scope == "global":
+        raise ValueError(f"allocation: kind {section.kind} needs per-layer or per-row comparison groups, not scope global")
+    if section.kind == "owl" and not (0.0 <= sparsity - section.lam and sparsity + section.lam < 1.0):
+        raise ValueError(f"allocation.lambda: the band [{sparsity - section.lam:.4f}, {sparsity + section.lam:.4f}] "
+                         f"(sparsity {sparsity} ± lambda {section.lam}) must lie in [0, 1)")
+
+
+class RecoverySection(StrictModel):
+    """Fixed-mask logit distillation from the dense model after pruning (absent: none)."""
+
+    steps: PositiveInt = Field(description="optimizer steps")
+    lr: float = Field(1e-4, gt=0, description="peak AdamW learning rate")
+    windows: PositiveInt = Field(64, description="training windows of the calibration text (calibration.window_length "
+                                 "tokens each), sharing no token with the calibration windows")
+    batch_size: PositiveInt = 4
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    temperature: float = Field(1.0, gt=0)
+    lm_weight: float = Field(0.0, ge=0, description="weight of the next-token loss added to the KL")
+    checkpoint_every: PositiveInt = Field(25, description="steps between trainer checkpoints (resume point)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _warmup(self) -> RecoverySection:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"recovery.warmup_steps: {self.warmup_steps} > steps {self.steps}")
+        return self
+
+
+__all__ = ["AllocationSection", "RecoverySection", "check_allocation"]

@@ -1,0 +1,118 @@
+"""The one-shot job's ``recovery`` stage end to end on the tiny random Llama: fixed-mask
+distillation after 2:4 pruning, the recovered model becoming the job's model, the loss curve in
+MLflow, and a crashed job resuming at its last trainer checkpoint without repeating a step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from flows import llm
+from flows.jobs import run_job
+from pruning_core.errors import ConfigError
+from pruning_core.io import paths
+from pruning_core.io.manifest import Manifest
+from pruning_core.io.masks import load_masks
+from pruning_core.lm import load_causal_lm
+from pruning_core.recovery import RecoveryTrainer
+from tests.flows.oneshot_helpers import tiny_job
+
+pytestmark = pytest.mark.flows
+STEPS, EVERY = 12, 4
+RECOVERY = {"steps": STEPS, "lr": 2e-3, "windows": 8, "batch_size": 4, "checkpoint_every": EVERY, "schedule": "constant"}
+
+
+def _job(model_dir):
+    return tiny_job(model_dir, method="wanda", pattern="2:4", recovery=RECOVERY, evaluation={"enabled": False},
+                    name="recover")
+
+
+@pytest.fixture(scope="module")
+def recovery_run(prefect_server, tiny_model_dir_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("recovery")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    summary = run_job(_job(tiny_model_dir_session), root / "run")
+    yield root / "run", summary, root
+    mp.undo()
+
+
+def _weights(model_dir, names):
+    model, _ = load_causal_lm(model_dir)
+    return {n: model.get_submodule(n).weight.detach().clone() for n in names}
+
+
+def test_recovered_model_keeps_masks_and_two_of_four_groups(recovery_run, tiny_model_dir_session):
+    run_dir, summary, _ = recovery_run
+    masks = load_masks(paths.masks(run_dir))
+    recovered = _weights(paths.model(run_dir), masks)
+    dense = _weights(tiny_model_dir_session, masks)
+    for name, keep in masks.items():
+        weight = recovered[name]
+        assert bool((weight[~keep] == 0).all()), name  # every pruned weight exactly zero
+        assert bool(((weight.reshape(-1, 4) != 0).sum(dim=1) <= 2).all()), name  # 2:4 groups intact
+        assert bool(((~keep).reshape(-1, 4).sum(dim=1) == 2).all()), name
+    moved = sum(int((recovered[n][masks[n]] != dense[n][masks[n]]).sum()) for n in masks)
+    assert moved > 0.5 * sum(int(m.sum()) for m in masks.values())  # training changed the kept weights
+    assert summary["sparsity"] == pytest.approx(0.5, abs=1e-12)
+
+
+def test_loss_decreases_and_is_logged_per_step(recovery_run):
+    run_dir, summary, root = recovery_run
+    curve = json.loads(paths.recovery_curve(run_dir).read_text())
+    losses = curve["losses"]
+    assert curve["steps"] == STEPS and len(losses) == STEPS
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    history = client.get_metric_history(summary["mlflow_run_id"], "recovery_loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(losses)
+    logged = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "recovery")}
+    assert "recovery/loss.png" in logged
+    for key in ("recovery", "recovery_state", "recovery_figure", "model"):
+        assert Manifest(run_dir).is_complete(key), key
+    assert summary["seconds"]["recover"] > 0.0
+
+
+def test_training_windows_avoid_the_calibration_windows(recovery_run):
+    run_dir, _, _ = recovery_run
+    train, calibration = llm.load_windows(run_dir, "recovery"), llm.load_windows(run_dir, "calibration")
+    assert train.shape == (8, 32)
+    seen = {tuple(w.tolist()) for w in calibration.unfold(1, 8, 1).reshape(-1, 8)}
+    assert not any(tuple(w.tolist()) in seen for w in train.unfold(1, 8, 1).reshape(-1, 8))
+
+
+def test_crashed_recovery_resumes_at_its_checkpoint(recovery_run, tiny_model_dir_session, mlflow_uri, tmp_path,
+                                                    monkeypatch):
+    run_dir, _, _ = recovery_run
+    real, started = RecoveryTrainer.train_step, []
+
+    def crash_at_six(self):
+        started.append(self.step)
+        if self.step == 6:
+            raise RuntimeError("simulated crash")
+        return real(self)
+
+    monkeypatch.setattr(RecoveryTrainer, "train_step", crash_at_six)
+    with pytest.raises(Exception, match="simulated crash"):
+        run_job(_job(tiny_model_dir_session), tmp_path / "run")
+    state = torch.load(paths.recovery_state(tmp_path / "run"), weights_only=True)
+    assert state["step"] == EVERY and started == list(range(7))
+    started.clear()
+    monkeypatch.setattr(RecoveryTrainer, "train_step", lambda self: (started.append(self.step), real(self))[1])
+    run_job(_job(tiny_model_dir_session), tmp_path / "run")
+    assert started == list(range(EVERY, STEPS))  # resumed at the checkpoint, no step twice
+    masks = load_masks(paths.masks(run_dir))
+    ours, uninterrupted = _weights(paths.model(tmp_path / "run"), masks), _weights(paths.model(run_dir), masks)
+    assert all(torch.equal(ours[n], uninterrupted[n]) for n in masks)  # bit-identical to the uninterrupted run
+    assert json.loads(paths.recovery_curve(tmp_path / "run").read_text()) == \
+        json.loads(paths.recovery_curve(run_dir).read_text())
+
+
+def test_recovery_on_the_evaluation_text_is_refused(tiny_model_dir_session):
+    with pytest.raises(ConfigError, match="must differ from the evaluation"):
+        tiny_job(tiny_model_dir_session, method="wanda", sparsity=0.5, recovery={"steps": 2},
+                 evaluation={"text": "emma"})
