@@ -11,6 +11,7 @@ need the model (a file's units fit it) run in the job's allocation stage, before
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +62,18 @@ def check_allocation(section: AllocationSection, *, unstructured: bool, scope: s
     if section.kind == "owl" and not (0.0 <= sparsity - section.lam and sparsity + section.lam < 1.0):
         raise ValueError(f"allocation.lambda: the band [{sparsity - section.lam:.4f}, {sparsity + section.lam:.4f}] "
                          f"(sparsity {sparsity} ± lambda {section.lam}) must lie in [0, 1)")
+    if section.kind == "file":
+        target = _file_target(str(section.path))
+        if abs(target - sparsity) > 1e-9:
+            raise ValueError(f"allocation.path: {section.path} averages {target}, the job's sparsity is {sparsity}")
+
+
+def _file_target(path: str) -> float:
+    """The ``target`` of an allocation.json (its units are checked against the model by the job)."""
+    try:
+        return float(json.loads(Path(path).read_text())["target"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"allocation.path: {path} is not an allocation.json ({exc})") from exc
 
 
 class RecoverySection(StrictModel):

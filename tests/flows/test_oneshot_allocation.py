@@ -109,14 +109,22 @@ def test_file_allocation_of_another_model_fails_before_pruning(owl_run, tiny_mod
     data["units"], data["sparsities"] = data["units"][:-1], data["sparsities"][:-1]
     other = tmp_path / "other.json"
     other.write_text(json.dumps(data))
-    job = tiny_job(tiny_model_dir_session, method="wanda", sparsity=S, allocation={"kind": "file", "path": str(other)})
+    job = tiny_job(tiny_model_dir_session, method="wanda", sparsity=S, allocation={"kind": "file", "path": str(other)},
+                   evaluation={"enabled": False})
     with pytest.raises(ConfigError, match="other units"):
         run_job(job, tmp_path / "run")
     assert not paths.layer_scores(tmp_path / "run", "model.layers.0.mlp.up_proj").exists()
-    wrong_target = tiny_job(tiny_model_dir_session, method="wanda", sparsity=0.4,
-                            allocation={"kind": "file", "path": str(paths.allocation(owl_dir))})
-    with pytest.raises(ConfigError, match="averages 0.5"):
-        run_job(wrong_target, tmp_path / "run2")
+
+
+def test_file_allocation_for_another_sparsity_is_a_config_error(owl_run, tiny_model_dir_session, tmp_path):
+    _, owl_dir, _, _ = owl_run
+    with pytest.raises(ConfigError, match="averages 0.5, the job's sparsity is 0.4"):
+        tiny_job(tiny_model_dir_session, method="wanda", sparsity=0.4,
+                 allocation={"kind": "file", "path": str(paths.allocation(owl_dir))})
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not an allocation.json"):
+        tiny_job(tiny_model_dir_session, method="wanda", sparsity=0.5,
+                 allocation={"kind": "file", "path": str(tmp_path / "bad.json")})
 
 
 @pytest.mark.parametrize(("fields", "fragment"), [

@@ -116,3 +116,19 @@ def test_recovery_on_the_evaluation_text_is_refused(tiny_model_dir_session):
     with pytest.raises(ConfigError, match="must differ from the evaluation"):
         tiny_job(tiny_model_dir_session, method="wanda", sparsity=0.5, recovery={"steps": 2},
                  evaluation={"text": "emma"})
+
+
+def test_bfloat16_model_recovers_in_bfloat16(prefect_server, mlflow_uri, tiny_model_dir_session, tmp_path):
+    model, tokenizer = load_causal_lm(tiny_model_dir_session)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    job = tiny_job(tmp_path / "bf16", method="wanda", sparsity=0.5, evaluation={"enabled": False}, name="bf16",
+                   recovery={**RECOVERY, "steps": 4, "checkpoint_every": 2})
+    run_job(job, tmp_path / "run")
+    recovered, _ = load_causal_lm(paths.model(tmp_path / "run"))
+    masks = load_masks(paths.masks(tmp_path / "run"))
+    for name, keep in masks.items():
+        weight = recovered.get_submodule(name).weight
+        assert weight.dtype == torch.bfloat16 and bool((weight[~keep] == 0).all()), name
+    losses = json.loads(paths.recovery_curve(tmp_path / "run").read_text())["losses"]
+    assert len(losses) == 4 and all(0.0 <= x < 100.0 for x in losses)
