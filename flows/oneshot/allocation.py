@@ -153,6 +153,16 @@ def _save(job: OneShotJob, run_dir: str, allocation: Allocation, targets: dict[s
     manifest.record("allocation_figure", paths.allocation_figure(run_dir), kind="figure")
 
 
+def allocation_summary(job: OneShotJob, run_dir: str) -> dict[str, Any]:
+    """``{"allocation": ...}`` for summary.json: kind, mean/min/max unit sparsity, file (None if uniform)."""
+    if not job.allocation.non_uniform:
+        return {"allocation": None}
+    data = json.loads(paths.allocation(run_dir).read_text())
+    return {"allocation": {"kind": job.allocation.kind, "source": data["source"], "units": len(data["units"]),
+                           "mean": data["mean"], "min": min(data["sparsities"]), "max": max(data["sparsities"]),
+                           "path": str(paths.allocation(run_dir))}}
+
+
 @task(name="allocate", **IO_TASK)
 def allocate(job: OneShotJob, run_dir: str, inputs: dict[str, Any], run_id: str) -> str | None:
     """Compute (OWL) or load (file) the allocation, save it with its per-layer targets and figure,
@@ -175,4 +185,4 @@ def allocate(job: OneShotJob, run_dir: str, inputs: dict[str, Any], run_id: str)
     return allocation_targets(job, run_dir)
 
 
-__all__ = ["allocate", "allocation_figure", "allocation_targets", "file_of", "layer_target", "owl_of"]
+__all__ = ["allocate", "allocation_figure", "allocation_summary", "allocation_targets", "file_of", "layer_target", "owl_of"]

@@ -24,9 +24,9 @@ from flows import llm
 from flows.artifacts import layer_table
 from flows.execution import make_task_runner, split_threads
 from flows.oneshot import tasks as t
-from flows.oneshot.allocation import allocate
+from flows.oneshot.allocation import allocate, allocation_summary
 from flows.oneshot.config import OneShotJob
-from flows.oneshot.recovery import recover
+from flows.oneshot.recovery import recover, recovery_summary
 from flows.publish import publish_model
 from flows.runtime import JobRun
 from pruning_core.io import paths
@@ -134,7 +134,8 @@ def oneshot_flow(job: OneShotJob, output_dir: str | None = None) -> dict[str, An
                 ppl["after"] = llm.evaluate_perplexity(run.dir, str(paths.model(run.dir)), "after", job.evaluation,
                                                        job.device)
         Manifest(run.dir).verify(checksums=False)
-        summary = _summary(job, inputs, table, ppl, run, export)
+        summary = {**_summary(job, inputs, table, ppl, run, export), **allocation_summary(job, run.dir),
+                   **recovery_summary(job, run.dir)}
         with run.stage("log"):
             t.log_results(job, run.dir, run.run_id, summary)
             summary["registered_model"] = publish_model(job, run.dir, run.run_id, summary, HEADLINE)

@@ -125,6 +125,15 @@ def _log(job: OneShotJob, run_dir: str, run_id: str, losses: list[float]) -> Non
         tracker.log_artifact(run_id, paths.recovery_figure(run_dir), "recovery")
 
 
+def recovery_summary(job: OneShotJob, run_dir: str) -> dict[str, Any]:
+    """``{"recovery": ...}`` for summary.json: steps, first and last loss, the curve's file (None: no recovery)."""
+    if job.recovery is None:
+        return {"recovery": None}
+    curve = json.loads(paths.recovery_curve(run_dir).read_text())
+    return {"recovery": {"steps": curve["steps"], "loss_first": curve["losses"][0], "loss_last": curve["losses"][-1],
+                         "pruned_weights": curve["pruned_weights"], "curve": str(paths.recovery_curve(run_dir))}}
+
+
 @task(name="recover", **IO_TASK)
 def recover(job: OneShotJob, run_dir: str, inputs: dict[str, Any], run_id: str) -> dict[str, Any]:
     """Distil the dense model into the pruned one with its masks fixed; the recovered model replaces
@@ -146,4 +155,4 @@ def recover(job: OneShotJob, run_dir: str, inputs: dict[str, Any], run_id: str) 
     return curve
 
 
-__all__ = ["checkpoint", "loss_figure", "make_trainer", "recover", "recovery_windows", "trainer_config"]
+__all__ = ["checkpoint", "loss_figure", "make_trainer", "recover", "recovery_summary", "recovery_windows", "trainer_config"]

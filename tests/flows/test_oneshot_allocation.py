@@ -84,6 +84,9 @@ def test_allocation_is_recorded_and_logged(owl_run):
     logged = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "allocation")}
     assert logged == {"allocation/allocation.json", "allocation/allocation.png"}
     assert summary["seconds"]["allocate"] >= 0.0
+    on_disk = json.loads(paths.summary(run_dir).read_text())["allocation"]
+    assert on_disk["kind"] == "owl" and on_disk["units"] == 14 and on_disk["mean"] == pytest.approx(S, abs=1e-12)
+    assert S - LAM - 1e-12 <= on_disk["min"] < on_disk["max"] <= S + LAM + 1e-12
 
 
 @pytest.mark.parametrize("mode", ["one_pass", "sequential"])

@@ -75,6 +75,9 @@ def test_loss_decreases_and_is_logged_per_step(recovery_run):
     for key in ("recovery", "recovery_state", "recovery_figure", "model"):
         assert Manifest(run_dir).is_complete(key), key
     assert summary["seconds"]["recover"] > 0.0
+    assert summary["recovery"]["steps"] == STEPS and summary["recovery"]["loss_last"] == losses[-1]
+    assert summary["recovery"]["pruned_weights"] == sum(int((~m).sum()) for m in load_masks(paths.masks(run_dir)).values())
+    assert summary["allocation"] is None
 
 
 def test_training_windows_avoid_the_calibration_windows(recovery_run):
