@@ -5,10 +5,18 @@ MLflow, and a crashed job resuming at its last trainer checkpoint without repeat
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
+from prefect.settings import PREFECT_API_URL
 
 from flows import llm
 from flows.jobs import run_job
@@ -21,6 +29,8 @@ from pruning_core.recovery import RecoveryTrainer
 from tests.flows.oneshot_helpers import tiny_job
 
 pytestmark = pytest.mark.flows
+REPO = Path(__file__).resolve().parents[2]
+HELPER = Path(__file__).with_name("recovery_kill_helper.py")
 STEPS, EVERY = 12, 4
 RECOVERY = {"steps": STEPS, "lr": 2e-3, "windows": 8, "batch_size": 4, "checkpoint_every": EVERY, "schedule": "constant"}
 
@@ -88,31 +98,34 @@ def test_training_windows_avoid_the_calibration_windows(recovery_run):
     assert not any(tuple(w.tolist()) in seen for w in train.unfold(1, 8, 1).reshape(-1, 8))
 
 
-def test_crashed_recovery_resumes_at_its_checkpoint(recovery_run, tiny_model_dir_session, mlflow_uri, tmp_path,
-                                                    monkeypatch):
+def test_killed_recovery_resumes_at_its_checkpoint(recovery_run, tiny_model_dir_session, mlflow_uri, tmp_path,
+                                                   monkeypatch):
     run_dir, _, _ = recovery_run
+    config, killed = tmp_path / "recover.yaml", tmp_path / "run"
+    data = _job(tiny_model_dir_session).model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    config.write_text(yaml.safe_dump({"job": "oneshot", **data}))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO),
+           "PRUNING_TEST_STEP_DELAY": "1.0"}
+    with (tmp_path / "killed.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, str(HELPER), "run", str(config), "--output-dir", str(killed)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+        deadline = time.monotonic() + 240
+        while not Manifest(killed).is_complete("recovery_state"):  # the first checkpoint (step 4) is written
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the job never reached its first recovery checkpoint"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    resume_at = torch.load(paths.recovery_state(killed), weights_only=True)["step"]
+    assert resume_at in range(EVERY, STEPS, EVERY) and not Manifest(killed).is_complete("recovery")
     real, started = RecoveryTrainer.train_step, []
-
-    def crash_at_six(self):
-        started.append(self.step)
-        if self.step == 6:
-            raise RuntimeError("simulated crash")
-        return real(self)
-
-    monkeypatch.setattr(RecoveryTrainer, "train_step", crash_at_six)
-    with pytest.raises(Exception, match="simulated crash"):
-        run_job(_job(tiny_model_dir_session), tmp_path / "run")
-    state = torch.load(paths.recovery_state(tmp_path / "run"), weights_only=True)
-    assert state["step"] == EVERY and started == list(range(7))
-    started.clear()
     monkeypatch.setattr(RecoveryTrainer, "train_step", lambda self: (started.append(self.step), real(self))[1])
-    run_job(_job(tiny_model_dir_session), tmp_path / "run")
-    assert started == list(range(EVERY, STEPS))  # resumed at the checkpoint, no step twice
+    run_job(_job(tiny_model_dir_session), killed)
+    assert started == list(range(resume_at, STEPS))  # resumed at the checkpoint, no step twice
     masks = load_masks(paths.masks(run_dir))
-    ours, uninterrupted = _weights(paths.model(tmp_path / "run"), masks), _weights(paths.model(run_dir), masks)
+    ours, uninterrupted = _weights(paths.model(killed), masks), _weights(paths.model(run_dir), masks)
     assert all(torch.equal(ours[n], uninterrupted[n]) for n in masks)  # bit-identical to the uninterrupted run
-    assert json.loads(paths.recovery_curve(tmp_path / "run").read_text()) == \
-        json.loads(paths.recovery_curve(run_dir).read_text())
+    assert json.loads(paths.recovery_curve(killed).read_text()) == json.loads(paths.recovery_curve(run_dir).read_text())
 
 
 def test_recovery_on_the_evaluation_text_is_refused(tiny_model_dir_session):
