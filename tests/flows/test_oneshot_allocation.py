@@ -148,3 +148,21 @@ def test_uniform_default_keeps_the_job_hash(tiny_model_dir_session):
     explicit = tiny_job(tiny_model_dir_session, method="wanda", sparsity=S, allocation={"kind": "uniform"})
     assert plain.job_hash() == explicit.job_hash()
     assert plain.job_hash() != tiny_job(tiny_model_dir_session, method="wanda", sparsity=S, allocation=OWL).job_hash()
+
+
+def test_owl_per_block_with_sequential_sparsegpt(prefect_server, mlflow_uri, tiny_model_dir_session, tmp_path):
+    job = tiny_job(tiny_model_dir_session, method="sparsegpt", sparsity=S, evaluation={"enabled": False},
+                   calibration={"num_windows": 8, "window_length": 32, "batch_size": 4, "mode": "sequential"},
+                   allocation={"kind": "owl", "m": 3.0, "lambda": LAM})
+    summary = run_job(job, tmp_path / "run")
+    allocation = Allocation.from_dict(json.loads(paths.allocation(tmp_path / "run").read_text()))
+    assert [u.name for u in allocation.units] == ["model.layers.0", "model.layers.1"]
+    assert allocation.mean == pytest.approx(S, abs=1e-12) and allocation.sparsities[0] != allocation.sparsities[1]
+    targets = json.loads(paths.allocation_targets(tmp_path / "run").read_text())
+    assert targets["scope"] == "layer"
+    sparsities = _sparsities(tmp_path / "run")
+    for unit, s in zip(allocation.units, allocation.sparsities, strict=True):
+        for name in unit.layers:  # LAYER scope; SparseGPT selects per column block: within a few weights
+            assert sparsities[name] == pytest.approx(targets["targets"][name], abs=2e-3)
+            assert abs(sparsities[name] - s) < 1e-3
+    assert summary["sparsity"] == pytest.approx(S, abs=1e-3)
