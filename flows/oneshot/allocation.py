@@ -177,6 +177,9 @@ def allocate(job: OneShotJob, run_dir: str, inputs: dict[str, Any], run_id: str)
         else:
             allocation = file_of(job, template)
         targets = shape_targets(allocation, _shapes(reader), MaskScope(job.mask_scope))
+        missing = [name for name in inputs["layers"] if name not in targets]
+        if missing:  # e.g. a pruned layer outside the decoder blocks: refuse before pruning
+            raise ConfigError("allocation", f"no allocated sparsity for layers {missing[:3]} ({len(missing)} in all)")
         _save(job, run_dir, allocation, targets)
     tracker = Tracker(job.tracking.tracking_uri, job.tracking.experiment)
     for key, name in (("allocation", "allocation.json"), ("allocation_figure", "allocation.png")):
