@@ -34,6 +34,7 @@ from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_path, atomic_write_text
 from pruning_core.io.manifest import Manifest
 from pruning_core.lm import generate_text, model_fingerprint, save_pretrained_atomic
+from pruning_core.lm.card import architecture_fields, write_model_card
 from pruning_core.minitron import (
     Architecture,
     MinitronScores,
@@ -239,6 +240,7 @@ def rebuild_chosen(job: MinitronJob, run_dir: str, inputs: dict[str, Any], chose
         return json.loads(record.read_text())
     model, tokenizer = llm.load_model(inputs["model_dir"], job.device)
     plan = StructuredPlan.from_json(paths.candidate_plan(run_dir, chosen["id"]).read_text())
+    before = architecture_fields(model.config)
     if job.distillation.steps:
         teacher, _ = llm.load_model(inputs["model_dir"], job.device)
         apply_plan_(model, plan)
@@ -250,6 +252,7 @@ def rebuild_chosen(job: MinitronJob, run_dir: str, inputs: dict[str, Any], chose
     extra = {"minitron": {"job_hash": job.job_hash(), "candidate": chosen["id"], "plan": plan.to_dict(),
                           "depth_criterion": job.depth_criterion, "distill_steps": job.distillation.steps}}
     save_pretrained_atomic(model, tokenizer, out, extra=extra)
+    _write_card(job, out, before, architecture_fields(model.config))
     info = {"model_dir": str(out), "parameters": sum(p.numel() for p in model.parameters()),
             "sample": generate_text(model, tokenizer, PROMPT, max_new_tokens=16)}
     atomic_write_text(record, json.dumps(info, indent=1))
@@ -257,6 +260,18 @@ def rebuild_chosen(job: MinitronJob, run_dir: str, inputs: dict[str, Any], chose
     manifest.record("model", out, kind="model")
     manifest.record("chosen", record, kind="json")
     return info
+
+
+def _write_card(job: MinitronJob, out: Path, before: dict[str, Any], after: dict[str, Any]) -> None:
+    """The chosen model's README.md (architecture before/after, data, config); in its manifest."""
+    windows = ("text", "num_windows", "window_length")
+    config = job.model_dump(mode="json", exclude_defaults=True, exclude={"tracking", "runner", "name"})
+    card = write_model_card(out, {
+        "kind": "minitron", "base_model": job.model, "architecture": {"before": before, "after": after},
+        "calibration": {k: getattr(job.calibration, k) for k in windows},
+        "evaluation": {k: getattr(job.evaluation, k) for k in windows}, "command": "prune run job.yaml",
+        "config": json.dumps(config, indent=1)})
+    Manifest(out).record(card.name, card, kind="model-file")
 
 
 def candidate_identity(job: MinitronJob, cid: str) -> dict[str, str]:

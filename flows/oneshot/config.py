@@ -33,6 +33,8 @@ class OneShotEvaluation(EvaluationConfig):
     error_windows: PositiveInt = Field(
         8, description="calibration windows on which each layer's output reconstruction error is measured"
     )
+    speed: bool = Field(True, description="measure prefill/decode tokens/s of the dense and the output model "
+                                          "(a few tokens, median of 3; recorded in summary.json)")
 
 
 class SparseGPTConfig(StrictModel):
@@ -48,6 +50,30 @@ class ExportConfig(StrictModel):
         description="csr (any pattern), semi_structured (2:4: values + 2-bit indices) or compressed_tensors "
         "(2:4: compressed-tensors' sparse-24-bitmask Hugging Face layout)",
     )
+
+
+class QuantizationConfig(StrictModel):
+    """Optional weight-only quantization of the pruned model (W4A16 / W8A16), after pruning.
+
+    Block by block over the pruned checkpoint; each block's Hessians come from the already
+    quantized previous blocks (GPTQ's sequential procedure); the pruning mask is kept exactly.
+    Output: ``model-quantized/`` in compressed-tensors' ``pack-quantized`` format.
+    """
+
+    bits: Literal[4, 8] = 4
+    group_size: int = Field(128, description="inputs per scale group; -1: one scale per output channel. Must "
+                                             "divide every layer's input size (SmolLM2's 576: use 64)")
+    symmetric: bool = True
+    method: Literal["gptq", "rtn"] = Field("gptq", description="gptq (OBS error compensation) or rtn "
+                                                               "(round to nearest, the baseline)")
+    percdamp: float = Field(0.01, gt=0, le=1, description="GPTQ's relative Hessian dampening")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v != -1 and v <= 0:
+            raise ValueError(f"group_size: a positive number of inputs or -1 (per channel), got {v}")
+        return v
 
 
 class OneShotJob(JobBase):
@@ -67,6 +93,9 @@ class OneShotJob(JobBase):
     export: ExportConfig = Field(default_factory=ExportConfig)
     allocation: AllocationSection = Field(default_factory=AllocationSection)
     recovery: RecoverySection | None = Field(None, description="fixed-mask distillation after pruning (absent: none)")
+    quantization: QuantizationConfig | None = Field(
+        None, description="weight-only quantization after pruning (absent: none); for quantization alone use "
+                          "method magnitude with sparsity 0")
 
     @field_validator("method")
     @classmethod

@@ -2,8 +2,9 @@
 
     prepare inputs -> dense perplexity (cached across jobs) -> calibrate (one pass, or block by
     block; no pass for methods that read no statistics) -> per-layer pruning tasks on the
-    configured task runner -> assemble the pruned model -> optional sparse export -> pruned
-    perplexity -> MLflow run + summary.json
+    configured task runner -> assemble the pruned model -> optional sparse export -> optional
+    quantization (flows.oneshot.output) -> pruned perplexity -> speed -> model cards -> MLflow run
+    + summary.json
 
 All math lives in pruning_core; the tasks (:mod:`flows.oneshot.tasks`) move files and call it,
 and :class:`flows.runtime.JobRun` claims the directory, tracks the run and writes the summary.
@@ -13,6 +14,7 @@ config again resumes where it stopped and finds its MLflow run again.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 from flows import llm
 from flows.artifacts import layer_table
 from flows.execution import make_task_runner, split_threads
+from flows.oneshot import output
 from flows.oneshot import tasks as t
 from flows.oneshot.allocation import allocate, allocation_summary
 from flows.oneshot.config import OneShotJob
@@ -75,6 +78,47 @@ def _prune(run: JobRun, job: OneShotJob, inputs: dict[str, Any]) -> None:
         prune_layers.with_options(task_runner=runner)(job, run.dir, inputs, stats)
 
 
+def _prepare(run: JobRun, job: OneShotJob) -> dict[str, Any]:
+    with run.stage("prepare"):
+        inputs = t.prepare_inputs(job, run.dir)
+        if job.quantization is not None:  # typed errors (group size, layer kinds) before long work
+            output.check_quantization(job, inputs["model_dir"])
+    if job.allocation.non_uniform:
+        with run.stage("allocate"):
+            allocate(job, run.dir, inputs, run.run_id)
+    return inputs
+
+
+def _quantize(run: JobRun, job: OneShotJob) -> tuple[dict[str, Any] | None, Path]:
+    """The optional quantization stage; returns its summary and the directory to evaluate."""
+    if job.quantization is None:
+        return None, paths.model(run.dir)
+    with run.stage("quantize"):
+        quant = output.quantize(job, run.dir)
+    run.log_metrics({"quantized_bytes": quant["file_bytes"], "quantization_error": quant["mean_error"],
+                     "quantization_rtn_error": quant["mean_rtn_error"]})
+    return quant, paths.dequantized_model(run.dir)  # the quantized weights, loadable anywhere
+
+
+def _speed(run: JobRun, job: OneShotJob, inputs: dict[str, Any], evaluated: Path) -> dict[str, Any] | None:
+    if not job.evaluation.speed:
+        return None
+    with run.stage("speed"):
+        speed = output.measure_output_speed(job, run.dir, inputs["model_dir"], str(evaluated))
+    run.log_metrics({"prefill_speed_ratio": speed["prefill_ratio"], "decode_speed_ratio": speed["decode_ratio"]})
+    return speed
+
+
+def _with_outputs(run: JobRun, job: OneShotJob, inputs: dict[str, Any], summary: dict[str, Any],
+                  quant: dict[str, Any] | None, speed: dict[str, Any] | None) -> dict[str, Any]:
+    """The summary with quantization, speed and sizes; the model cards written from it."""
+    summary = {**summary, "quantization": quant, "speed": speed,
+               "size": output.model_sizes(inputs["model_dir"], run.dir, quant is not None)}
+    with run.stage("model_card"):
+        output.write_cards(job, run.dir, summary)
+    return summary
+
+
 def _summary(job: OneShotJob, inputs: dict[str, Any], table: list[dict[str, Any]], ppl: dict[str, float | None],
              run: JobRun, export: dict[str, Any] | None) -> dict[str, Any]:
     sizes = [r["shape"][0] * r["shape"][1] for r in table]
@@ -108,11 +152,7 @@ def oneshot_flow(job: OneShotJob, output_dir: str | None = None) -> dict[str, An
     tags = {"method": job.method, "pattern": job.pattern, "model": job.model, "calibration_mode": job.calibration.mode}
     with JobRun.open(job, output_dir, tags=tags) as run:
         job = run.job
-        with run.stage("prepare"):
-            inputs = t.prepare_inputs(job, run.dir)
-        if job.allocation.non_uniform:
-            with run.stage("allocate"):
-                allocate(job, run.dir, inputs, run.run_id)
+        inputs = _prepare(run, job)
         ppl: dict[str, float | None] = {"before": None, "after": None}
         if job.evaluation.enabled:
             with run.stage("evaluate_dense"):
@@ -129,13 +169,16 @@ def oneshot_flow(job: OneShotJob, output_dir: str | None = None) -> dict[str, An
         if job.export.sparse_format != "none":
             with run.stage("export"):
                 export = t.export_sparse_model(job, run.dir)
+        quant, evaluated = _quantize(run, job)
         if job.evaluation.enabled:
             with run.stage("evaluate_pruned"):
-                ppl["after"] = llm.evaluate_perplexity(run.dir, str(paths.model(run.dir)), "after", job.evaluation,
+                ppl["after"] = llm.evaluate_perplexity(run.dir, str(evaluated), "after", job.evaluation,
                                                        job.device)
+        speed = _speed(run, job, inputs, evaluated)
         Manifest(run.dir).verify(checksums=False)
         summary = {**_summary(job, inputs, table, ppl, run, export), **allocation_summary(job, run.dir),
                    **recovery_summary(job, run.dir)}
+        summary = _with_outputs(run, job, inputs, summary, quant, speed)
         with run.stage("log"):
             t.log_results(job, run.dir, run.run_id, summary)
             summary["registered_model"] = publish_model(job, run.dir, run.run_id, summary, HEADLINE)

@@ -34,6 +34,11 @@ One-shot (``job: oneshot``)::
     recovery/trainer.pt      recovery: the trainer's last checkpoint (step, weights, optimizer)
     recovery/curve.json      recovery: loss per step (the finished stage's record)
     recovery/loss.png        recovery: the loss curve
+    quantized_blocks/NNN.safetensors  optional quantization: block NNN's packed tensors
+    model-quantized/         the quantized model, compressed-tensors pack-quantized (deployable)
+    model-dequantized/       the same weights dequantized, laid out like model/ (evaluated, resumable)
+    quantization.json        the quantization's per-layer report
+    speed.json               measured prefill/decode speed of the dense and the output model
 
 Minitron (``job: minitron``)::
 
@@ -139,6 +144,27 @@ def global_selection(root: PathLike) -> Path:
 def block_inputs(root: PathLike, index: int) -> Path:
     """Sequential mode: the inputs of decoder block ``index`` (``block_inputs/003.safetensors``)."""
     return Path(root) / "block_inputs" / f"{_index(index)}.safetensors"
+
+
+def quantized_block(root: PathLike, index: int) -> Path:
+    """Quantization: block ``index``'s packed tensors (``quantized_blocks/003.safetensors``)."""
+    return Path(root) / "quantized_blocks" / f"{_index(index)}.safetensors"
+
+
+def quantized_model(root: PathLike) -> Path:
+    return Path(root) / "model-quantized"
+
+
+def dequantized_model(root: PathLike) -> Path:
+    return Path(root) / "model-dequantized"
+
+
+def quantization_report(root: PathLike) -> Path:
+    return Path(root) / "quantization.json"
+
+
+def speed(root: PathLike) -> Path:
+    return Path(root) / "speed.json"
 
 
 def block_stats(root: PathLike, index: int) -> Path:

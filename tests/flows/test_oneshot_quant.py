@@ -1,0 +1,179 @@
+"""The one-shot job's quantization stage (``quantization:``) on the tiny Llama: GPTQ after pruning
+with the masks kept, the pack-quantized export reloaded by the consumer libraries (compressed-tensors'
+decompressor; transformers when it can load the format) to exactly the weights we evaluated."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from flows.jobs import run_job
+from flows.oneshot.output import check_quantization, hessian_error
+from pruning_core.errors import ConfigError
+from pruning_core.io import paths
+from pruning_core.io.manifest import Manifest
+from pruning_core.io.masks import load_masks
+from pruning_core.quant import QuantSpec, quantization_args
+from tests.flows.oneshot_helpers import tiny_job
+
+ct = pytest.importorskip("compressed_tensors")
+
+
+def _tensors(model_dir) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def _decompress(model_dir, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """Every quantized layer's dense weight, as compressed-tensors' own decompressor rebuilds it."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    cfg = json.loads((model_dir / "config.json").read_text())["quantization_config"]
+    compressor = BaseCompressor.get_value_from_registry(cfg["format"])
+    tensors = _tensors(model_dir)
+    out = {}
+    for name in {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")}:
+        local = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
+        if hasattr(compressor, "decompress_weight"):  # 0.13
+            out[name] = compressor(config=None).decompress_weight(local, quantization_args=quantization_args(spec))
+        else:  # >= 0.15
+            scheme = QuantizationScheme(targets=["Linear"], weights=quantization_args(spec))
+            out[name] = compressor.decompress(local, scheme)["weight"]
+    return out
+
+
+def test_config_errors(tiny_model_dir_session):
+    with pytest.raises(ConfigError, match="quantization.bits"):
+        tiny_job(tiny_model_dir_session, method="wanda", sparsity=0.5, quantization={"bits": 3})
+    with pytest.raises(ConfigError, match="quantization.group_size"):
+        tiny_job(tiny_model_dir_session, method="wanda", sparsity=0.5, quantization={"group_size": 0})
+    job = tiny_job(tiny_model_dir_session, method="wanda", sparsity=0.5, quantization={"group_size": 48})
+    with pytest.raises(ConfigError, match=r"'model.layers.0.self_attn.q_proj'.*64 % 48 = 16.*use 64"):
+        check_quantization(job, str(tiny_model_dir_session))
+    plain = tiny_job(tiny_model_dir_session, method="wanda", sparsity=0.5)
+    assert plain.quantization is None and "quantization" not in plain.model_dump(exclude_defaults=True)
+
+
+def test_smollm2_group_size_128_is_refused_with_a_hint():
+    from pruning_core.lm import smollm2_dir
+
+    job = tiny_job(smollm2_dir(), method="magnitude", sparsity=0.0, quantization={"bits": 4})
+    with pytest.raises(ConfigError, match=r"576 inputs.*576 % 128 = 64.*use 64"):
+        check_quantization(job, str(smollm2_dir()))
+
+
+def test_hessian_error_golden():
+    w = torch.tensor([[1.0, 2.0]])
+    h = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    # tr(ΔHΔᵀ) = 2·0.5² = 0.5 ; tr(WHWᵀ) = 2·1 + 4 = 6
+    assert hessian_error(w, torch.tensor([[0.5, 2.0]]), h) == pytest.approx(0.5 / 6)
+
+
+def _wanda24_w4(model_dir):
+    return tiny_job(model_dir, method="wanda", pattern="2:4", quantization={"bits": 4, "group_size": 32})
+
+
+@pytest.fixture(scope="module")
+def quantized_run(prefect_server, tiny_model_dir_session, tmp_path_factory):
+    """``(summary, run dir)`` of one Wanda 2:4 + GPTQ W4 g32 job, shared by this module's tests."""
+    tmp = tmp_path_factory.mktemp("quant-run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+        mp.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+        summary = run_job(_wanda24_w4(tiny_model_dir_session), tmp / "run")
+    return summary, tmp / "run"
+
+
+@pytest.mark.flows
+def test_pruned_and_quantized_job_reloads_exactly(quantized_run):
+    summary, run = quantized_run
+    quant = summary["quantization"]
+    assert quant["format"] == "pack-quantized" and quant["num_layers"] == 14
+    assert quant["mean_error"] < quant["mean_rtn_error"]  # GPTQ beats round-to-nearest on the same Hessians
+    assert quant["file_bytes"] < sum(f.stat().st_size for f in paths.model(run).glob("*.safetensors")) / 2  # fp32 embeddings stay
+    dequantized = _tensors(paths.dequantized_model(run))
+    masks = load_masks(paths.masks(run))
+    decompressed = _decompress(paths.quantized_model(run), QuantSpec(bits=4, group_size=32))
+    assert set(decompressed) == set(masks)
+    for name, keep in masks.items():
+        weight = dequantized[f"{name}.weight"]
+        assert not weight[~keep].any()  # pruned weights stay exactly 0
+        assert bool(((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all())  # 2:4 intact
+        assert torch.equal(decompressed[name].to(weight.dtype), weight)
+    assert summary["perplexity_after"] is not None
+    cfg = json.loads((paths.quantized_model(run) / "config.json").read_text())["quantization_config"]
+    assert cfg["ignore"] == ["lm_head"] and cfg["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    size = summary["size"]
+    assert size["output_bytes"] == quant["file_bytes"] and size["ratio"] == size["output_bytes"] / size["input_bytes"]
+    card = (paths.quantized_model(run) / "README.md").read_text()
+    assert "(wanda 2:4, W4A16)" in card and "Weight-only GPTQ to 4 bits, groups of 32" in card
+    assert f"| perplexity after | {summary['perplexity_after']:.3f} |" in card and "method: wanda" in card
+    assert "## Quantization\n\nNone" in (paths.model(run) / "README.md").read_text()
+    speed = summary["speed"]
+    assert speed["dense"]["repeats"] == 3 and speed["output"]["decode_tokens"] == 8
+    assert speed["prefill_ratio"] == speed["output"]["prefill_tokens_per_s"] / speed["dense"]["prefill_tokens_per_s"]
+    assert f"| decode speed vs. dense | {speed['decode_ratio']:.2f}x" in card
+    Manifest(run).verify()  # the cards were recorded with their directories
+
+
+@pytest.mark.flows
+def test_quantization_resumes_after_a_crash(quantized_run, tiny_model_dir_session, tmp_path, monkeypatch):
+    # a crash in block 1 keeps block 0 (journaled); the rerun quantizes only block 1's 7 layers and
+    # ends with exactly the weights of the uninterrupted run
+    import flows.oneshot.output as output
+
+    _, done = quantized_run
+    run = tmp_path / "run"
+    shutil.copytree(done, run)
+    for name in ("quantization", "model-quantized", "model-dequantized"):
+        Manifest(run).discard(name)
+    for d in (paths.quantized_model(run), paths.dequantized_model(run)):
+        shutil.rmtree(d)
+    job, real, calls = _wanda24_w4(tiny_model_dir_session), output.quantize_weight, []
+
+    def counted(*args, name, **kwargs):
+        calls.append(name)
+        if "layers.1." in name and crash:
+            raise RuntimeError("simulated crash")
+        return real(*args, name=name, **kwargs)
+
+    monkeypatch.setattr(output, "quantize_weight", counted)
+    crash = True
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        output.quantize.fn(job, str(run))
+    crash, calls[:] = False, []
+    summary = output.quantize.fn(job, str(run))
+    assert len(calls) == 7 and all("layers.1." in n for n in calls)
+    assert summary["num_layers"] == 14  # block 0's report came back from the writer's journal
+    again, first = _tensors(paths.dequantized_model(run)), _tensors(paths.dequantized_model(done))
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    assert _tensors(paths.quantized_model(run)).keys() == _tensors(paths.quantized_model(done)).keys()
+
+
+@pytest.mark.flows
+def test_quantization_alone_and_transformers_reload(prefect_server, mlflow_uri, tiny_model_dir_session, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import is_compressed_tensors_available
+
+    job = tiny_job(tiny_model_dir_session, method="magnitude", sparsity=0.0,
+                   quantization={"bits": 8, "group_size": -1, "method": "rtn"}, evaluation={"enabled": False, "speed": False})
+    summary = run_job(job, tmp_path / "run")
+    quant = summary["quantization"]
+    assert quant["method"] == "rtn" and quant["mean_error"] == quant["mean_rtn_error"] > 0
+    assert summary["sparsity"] == 0.0 and summary["speed"] is None
+    if not is_compressed_tensors_available():
+        pytest.skip(f"transformers needs compressed-tensors >= 0.15 to load the format; {ct.__version__} installed")
+    run = tmp_path / "run"
+    reloaded = AutoModelForCausalLM.from_pretrained(paths.quantized_model(run)).eval()
+    reference = AutoModelForCausalLM.from_pretrained(paths.dequantized_model(run)).eval()
+    tokens = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens).logits, reference(tokens).logits, rtol=0, atol=0)
