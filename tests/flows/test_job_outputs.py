@@ -131,7 +131,7 @@ def _artifacts(keys: list[str]) -> dict[str, object]:
 
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
-    return {a.key: a for a in found}
+    return {a.key: a for a in sorted(found, key=lambda a: a.created)}  # a key's newest version (other modules may run the same job)
 
 
 def test_prefect_summary_artifacts_for_every_llm_job(oneshot_run, minitron_run):
