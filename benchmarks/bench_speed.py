@@ -14,7 +14,7 @@ Issue 15 §1 ("measured speedups"). Rows, all float32 on the CPU (bf16 matmuls a
 Timing: :func:`pruning_core.lm.speed.compare_speed` alternates all rows repeat by repeat in one
 process (a random prompt of ``--prompt`` tokens, then ``--decode`` greedy tokens with the KV cache;
 medians of ``--repeats`` after a warmup). Peak RSS: each row is built and run once more in a child
-process of its own (``ru_maxrss``, MiB), so rows do not share a high-water mark.
+process of its own (``VmHWM``, MiB), so rows do not share a high-water mark.
 
     nice -n 10 python benchmarks/bench_speed.py > /tmp/bench_speed.log 2>&1    # ~5 min, quiet machine
     python benchmarks/bench_speed.py --smoke                                  # seconds: 2 rows, few tokens
@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -97,7 +96,10 @@ def _rss_of(row: str, args: argparse.Namespace) -> None:
     from pruning_core.lm.speed import measure_speed
 
     measure_speed(build(row), prompt_tokens=args.prompt, decode_tokens=args.decode, repeats=1, warmup=0)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM, not ru_maxrss: Linux carries the high-water mark of the forked parent (which holds
+    # every row's model) across exec into ru_maxrss, so every row would report the parent's peak.
+    status = Path("/proc/self/status").read_text()
+    print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
