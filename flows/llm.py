@@ -39,9 +39,11 @@ from pruning_core.lm import (
     load_causal_lm,
     load_text,
     model_fingerprint,
-    perplexity,
     resolve_device,
     smollm2_dir,
+    start_tokens,
+    stored_dtype,
+    streaming_perplexity,
     tokenize_corpus,
 )
 from pruning_core.lm.checks import offline_transformers
@@ -106,16 +108,16 @@ class DisjointWindows:
 
 def _cut(tokenizer: Any, calibration: CalibrationConfig, evaluation: EvaluationConfig,
          extra: DisjointWindows | None) -> dict[str, torch.Tensor]:
-    cal, ev = calibration, evaluation
+    cal, ev, start = calibration, evaluation, start_tokens(tokenizer)
     tokens = tokenize_corpus(tokenizer, load_text(cal.text, field=cal.text_field))
-    windows = {"calibration": calibration_windows(tokens, cal.num_windows, cal.window_length, cal.seed,
+    windows = {"calibration": calibration_windows(tokens, cal.num_windows, cal.window_length, cal.seed, start=start,
                                                   what=f"calibration text '{cal.text}'")}
     if extra is not None:
         windows[extra.name] = disjoint_windows(tokens, extra.count, cal.window_length, extra.seed,
                                                avoid=windows["calibration"][: extra.avoid])
     if ev.enabled:
         ev_tokens = tokenize_corpus(tokenizer, load_text(ev.text, field=ev.text_field))
-        windows["evaluation"] = evaluation_windows(ev_tokens, ev.num_windows, ev.window_length,
+        windows["evaluation"] = evaluation_windows(ev_tokens, ev.num_windows, ev.window_length, start=start,
                                                    what=f"evaluation text '{ev.text}'")
     return windows
 
@@ -123,7 +125,9 @@ def _cut(tokenizer: Any, calibration: CalibrationConfig, evaluation: EvaluationC
 def prepare_windows(run_dir: str, tokenizer: Any, calibration: CalibrationConfig, evaluation: EvaluationConfig,
                     *, extra: DisjointWindows | None = None) -> None:
     """Tokenize the texts, cut the windows (``[n, length]`` int64) and record them in the run
-    directory (``windows.safetensors``); nothing if they are recorded already.
+    directory (``windows.safetensors``); nothing if they are recorded already. Every calibration
+    and evaluation window begins with the tokens the tokenizer puts before a text (BOS: Gemma,
+    Llama 3, ...); a tokenizer that adds none (SmolLM2) gets the plain windows.
 
     Raises:
         ConfigError: a text too short for the requested windows (names the text).
@@ -155,14 +159,16 @@ def _windows_sha256(windows: torch.Tensor) -> str:
 def dense_perplexity_key(model: str, windows: torch.Tensor, batch_size: int, device: str) -> str:
     """The cache key of a model directory's perplexity on ``windows``: its content hash, the windows'
     hash, and what could change the printed digits (batch size, device type, torch and transformers)."""
+    kind = resolve_device(device).type
+    dtype = "float32" if kind == "cpu" else str(stored_dtype(model)).removeprefix("torch.")
     return digest({"model": model_fingerprint(model), "windows": _windows_sha256(windows), "batch_size": batch_size,
-                   "device": resolve_device(device).type, "dtype": "float32", "torch": torch.__version__,
+                   "device": kind, "dtype": dtype, "torch": torch.__version__,
                    "transformers": importlib.metadata.version("transformers")})
 
 
 def _measure(model: str, windows: torch.Tensor, batch_size: int, device: str) -> float:
-    network, _ = load_model(model, device)
-    return perplexity(network, windows, batch_size=batch_size)
+    """Streamed block by block (one decoder block in memory): float32 on CPU, the stored dtype on CUDA."""
+    return streaming_perplexity(model, windows, batch_size=batch_size, device=device)
 
 
 def _cached_measure(model: str, windows: torch.Tensor, batch_size: int, device: str) -> tuple[float, bool]:

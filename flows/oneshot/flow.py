@@ -1,10 +1,14 @@
 """The main job: one-shot compression of a causal LM, as Prefect flows tracked in MLflow.
 
-    prepare inputs -> dense perplexity (cached across jobs) -> calibrate (one pass, or block by
-    block; no pass for methods that read no statistics) -> per-layer pruning tasks on the
-    configured task runner -> assemble the pruned model -> optional sparse export -> optional
-    quantization (flows.oneshot.output) -> pruned perplexity -> speed -> model cards -> MLflow run
-    + summary.json
+    prepare inputs -> dense perplexity (streamed, cached across jobs) -> calibrate (one streamed
+    pass; none for methods that read no statistics) -> per-unit pruning tasks on the configured
+    task runner -> assemble (stream the model again, writing each pruned block) -> optional
+    sparse export -> optional quantization (flows.oneshot.output) -> pruned perplexity (streamed)
+    -> speed -> model cards -> MLflow run + summary.json
+    (sequential mode: one streamed pass calibrates, prunes and writes block after block)
+
+The pruning stages never hold the whole model: memory is bounded by the embeddings/head + one
+decoder block + one depth's activations (issue 13 §3).
 
 All math lives in pruning_core; the tasks (:mod:`flows.oneshot.tasks`) move files and call it,
 and :class:`flows.runtime.JobRun` claims the directory, tracks the run and writes the summary.
@@ -40,7 +44,7 @@ HEADLINE = ("sparsity", "perplexity_before", "perplexity_after")  # rounded, as 
 
 @flow(name="prune-layers")
 def prune_layers(job: OneShotJob, run_dir: str, inputs: dict[str, Any], stats: dict[str, str | None]) -> list[str]:
-    """One task per layer, mapped over this subflow's task runner (threads or Dask)."""
+    """One task per prunable unit, mapped over this subflow's task runner (threads or Dask)."""
     layers = inputs["layers"]
     scores_only = job.mask_scope == "global"
     with split_threads(job.runner):
@@ -54,13 +58,9 @@ def prune_layers(job: OneShotJob, run_dir: str, inputs: dict[str, Any], stats: d
 
 
 @flow(name="prune-blocks")
-def prune_blocks(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> list[str]:
-    """Sequential mode: one task per decoder block, each fed by the previous pruned block."""
-    t.capture_inputs(job, run_dir, inputs)
-    files: list[str] = []
-    for index in tqdm(range(inputs["num_blocks"]), desc="pruning blocks", unit="block"):
-        files += t.prune_block.submit(job, run_dir, inputs, index).result()
-    return files
+def prune_blocks(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> None:
+    """Sequential mode: one streamed pass, each block calibrated on the pruned blocks' outputs."""
+    t.prune_sequential(job, run_dir, inputs)
 
 
 def _prune(run: JobRun, job: OneShotJob, inputs: dict[str, Any]) -> None:

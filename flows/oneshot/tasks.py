@@ -1,51 +1,67 @@
-"""Tasks of the one-shot job. Each one loads its inputs from files, calls pruning_core, writes
-its outputs atomically, records them in the run's manifest and returns small values (paths,
-names, numbers), so tasks can run in threads, processes or on Dask workers alike.
+"""Tasks of the one-shot job, block by block: no task ever holds the whole model (issue 13 §3).
 
-Every task is idempotent at the artifact level: if the manifest already holds its verified
-outputs it returns them without recomputing, which is how a crashed job resumes. The tasks that
-load the whole model (``prepare_inputs``, ``calibrate``, ``capture_inputs``, ``assemble``) are
-separate, small functions so that block-by-block (streaming) versions can replace them one by one.
+Each task loads its inputs from files, calls pruning_core, writes its outputs atomically, records
+them in the run's manifest and returns small values (paths, names, numbers), so tasks can run in
+threads, processes or on Dask workers alike. Every task is idempotent at the artifact level: if
+the manifest already holds its verified outputs it returns them without recomputing, which is how
+a crashed job resumes.
+
+- ``prepare_inputs``: every check that needs no weight math, before any long work (causal LM,
+  architecture support, window lengths, checkpoint names writable, patterns fit every unit,
+  no NaN/Inf), then the token windows (starting with BOS where the tokenizer adds one).
+- one-pass: ``calibrate`` streams the dense model once (:func:`calibrate_blocks`, statistics per
+  unit, MoE experts on their routed tokens), ``prune_layer`` prunes one unit reading only its
+  module's weights (fanned out on threads or Dask), ``select_global`` applies one threshold, and
+  ``assemble`` streams again, writing each block with its results through a
+  :class:`CheckpointWriter` (the input's shards, names and dtype) and measuring each unit's
+  relative output error on ``evaluation.error_windows`` calibration windows.
+- sequential: ``prune_sequential`` streams once, each block calibrated on the pruned blocks'
+  outputs, pruned unit by unit and written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from prefect import task
+from torch import nn
 
 from flows import llm
 from flows.execution import IO_TASK
+from flows.oneshot import blocks as b
 from flows.oneshot.allocation import allocation_targets, layer_target
 from flows.oneshot.config import OneShotJob
 from flows.oneshot.recovery import recovery_windows
 from flows.report import layer_figure
 from flows.tracking import Tracker
-from pruning_core.calibration import (
-    BlockInputs,
-    calibrate_block,
-    capture_block_inputs,
-    collect_activation_stats,
-    run_block,
-)
-from pruning_core.calibration.sequential import find_decoder_blocks
+from pruning_core.calibration import ActivationStats, CalibrationContext
 from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_write_text
 from pruning_core.io.layers import load_layer_result, load_layer_scores, save_layer_result
 from pruning_core.io.manifest import Manifest
-from pruning_core.io.masks import load_masks, save_masks
-from pruning_core.io.stats import load_layer_stats, save_activation_stats, save_hessians
-from pruning_core.io.tensors import load_tensors, save_tensors
-from pruning_core.lm import model_fingerprint, resolve_device, save_pretrained_atomic
-from pruning_core.lm.weights import load_decoder_block, read_weight
+from pruning_core.io.masks import load_masks, save_masks_from
+from pruning_core.io.stats import (
+    load_activation_stats,
+    load_layer_stats,
+    save_activation_stats,
+    save_hessians,
+)
+from pruning_core.lm import (
+    CheckpointReader,
+    CheckpointWriter,
+    LayerStream,
+    UnitStatistics,
+    calibrate_blocks,
+    check_model_dir,
+    inspect_model,
+    model_fingerprint,
+)
 from pruning_core.masks import SparsitySpec, Unstructured, generate_global_masks
 from pruning_core.methods import Method, get_method
-from pruning_core.metrics import layer_output_errors
-from pruning_core.pruning import prune_module, target_layers
 from pruning_core.sparse import export_sparse, read_export_info
 
 log = logging.getLogger(__name__)
@@ -77,30 +93,28 @@ def needs_stats(job: OneShotJob) -> tuple[bool, bool]:
     return method.needs_stats, method.needs_hessian
 
 
+def _method_for(job: OneShotJob, stats: Any, name: str) -> tuple[Method, Any]:
+    """The job's method, except for a MoE expert no calibration token was routed to (statistics
+    with ``count == 0``): that one is pruned by weight magnitude at the same spec (the library's
+    rule, :func:`pruning_core.pruning.prune_module`), reported in the per-unit table."""
+    method = method_of(job)
+    if method.needs_stats and stats is not None and stats.count == 0:
+        log.warning("%s: no calibration token was routed to this expert; pruned by magnitude", name)
+        return get_method("magnitude"), None
+    return method, stats
+
+
 def prune_one(job: OneShotJob, weight: torch.Tensor, stats: Any, *, name: str,
               allocation: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one ``[out, in]`` weight: ``(new weight, bool keep mask)``, both shaped like ``weight``."""
-    return method_of(job).prune_weight(weight, stats, spec_of(job, name, allocation), name=name)
+    method, stats = _method_for(job, stats, name)
+    return method.prune_weight(weight, stats, spec_of(job, name, allocation), name=name)
 
 
 def score_one(job: OneShotJob, weight: torch.Tensor, stats: Any, *, name: str) -> torch.Tensor:
     """The method's importance scores of one weight (for a GLOBAL selection), shaped like ``weight``."""
-    return method_of(job).score(weight, stats, name=name)
-
-
-def prune_block_layers(job: OneShotJob, block: torch.nn.Module, ctx: Any, prefix: str,
-                       layers: list[str], allocation: str | None = None) -> dict[str, torch.Tensor]:
-    """Prune ``layers`` of a decoder block in place (``prefix``: the block's module path + "."); their masks.
-
-    With an ``allocation`` each layer is pruned at its own sparsity (one ``prune_module`` call per layer).
-    """
-    groups = [(layers, spec_of(job))] if allocation is None else [([n], spec_of(job, n, allocation)) for n in layers]
-    masks: dict[str, torch.Tensor] = {}
-    for names, spec in groups:
-        result = prune_module(block, method_of(job), spec, ctx, prefix=prefix,
-                              filter_fn=lambda name, _m, names=names: name in names, measure_memory=False)
-        masks.update({name: result.masks[name].tensor for name in names})
-    return masks
+    method, stats = _method_for(job, stats, name)
+    return method.score(weight, stats, name=name)
 
 
 # -- tasks ------------------------------------------------------------------------------------------
@@ -114,65 +128,88 @@ def _metadata(job: OneShotJob, inputs: dict[str, Any]) -> dict[str, str]:
             "config": job.model_dump_json(exclude={"tracking", "runner"})}
 
 
-def _calibration_batches(job: OneShotJob, run_dir: str, count: int | None = None) -> list[torch.Tensor]:
-    return llm.window_batches(run_dir, "calibration", job.calibration.batch_size, count=count)
+def _check_model(job: OneShotJob, model_dir: str) -> CheckpointReader:
+    """Everything knowable without weight math; raises before any long work (see the module docstring)."""
+    check_model_dir(model_dir)
+    lengths = {"calibration.window_length": job.calibration.window_length}
+    if job.evaluation.enabled:
+        lengths["evaluation.window_length"] = job.evaluation.window_length
+    inspect_model(model_dir, job="oneshot", window_lengths=lengths)
+    reader = b.reader_for(model_dir)
+    reader.check_writable()
+    for name, unit in b.model_units(reader).items():  # raises InvalidPattern naming the unit and its shape
+        job.sparsity_pattern.check_shape(torch.Size(unit.shape), name=name)
+    b.check_weights_finite(reader)
+    return reader
 
 
 @task(name="prepare-inputs", **IO_TASK)
 def prepare_inputs(job: OneShotJob, run_dir: str) -> dict[str, Any]:
-    """Resolve the model, check everything that could fail later, cut the token windows.
-
-    Fails before any long work on: a missing or corrupt model, NaN weights, a pattern that does
-    not fit a layer, a text too short for the requested windows.
-    """
+    """Resolve and check the model (see :func:`_check_model`), cut the token windows."""
     record = paths.inputs(run_dir)
     if _done(run_dir, "inputs", "windows"):
         return json.loads(record.read_text())
     model_dir = llm.model_dir(job.model)
-    model, tokenizer = llm.load_model(model_dir, "cpu")  # checks files, shapes and NaN/Inf
-    layers = target_layers(model)
-    for name, module in layers.items():  # raises InvalidPattern naming the layer and its shape
-        job.sparsity_pattern.check_shape(module.weight.shape, name=name)
-    llm.prepare_windows(run_dir, tokenizer, job.calibration, job.evaluation, extra=recovery_windows(job))
-    prefix, blocks = find_decoder_blocks(model) if job.calibration.mode == "sequential" else ("", [])
-    info = {"model_dir": model_dir, "fingerprint": model_fingerprint(model_dir),
-            "layers": list(layers), "blocks_prefix": prefix, "num_blocks": len(blocks),
-            "parameters": sum(m.weight.numel() for m in layers.values())}
+    reader = _check_model(job, model_dir)
+    llm.prepare_windows(run_dir, llm.load_tokenizer(model_dir), job.calibration, job.evaluation,
+                        extra=recovery_windows(job))
+    units = b.model_units(reader)
+    info = {"model_dir": model_dir, "fingerprint": model_fingerprint(model_dir), "layers": list(units),
+            "blocks_prefix": reader.block_prefix, "num_blocks": reader.num_blocks,
+            "dtype": str(reader.stored_dtype).removeprefix("torch."),
+            "parameters": sum(u.shape[0] * u.shape[1] for u in units.values())}
     atomic_write_text(record, json.dumps(info, indent=2))
     Manifest(run_dir).record("inputs", record, kind="json")
     return info
 
 
+def _calibration_stream(job: OneShotJob, run_dir: str, reader: CheckpointReader, count: int | None = None) -> LayerStream:
+    windows = llm.load_windows(run_dir, "calibration")[:count]
+    return b.open_stream(reader, windows, job.calibration.batch_size, job.device)
+
+
 @task(name="calibrate", **IO_TASK)
 def calibrate(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> dict[str, str | None]:
-    """One pass over the dense model: per-layer statistics to Parquet (+ XᵀX for SparseGPT)."""
+    """One streamed pass over the dense model: per-unit statistics to Parquet (+ XᵀX per block for
+    SparseGPT); returns ``{"stats": file, "hessians": folder or None}``."""
     _, hessian = needs_stats(job)
-    stats_path, hess_path = paths.stats(run_dir), paths.hessians(run_dir)
-    if not (_done(run_dir, "stats") and (not hessian or _done(run_dir, "hessians"))):
-        model, _ = llm.load_model(inputs["model_dir"], job.device)
-        ctx = collect_activation_stats(model, _calibration_batches(job, run_dir), layers=inputs["layers"],
-                                       hessian=hessian, dataset=job.calibration.text)
-        meta = _metadata(job, inputs)
-        save_activation_stats(stats_path, ctx, meta)
-        Manifest(run_dir).record("stats", stats_path, kind="stats")
+    out = {"stats": str(paths.stats(run_dir)),
+           "hessians": str(paths.block_hessians(run_dir, 0).parent) if hessian else None}
+    if _done(run_dir, "stats"):
+        return out
+    reader, meta = b.reader_for(inputs["model_dir"]), _metadata(job, inputs)
+    observe, merged = UnitStatistics(hessian=hessian, dataset=job.calibration.text), CalibrationContext(job.calibration.text)
+
+    def finish(i: int, block: nn.Module) -> None:
+        context = observe.pop(i)
         if hessian:
-            save_hessians(hess_path, ctx, meta)
-            Manifest(run_dir).record("hessians", hess_path, kind="hessians")
-    return {"stats": str(stats_path), "hessians": str(hess_path) if hessian else None}
+            save_hessians(paths.block_hessians(run_dir, i), context, meta)
+            Manifest(run_dir).record(f"hessians:{i}", paths.block_hessians(run_dir, i), kind="hessians")
+        for name, s in context:  # XᵀX dropped: only the per-channel sums stay in memory
+            merged.add_layer_stats(name, ActivationStats.from_arrays(s.sum_sq, s.sum_abs, s.count, name=name))
+        merged.num_samples = context.num_samples
+
+    calibrate_blocks(_calibration_stream(job, run_dir, reader), finish, observe=observe, sequential=False)
+    save_activation_stats(paths.stats(run_dir), merged, meta)
+    Manifest(run_dir).record("stats", paths.stats(run_dir), kind="stats")
+    return out
 
 
 @task(name="prune-layer", task_run_name="prune-{layer}", **IO_TASK)
 def prune_layer(job: OneShotJob, run_dir: str, model_dir: str, layer: str,
                 stats: dict[str, str | None], scores_only: bool = False) -> str:
-    """Prune (or, for a GLOBAL selection, only score) one layer; returns its output file.
+    """Prune (or, for a GLOBAL selection, only score) one unit; returns its output file.
 
-    ``stats`` holds the paths of the statistics and Hessians (None: the method reads none).
+    Reads only the unit's module from the checkpoint. ``stats`` holds the path of the statistics
+    and the folder of the per-block Hessians (None: the method reads none).
     """
     key, out = f"layer:{layer}", paths.layer_scores(run_dir, layer)
     if _done(run_dir, key):
         return str(out)
-    weight = read_weight(model_dir, layer).to(resolve_device(job.device))  # device: auto -> CUDA when present
-    layer_stats = load_layer_stats(stats["stats"], layer, stats.get("hessians")) if stats.get("stats") else None
+    reader = b.reader_for(model_dir)
+    weight = b.read_unit(reader, layer, job.device)  # device: auto -> CUDA when present
+    hessians = paths.block_hessians(run_dir, b.block_index(reader, layer)) if stats.get("hessians") else None
+    layer_stats = load_layer_stats(stats["stats"], layer, hessians) if stats.get("stats") else None
     if scores_only:
         scores = score_one(job, weight, layer_stats, name=layer)
         save_layer_result(out, torch.ones_like(weight, dtype=torch.bool), scores=scores)
@@ -185,7 +222,7 @@ def prune_layer(job: OneShotJob, run_dir: str, model_dir: str, layer: str,
 
 @task(name="select-global", **IO_TASK)
 def select_global(job: OneShotJob, run_dir: str, layers: list[str]) -> list[str]:
-    """One threshold across all layers' scores (GLOBAL scope); rewrites each layer's file with its mask."""
+    """One threshold across all units' scores (GLOBAL scope); rewrites each unit's file with its mask."""
     files = [str(paths.layer_scores(run_dir, layer)) for layer in layers]
     if _done(run_dir, "global-selection"):
         return files
@@ -201,74 +238,88 @@ def select_global(job: OneShotJob, run_dir: str, layers: list[str]) -> list[str]
     return files
 
 
-@task(name="capture-block-inputs", **IO_TASK)
-def capture_inputs(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> str:
-    """Sequential mode: record decoder block 0's inputs for every calibration batch."""
-    out = paths.block_inputs(run_dir, 0)
-    if not _done(run_dir, "block_inputs:0"):
-        model, _ = llm.load_model(inputs["model_dir"], job.device)
-        save_tensors(out, capture_block_inputs(model, _calibration_batches(job, run_dir)).to_tensors())
-        Manifest(run_dir).record("block_inputs:0", out, kind="activations")
-    return str(out)
-
-
-@task(name="prune-block", task_run_name="prune-block-{index}", **IO_TASK)
-def prune_block(job: OneShotJob, run_dir: str, inputs: dict[str, Any], index: int) -> list[str]:
-    """Sequential mode, block ``index``: statistics on its (already pruned-path) inputs, prune its
-    layers, then run the pruned block to produce block ``index + 1``'s inputs."""
-    block = load_decoder_block(inputs["model_dir"], index, device=resolve_device(job.device))
-    prefix = f"{inputs['blocks_prefix']}.{index}."
-    layers = [n for n in inputs["layers"] if n.startswith(prefix)]
-    files = [str(paths.layer_scores(run_dir, n)) for n in layers]
-    if _done(run_dir, f"block_inputs:{index + 1}", *(f"layer:{n}" for n in layers)):
-        return files
-    block_in = BlockInputs.from_tensors(load_tensors(paths.block_inputs(run_dir, index)))
-    ctx = calibrate_block(block, block_in, hessian=needs_stats(job)[1], prefix=prefix, dataset=job.calibration.text)
-    save_activation_stats(paths.block_stats(run_dir, index), ctx, _metadata(job, inputs))
-    masks = prune_block_layers(job, block, ctx, prefix, layers, allocation_targets(job, run_dir))
+def _write_model(job: OneShotJob, run_dir: str, stream: LayerStream, finish: Callable[[int, nn.Module], Any],
+                 observe: UnitStatistics, *, sequential: bool) -> None:
+    """Stream every block through ``finish`` (returns its table rows) into the output checkpoint,
+    resumable block by block; records the model and the per-unit table."""
+    info = {"job_hash": job.job_hash(), "method": job.method, "pattern": job.pattern, "sparsity": job.target_sparsity}
+    with CheckpointWriter(stream.reader, paths.model(run_dir), key=job.job_hash()) as writer:
+        records = calibrate_blocks(stream, finish, observe=observe, sequential=sequential, writer=writer)
+        rows = [row for i in sorted(records) for row in records[i]]
+        writer.finish(extra={"pruning": info})
+    atomic_write_text(paths.layers_table(run_dir), json.dumps(rows, indent=1))
     manifest = Manifest(run_dir)
-    manifest.record(f"stats:{index}", paths.block_stats(run_dir, index), kind="stats")
-    for name, file in zip(layers, files, strict=True):
-        weight = block.get_submodule(name.removeprefix(prefix)).weight
-        save_layer_result(file, masks[name], weight if needs_stats(job)[1] else None)
-        manifest.record(f"layer:{name}", file, kind="layer")
-    save_tensors(paths.block_inputs(run_dir, index + 1), run_block(block, block_in).to_tensors())
-    manifest.record(f"block_inputs:{index + 1}", paths.block_inputs(run_dir, index + 1), kind="activations")
-    manifest.discard(f"block_inputs:{index}")  # ~40 MB per block for SmolLM2; no longer needed
-    paths.block_inputs(run_dir, index).unlink(missing_ok=True)
-    return files
+    manifest.record("model", paths.model(run_dir), kind="model")
+    manifest.record("layers", paths.layers_table(run_dir), kind="json")
+
+
+def _token_counts(run_dir: str) -> dict[str, int]:
+    """Calibration tokens per unit (MoE experts: the tokens routed to them); empty without statistics."""
+    if not _done(run_dir, "stats"):
+        return {}
+    return {name: int(s.count) for name, s in load_activation_stats(paths.stats(run_dir))}
+
+
+def _finalize(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> list[dict[str, Any]]:
+    """``masks.safetensors`` from the per-unit results (read one at a time); the per-unit table."""
+    if not _done(run_dir, "masks"):
+        items = ((n, load_layer_result(paths.layer_scores(run_dir, n))[0]) for n in inputs["layers"])
+        save_masks_from(paths.masks(run_dir), items, metadata={"job_hash": job.job_hash()})
+        Manifest(run_dir).record("masks", paths.masks(run_dir), kind="masks")
+    return json.loads(paths.layers_table(run_dir).read_text())
 
 
 @task(name="assemble", **IO_TASK)
 def assemble(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> list[dict[str, Any]]:
-    """Apply every layer's result to the dense model; save masks, the pruned model and the
-    per-layer table (sparsity, relative output reconstruction error on calibration inputs)."""
-    table_path = paths.layers_table(run_dir)
-    if _done(run_dir, "model", "masks", "layers"):
-        return json.loads(table_path.read_text())
-    model, tokenizer = llm.load_model(inputs["model_dir"], job.device)
-    masks, new_weights = {}, {}
-    for layer in inputs["layers"]:
-        mask, weight = load_layer_result(paths.layer_scores(run_dir, layer))
-        dense = model.get_submodule(layer).weight.detach()
-        masks[layer] = mask
-        new_weights[layer] = (weight if weight is not None else dense * mask.to(dense.device)).to(dense.device)
-    errors = layer_output_errors(model, new_weights, _calibration_batches(job, run_dir, job.evaluation.error_windows))
-    with torch.no_grad():
-        for layer, weight in new_weights.items():
-            model.get_submodule(layer).weight.copy_(weight)
-    save_masks(paths.masks(run_dir), masks, metadata={"job_hash": job.job_hash()})
-    save_pretrained_atomic(model, tokenizer, paths.model(run_dir),
-                           extra={"pruning": {"job_hash": job.job_hash(), "method": job.method,
-                                              "pattern": job.pattern, "sparsity": job.target_sparsity}})
-    table = [{"name": layer, "shape": list(masks[layer].shape), "sparsity": 1.0 - float(masks[layer].float().mean()),
-              "reconstruction_error": errors[layer]} for layer in inputs["layers"]]
-    atomic_write_text(table_path, json.dumps(table, indent=1))
-    manifest = Manifest(run_dir)
-    manifest.record("masks", paths.masks(run_dir), kind="masks")
-    manifest.record("model", paths.model(run_dir), kind="model")
-    manifest.record("layers", table_path, kind="json")
-    return table
+    """One-pass mode: write the pruned model block by block (each unit's result applied to the dense
+    block), measuring each unit's relative output error on the first ``evaluation.error_windows``
+    calibration windows; save the masks and the per-unit table."""
+    if not _done(run_dir, "model", "layers"):
+        reader, counts = b.reader_for(inputs["model_dir"]), _token_counts(run_dir)
+        observe = UnitStatistics(hessian=True)
+
+        def finish(i: int, block: nn.Module) -> list[dict[str, Any]]:
+            return b.apply_results(run_dir, reader, i, block, observe.pop(i), counts)
+
+        stream = _calibration_stream(job, run_dir, reader, job.evaluation.error_windows)
+        _write_model(job, run_dir, stream, finish, observe, sequential=False)
+    return _finalize(job, run_dir, inputs)
+
+
+def _prune_in_block(job: OneShotJob, run_dir: str, unit: Any, block: nn.Module,
+                    context: CalibrationContext) -> dict[str, Any]:
+    """Sequential mode: prune one unit of a streamed block in place (or re-apply its saved result)."""
+    key, file = f"layer:{unit.name}", paths.layer_scores(run_dir, unit.name)
+    original = unit.read(block).clone()
+    if _done(run_dir, key):  # finished before a crash: the same inputs gave this result
+        mask, weight = load_layer_result(file)
+        new = weight if weight is not None else original * mask.to(original.device)
+    else:
+        stats = context.require_stats(unit.name) if needs_stats(job)[0] else None
+        new, mask = prune_one(job, original.clone(), stats, name=unit.name, allocation=allocation_targets(job, run_dir))
+        save_layer_result(file, mask, new if needs_stats(job)[1] else None)
+        Manifest(run_dir).record(key, file, kind="layer")
+    unit.write(block, new.to(original.device))
+    return b.unit_row(unit, original, unit.read(block), mask, context)
+
+
+@task(name="prune-blocks", **IO_TASK)
+def prune_sequential(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> None:
+    """Sequential mode: each streamed block is calibrated on the outputs of the pruned blocks before
+    it (the Wanda/SparseGPT reference procedure), pruned unit by unit and written; resumable per
+    block (the writer's journal) and per unit (the manifest)."""
+    if _done(run_dir, "model", "layers"):
+        return
+    reader, meta = b.reader_for(inputs["model_dir"]), _metadata(job, inputs)
+    observe = UnitStatistics(hessian=True, dataset=job.calibration.text)  # XᵀX also for the error column
+
+    def finish(i: int, block: nn.Module) -> list[dict[str, Any]]:
+        context = observe.pop(i)
+        save_activation_stats(paths.block_stats(run_dir, i), context, meta)
+        Manifest(run_dir).record(f"stats:{i}", paths.block_stats(run_dir, i), kind="stats")
+        return [_prune_in_block(job, run_dir, unit, block, context) for unit in b.block_units(reader, block, i)]
+
+    _write_model(job, run_dir, _calibration_stream(job, run_dir, reader), finish, observe, sequential=True)
 
 
 @task(name="export-sparse", **IO_TASK)
@@ -311,6 +362,5 @@ def log_results(job: OneShotJob, run_dir: str, run_id: str, summary: dict[str, A
             tracker.log_artifacts(run_id, summary["sparse_export"], "sparse")
 
 
-__all__ = ["assemble", "calibrate", "capture_inputs", "export_sparse_model", "log_results", "method_of", "needs_stats",
-           "prepare_inputs", "prune_block", "prune_block_layers", "prune_layer", "prune_one", "score_one",
-           "select_global", "spec_of"]
+__all__ = ["assemble", "calibrate", "export_sparse_model", "log_results", "method_of", "needs_stats",
+           "prepare_inputs", "prune_layer", "prune_one", "prune_sequential", "score_one", "select_global", "spec_of"]

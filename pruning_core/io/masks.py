@@ -66,12 +66,19 @@ def save_masks(
         InvalidMask: a mask is not a bool tensor (names it and its dtype).
         ConfigError: ``metadata`` uses the reserved key.
     """
+    return save_masks_from(path, masks.items(), metadata)
+
+
+def save_masks_from(path: PathLike, masks: Iterable[tuple[str, torch.Tensor]],
+                    metadata: Mapping[str, str] | None = None) -> Path:
+    """:func:`save_masks` from ``(name, bool mask)`` pairs, each packed as it comes (memory: the
+    packed bits of all masks plus one unpacked mask; e.g. masks loaded one at a time from files)."""
     extra = dict(metadata or {})
     if SHAPES_KEY in extra:
         raise ConfigError("metadata", f"the key '{SHAPES_KEY}' is reserved for the mask shapes")
     packed: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
-    for name, mask in masks.items():
+    for name, mask in masks:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             kind = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise InvalidMask(f"masks must be torch.bool tensors, got {kind}", name=name)
@@ -113,4 +120,4 @@ def load_masks(path: PathLike, names: Iterable[str] | None = None) -> dict[str, 
     return {n: unpack_mask(packed[n], shapes[n], name=f"{p}:{n}") for n in wanted}
 
 
-__all__ = ["load_masks", "pack_mask", "save_masks", "unpack_mask"]
+__all__ = ["load_masks", "pack_mask", "save_masks", "save_masks_from", "unpack_mask"]

@@ -20,13 +20,12 @@ Layout of a run directory (every job kind)::
 One-shot (``job: oneshot``)::
 
     stats.parquet            calibration statistics, a row per layer x input channel
-    hessians.safetensors     SparseGPT Hessians, one tensor per layer
+    hessians/block_NNN.safetensors  SparseGPT Hessians of block NNN's units (one-pass mode)
     scores/<layer>.safetensors   per-layer result (mask, updated weight or scores)
     global-selection.json    marker: the global threshold was applied to every layer
-    block_inputs/NNN.safetensors  sequential mode: inputs of decoder block NNN
-    stats/block_NNN.parquet  sequential mode: statistics of block NNN's layers
+    stats/block_NNN.parquet  sequential mode: statistics of block NNN's units
     masks.safetensors        all masks, bit-packed (io.masks)
-    layers.json              per-layer table (sparsity, reconstruction error)
+    layers.json              per-unit table (sparsity, reconstruction error, routed tokens)
     sparse/                  optional sparse-format export
     allocation.json          non-uniform allocation (allocation.Allocation.to_dict): OWL or a reused file
     allocation_targets.json  its per-layer sparsities, rounded to this job's comparison groups
@@ -170,6 +169,11 @@ def speed(root: PathLike) -> Path:
 def block_stats(root: PathLike, index: int) -> Path:
     """Sequential mode: the statistics of block ``index``'s layers (``stats/block_003.parquet``)."""
     return Path(root) / "stats" / f"block_{_index(index)}.parquet"
+
+
+def block_hessians(root: PathLike, index: int) -> Path:
+    """One-pass mode: the ``XᵀX`` of block ``index``'s units (``hessians/block_003.safetensors``)."""
+    return Path(root) / "hessians" / f"block_{_index(index)}.safetensors"
 
 
 def masks(root: PathLike) -> Path:

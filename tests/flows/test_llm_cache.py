@@ -76,7 +76,7 @@ def _run_dir(tmp_path, name, model_dir):
 def test_dense_perplexity_is_measured_once_per_model_content_and_windows(cache_root, tmp_path, monkeypatch,
                                                                          tiny_model_dir_session):
     model_dir = str(tiny_model_dir_session)
-    measured = _count(monkeypatch, llm, "perplexity")
+    measured = _count(monkeypatch, llm, "streaming_perplexity")
     first = llm.evaluate_perplexity.fn(_run_dir(tmp_path, "a", model_dir), model_dir, "before", EVAL, "cpu", cached=True)
     model, _ = load_causal_lm(model_dir)
     windows = llm.load_windows(str(tmp_path / "a"), "evaluation")
@@ -115,12 +115,12 @@ def test_another_model_or_other_windows_miss_the_cache(cache_root, tmp_path, tin
 @pytest.mark.flows
 def test_a_second_job_reuses_the_dense_perplexity_and_magnitude_skips_calibration(
         prefect_server, mlflow_uri, cache_root, tiny_model_dir_session, tmp_path, monkeypatch, caplog):
-    measured = _count(monkeypatch, llm, "perplexity")
+    measured = _count(monkeypatch, llm, "streaming_perplexity")
     wanda = run_job(tiny_job(tiny_model_dir_session, method="wanda", sparsity=0.5), tmp_path / "wanda")
     assert len(measured) == 2  # dense and pruned
     import flows.oneshot.tasks as tasks
 
-    calibrated = _count(monkeypatch, tasks, "collect_activation_stats")
+    calibrated = _count(monkeypatch, tasks, "calibrate_blocks")
     magnitude = run_job(tiny_job(tiny_model_dir_session, method="magnitude", sparsity=0.5, name="mag"),
                         tmp_path / "mag")
     assert len(measured) == 3  # only the pruned model: the dense value came from the cache

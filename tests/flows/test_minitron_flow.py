@@ -180,7 +180,7 @@ def test_rerun_reuses_scores_and_candidates_without_duplicate_runs(search, monke
 
     for name in ("compute_scores", "evaluate_candidate", "save_pretrained_atomic", "trace_decoder"):
         monkeypatch.setattr(tasks, name, forbidden)
-    monkeypatch.setattr(llm, "perplexity", forbidden)
+    monkeypatch.setattr(llm, "streaming_perplexity", forbidden)
     scores_mtime = (run_dir / "scores.parquet").stat().st_mtime_ns
     again = run_minitron(job, run_dir)
     assert (run_dir / "scores.parquet").stat().st_mtime_ns == scores_mtime

@@ -15,20 +15,15 @@ NO_EVAL = {**SMALL["evaluation"], "enabled": False}
 
 
 def _spy_devices(monkeypatch) -> list[str]:
-    """Record the device of every model, decoder block and per-layer weight the tasks work on."""
-    import flows.llm as llm
+    """Record the device of every decoder block read and every per-unit weight the tasks prune."""
     import flows.oneshot.tasks as tasks
+    from pruning_core.lm import CheckpointReader
 
     seen: list[str] = []
-    real_load, real_block, real_prune = llm.load_causal_lm, tasks.load_decoder_block, tasks.prune_one
+    real_block, real_prune = CheckpointReader.load_block, tasks.prune_one
 
-    def load(*args, **kwargs):
-        model, tokenizer = real_load(*args, **kwargs)
-        seen.append(f"model:{next(model.parameters()).device.type}")
-        return model, tokenizer
-
-    def block(*args, **kwargs):
-        module = real_block(*args, **kwargs)
+    def block(self, *args, **kwargs):
+        module = real_block(self, *args, **kwargs)
         seen.append(f"block:{next(module.parameters()).device.type}")
         return module
 
@@ -36,8 +31,7 @@ def _spy_devices(monkeypatch) -> list[str]:
         seen.append(f"weight:{weight.device.type}")
         return real_prune(job, weight, *args, **kwargs)
 
-    monkeypatch.setattr(llm, "load_causal_lm", load)
-    monkeypatch.setattr(tasks, "load_decoder_block", block)
+    monkeypatch.setattr(CheckpointReader, "load_block", block)
     monkeypatch.setattr(tasks, "prune_one", prune)
     return seen
 
@@ -52,7 +46,7 @@ def test_auto_runs_sequential_mode_on_cpu(prefect_server, mlflow_uri, tiny_model
     for name, mask in load_masks(tmp_path / "run" / "masks.safetensors").items():
         NM(2, 4).validate(mask, name=name)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert {s.split(":")[0] for s in seen} == {"model", "block"}  # sequential mode prunes whole blocks
+    assert {s.split(":")[0] for s in seen} == {"block", "weight"}  # streamed blocks, units pruned inside them
     assert {s.split(":")[1] for s in seen} == {expected}
 
 
@@ -65,7 +59,7 @@ def test_auto_uses_cuda_in_every_task(prefect_server, mlflow_uri, tiny_model_dir
                    calibration={**SMALL["calibration"], "mode": mode})
     summary = run_oneshot(job, tmp_path / "run")
     kinds = {s.split(":")[0] for s in seen}
-    assert kinds == ({"model", "weight"} if mode == "one_pass" else {"model", "block"})
+    assert kinds == {"block", "weight"}
     assert {s.split(":")[1] for s in seen} == {"cuda"}, seen
     assert summary["sparsity"] == pytest.approx(0.5, abs=1e-9)
     assert 1.0 < summary["perplexity_before"] < summary["perplexity_after"] < 1e4

@@ -127,9 +127,9 @@ def test_rerun_resumes_without_recomputing_or_duplicating(wanda_run, monkeypatch
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished stage was computed again")
 
-    for name in ("collect_activation_stats", "prune_one", "save_pretrained_atomic"):
+    for name in ("calibrate_blocks", "prune_one", "CheckpointWriter"):
         monkeypatch.setattr(tasks, name, forbidden)
-    monkeypatch.setattr(llm, "perplexity", forbidden)
+    monkeypatch.setattr(llm, "streaming_perplexity", forbidden)
     again = _run(job, run_dir)
     assert again["mlflow_run_id"] == summary["mlflow_run_id"]
     assert again["perplexity_after"] == summary["perplexity_after"]

@@ -1,0 +1,125 @@
+"""Block-by-block helpers of the one-shot tasks: the checkpoint, its prunable units, one unit's
+weight, the streams over the run's windows, and one block's per-unit results and table rows.
+
+Nothing here holds the whole model: a :class:`~pruning_core.lm.CheckpointReader` (cached per
+process and model directory: a meta-device skeleton and the name mapping, no weights) reads one
+module, one decoder block or the shell at a time (issue 13 §3).
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pruning_core.arch import PrunableUnit, prunable_units
+from pruning_core.calibration.context import CalibrationContext
+from pruning_core.io import paths
+from pruning_core.io.layers import load_layer_result
+from pruning_core.lm import CheckpointReader, LayerStream, resolve_device
+from pruning_core.metrics import reconstruction_error
+from pruning_core.validate import check_finite
+
+_READER_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=4)
+def _cached_reader(model_dir: str, stamp: tuple[tuple[str, int, int], ...]) -> CheckpointReader:
+    return CheckpointReader(model_dir)
+
+
+def reader_for(model_dir: str) -> CheckpointReader:
+    """The checkpoint of ``model_dir`` (one per process while its files are unchanged; thread-safe)."""
+    from pathlib import Path
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    with _READER_LOCK:
+        return _cached_reader(str(model_dir), stamp)
+
+
+def model_units(reader: CheckpointReader) -> dict[str, PrunableUnit]:
+    """Every prunable unit of the model by qualified name (from the meta skeleton: no weights read)."""
+    return {u.name: u for u in prunable_units(reader.template(reader.stored_dtype))}
+
+
+def block_index(reader: CheckpointReader, name: str) -> int:
+    """The decoder block a unit named ``name`` lies in."""
+    return int(name.removeprefix(reader.block_prefix + ".").split(".", 1)[0])
+
+
+def block_units(reader: CheckpointReader, block: nn.Module, index: int) -> list[PrunableUnit]:
+    """The units of decoder ``block`` (read/written on the block), named as in the whole model."""
+    return prunable_units(block, prefix=f"{reader.block_prefix}.{index}.")
+
+
+def compute_dtype(reader: CheckpointReader, device: str) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls are ~40x slower there), the stored dtype on an accelerator."""
+    return torch.float32 if resolve_device(device).type == "cpu" else reader.stored_dtype
+
+
+def read_unit(reader: CheckpointReader, name: str, device: str) -> torch.Tensor:
+    """Unit ``name``'s weight ``[out, in]`` (math orientation), read alone from the checkpoint,
+    in the compute dtype on ``device`` (only the tensors of its module are read)."""
+    unit = model_units(reader)[name]
+    prefix = unit.module + "."
+    tensors = reader.read_model_tensors(lambda n: n.startswith(prefix), compute_dtype(reader, device),
+                                        resolve_device(device))
+    weight = tensors[unit.tensor_name]
+    if unit.expert is not None:
+        weight = weight[unit.expert]
+    return (weight.T if unit.transposed else weight).contiguous()
+
+
+def check_weights_finite(reader: CheckpointReader) -> None:
+    """Raise NumericalInstability naming the first saved tensor holding NaN/Inf and its index
+    (one tensor in memory at a time)."""
+    for shard in reader.layout.shards.values():
+        with safe_open(str(reader.root / shard.file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point():
+                    check_finite(tensor, method="prepare", what="weight", layer=key)
+
+
+def open_stream(reader: CheckpointReader, windows: torch.Tensor, batch_size: int, device: str) -> LayerStream:
+    """A calibration stream (no output head) over ``windows`` on ``device``."""
+    return LayerStream(reader, windows, batch_size=batch_size, device=device, head=False)
+
+
+def unit_row(unit: PrunableUnit, original: torch.Tensor, new: torch.Tensor, mask: torch.Tensor,
+             stats: CalibrationContext | None, tokens: int | None = None) -> dict[str, Any]:
+    """One row of the per-unit table: shape, sparsity, relative output reconstruction error
+    (``‖(W - Ŵ)Xᵀ‖ / ‖WXᵀ‖`` from the unit's ``XᵀX`` in ``stats``; None without tokens), and the
+    calibration tokens routed to it (``tokens``, default the count in ``stats``; None if unknown)."""
+    layer = stats.get_stats(unit.name) if stats is not None else None
+    if tokens is None and layer is not None:
+        tokens = int(layer.count)
+    error = None
+    if layer is not None and layer.xtx is not None and layer.count > 0:
+        error = reconstruction_error(original, new, layer, name=unit.name)
+    return {"name": unit.name, "kind": unit.kind, "shape": list(unit.shape),
+            "sparsity": 1.0 - float(mask.float().mean()), "reconstruction_error": error, "tokens": tokens,
+            "zero_token_expert": unit.expert is not None and tokens == 0}
+
+
+def apply_results(run_dir: str, reader: CheckpointReader, index: int, block: nn.Module,
+                  stats: CalibrationContext | None, counts: dict[str, int]) -> list[dict[str, Any]]:
+    """Write every unit's saved result (new weight, or the dense weight times its mask) into
+    ``block`` in place; the block's table rows (``counts``: calibration tokens per unit)."""
+    rows = []
+    for unit in block_units(reader, block, index):
+        mask, weight = load_layer_result(paths.layer_scores(run_dir, unit.name))
+        original = unit.read(block).clone()
+        new = weight if weight is not None else original * mask.to(original.device)
+        unit.write(block, new.to(original.device))
+        rows.append(unit_row(unit, original, unit.read(block), mask, stats, counts.get(unit.name)))
+    return rows
+
+
+__all__ = ["apply_results", "block_index", "block_units", "check_weights_finite", "compute_dtype", "model_units",
+           "open_stream", "read_unit", "reader_for", "unit_row"]
