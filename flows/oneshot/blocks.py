@@ -25,6 +25,7 @@ from pruning_core.metrics import reconstruction_error
 from pruning_core.validate import check_finite
 
 _READER_LOCK = threading.Lock()
+FLOATING = frozenset({"F64", "F32", "BF16", "F16"})  # safetensors dtypes checked for NaN/Inf
 
 
 @lru_cache(maxsize=4)
@@ -76,14 +77,18 @@ def read_unit(reader: CheckpointReader, name: str, device: str) -> torch.Tensor:
 
 
 def check_weights_finite(reader: CheckpointReader) -> None:
-    """Raise NumericalInstability naming the first saved tensor holding NaN/Inf and its index
-    (one tensor in memory at a time)."""
-    for shard in reader.layout.shards.values():
-        with safe_open(str(reader.root / shard.file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                if tensor.is_floating_point():
-                    check_finite(tensor, method="prepare", what="weight", layer=key)
+    """Raise NumericalInstability naming the first saved tensor holding NaN/Inf and its index.
+
+    One tensor in memory at a time: each is read through its own ``safe_open`` (a mapping kept
+    open over a whole shard would keep every page read so far resident).
+    """
+    for name, entry in reader.layout.tensors.items():
+        if entry.dtype not in FLOATING:
+            continue
+        with safe_open(str(reader.root / entry.file), framework="pt", device="cpu") as f:
+            tensor = f.get_tensor(name)
+        check_finite(tensor, method="prepare", what="weight", layer=name)
+        del tensor
 
 
 def open_stream(reader: CheckpointReader, windows: torch.Tensor, batch_size: int, device: str) -> LayerStream:

@@ -278,7 +278,7 @@ def test_sigkill_mid_pruning_then_rerun_resumes(prefect_server, mlflow_uri, tiny
     stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept}
 
     recomputed = count_calls(monkeypatch, "prune_one")
-    recalibrated = count_calls(monkeypatch, "calibrate_blocks")
+    recalibrated = count_calls(monkeypatch, "save_activation_stats")
     summary = run_oneshot(parse_config(job_dict(tiny_model_dir_session), str(config)), run_dir)
     assert sorted(recomputed) == sorted(set(reference_masks) - finished)  # only what was not finished
     assert recalibrated == []

@@ -120,7 +120,7 @@ def test_a_second_job_reuses_the_dense_perplexity_and_magnitude_skips_calibratio
     assert len(measured) == 2  # dense and pruned
     import flows.oneshot.tasks as tasks
 
-    calibrated = _count(monkeypatch, tasks, "calibrate_blocks")
+    calibrated = _count(monkeypatch, tasks, "save_activation_stats")
     magnitude = run_job(tiny_job(tiny_model_dir_session, method="magnitude", sparsity=0.5, name="mag"),
                         tmp_path / "mag")
     assert len(measured) == 3  # only the pruned model: the dense value came from the cache

@@ -39,7 +39,7 @@ def _forbid(monkeypatch, *names: str) -> None:
         raise AssertionError("a finished stage was computed again")
 
     for name in names:
-        monkeypatch.setattr(llm if name == "perplexity" else tasks, name, forbidden)
+        monkeypatch.setattr(llm if name == "streaming_perplexity" else tasks, name, forbidden)
 
 
 def test_export_is_added_to_a_finished_job_and_then_resumed(prefect_server, mlflow_uri, tiny_model_dir_session,
@@ -53,7 +53,7 @@ def test_export_is_added_to_a_finished_job_and_then_resumed(prefect_server, mlfl
     job = tiny_job(tiny_model_dir_session, method="wanda", pattern="2:4", export={"sparse_format": "compressed_tensors"})
     assert job.job_hash() == plain.job_hash()
     with monkeypatch.context() as mp:
-        _forbid(mp, "prune_one", "perplexity", "save_pretrained_atomic", "collect_activation_stats")
+        _forbid(mp, "prune_one", "streaming_perplexity", "CheckpointWriter", "calibrate_blocks")
         summary = run_oneshot(job, tmp_path / "run")
     out = tmp_path / "run" / "sparse"
     assert summary["sparse_export"] == str(out) and summary["mlflow_run_id"] == first["mlflow_run_id"]
@@ -83,7 +83,7 @@ def test_export_is_added_to_a_finished_job_and_then_resumed(prefect_server, mlfl
 
     # Run again: nothing is computed, not even the export.
     with monkeypatch.context() as mp:
-        _forbid(mp, "prune_one", "perplexity", "save_pretrained_atomic", "export_sparse")
+        _forbid(mp, "prune_one", "streaming_perplexity", "CheckpointWriter", "export_sparse")
         again = run_oneshot(job, tmp_path / "run")
     assert again["sparse_export_size"] == size
 
