@@ -64,16 +64,20 @@ def compute_dtype(reader: CheckpointReader, device: str) -> torch.dtype:
 
 
 def read_unit(reader: CheckpointReader, name: str, device: str) -> torch.Tensor:
-    """Unit ``name``'s weight ``[out, in]`` (math orientation), read alone from the checkpoint,
-    in the compute dtype on ``device`` (only the tensors of its module are read)."""
+    """Unit ``name``'s weight ``[out, in]`` (math orientation), read alone from the checkpoint (its
+    parameter only: for a fused MoE parameter, every expert's slice in the stored dtype), then
+    cast to the compute dtype on ``device``."""
     unit = model_units(reader)[name]
-    prefix = unit.module + "."
-    tensors = reader.read_model_tensors(lambda n: n.startswith(prefix), compute_dtype(reader, device),
-                                        resolve_device(device))
-    weight = tensors[unit.tensor_name]
+    tensors = reader.read_model_tensors(lambda n: n == unit.tensor_name, reader.stored_dtype)
+    if unit.tensor_name not in tensors:  # a parameter built by a one-to-many conversion: its whole module
+        prefix = unit.module + "."
+        tensors = reader.read_model_tensors(lambda n: n.startswith(prefix), reader.stored_dtype)
+    weight = tensors.pop(unit.tensor_name)
+    del tensors
     if unit.expert is not None:
         weight = weight[unit.expert]
-    return (weight.T if unit.transposed else weight).contiguous()
+    weight = weight.T if unit.transposed else weight
+    return weight.to(resolve_device(device), compute_dtype(reader, device)).contiguous()
 
 
 def check_weights_finite(reader: CheckpointReader) -> None:

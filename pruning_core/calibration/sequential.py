@@ -42,7 +42,7 @@ class _StopForward(BaseException):
     """Private signal that stops a forward pass once block 0's inputs are recorded (never a real error)."""
 
 
-find_decoder_blocks = decoder_blocks  # the old name (lm/weights, flows, tests import it)
+find_decoder_blocks = decoder_blocks  # the old name (tests and benchmarks import it)
 
 
 @dataclass
