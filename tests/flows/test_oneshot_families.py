@@ -56,6 +56,17 @@ def test_every_family_has_a_variant():
 
 
 @pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> tuple[str, str]:
+    """Short excerpts of the shipped texts (tokenizing whole books would dominate the runs)."""
+    from pruning_core.lm import load_text
+
+    root = tmp_path_factory.mktemp("texts")
+    for name in ("emma", "pride_and_prejudice"):
+        (root / f"{name}.txt").write_text(load_text(name)[:20_000])
+    return str(root / "emma.txt"), str(root / "pride_and_prejudice.txt")
+
+
+@pytest.fixture(scope="module")
 def tracking(tmp_path_factory):
     """One SQLite MLflow store for the module's runs."""
     with pytest.MonkeyPatch.context() as mp:
@@ -127,13 +138,13 @@ def _check_experts(name: str, summary: dict, windows: torch.Tensor, model) -> No
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_family(prefect_server, tracking, tiny_tokenizer, bos_tokenizer, tmp_path, name):
+def test_family(prefect_server, tracking, texts, tiny_tokenizer, bos_tokenizer, tmp_path, name):
     dtype, method, mode = VARIANTS[name]
     tokenizer = bos_tokenizer if name in BOS_FAMILIES else tiny_tokenizer
     src = _save(tmp_path / "in", name, dtype, tokenizer)
     sparsity = {"pattern": "2:4"} if method == "sparsegpt" else {"sparsity": 0.5}
-    job = tiny_job(src, name=name, method=method, **sparsity, calibration={**CAL, "mode": mode}, evaluation=EVAL,
-                   tracking={"log_model": False})
+    job = tiny_job(src, name=name, method=method, **sparsity, calibration={**CAL, "mode": mode, "text": texts[0]},
+                   evaluation={**EVAL, "text": texts[1]}, tracking={"log_model": False})
     summary = run_job(job, tmp_path / "run")
     out = tmp_path / "run" / "model"
     _check_layout(src, out, dtype)
