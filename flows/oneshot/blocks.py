@@ -53,6 +53,33 @@ def block_index(reader: CheckpointReader, name: str) -> int:
     return int(name.removeprefix(reader.block_prefix + ".").split(".", 1)[0])
 
 
+def unit_sources(reader: CheckpointReader) -> dict[str, dict[str, Any]]:
+    """Per unit: its block, and where its parameter is saved (``file``, ``key``; None when a
+    conversion builds it, e.g. fused MoE experts), ``expert`` and ``transposed``: enough for a
+    task to read the unit with ``safe_open`` alone (:func:`read_saved_unit`)."""
+    out = {}
+    for name, unit in model_units(reader).items():
+        key = reader.saved_name(unit.tensor_name)
+        out[name] = {"block": block_index(reader, name), "key": key, "expert": unit.expert,
+                     "file": reader.layout.tensors[key].file if key is not None else None,
+                     "transposed": unit.transposed}
+    return out
+
+
+def read_saved_unit(model_dir: str, source: dict[str, Any], device: str, dtype: torch.dtype) -> torch.Tensor:
+    """A unit's weight ``[out, in]`` read by its saved name (see :func:`unit_sources`), in the
+    compute dtype (float32 on CPU, else ``dtype``) on ``device``; no model class is built."""
+    from pathlib import Path
+
+    with safe_open(str(Path(model_dir) / source["file"]), framework="pt", device="cpu") as f:
+        weight = f.get_tensor(source["key"])
+    if source["expert"] is not None:
+        weight = weight[source["expert"]]
+    weight = weight.T if source["transposed"] else weight
+    target = resolve_device(device)
+    return weight.to(target, torch.float32 if target.type == "cpu" else dtype).contiguous()
+
+
 def block_units(reader: CheckpointReader, block: nn.Module, index: int) -> list[PrunableUnit]:
     """The units of decoder ``block`` (read/written on the block), named as in the whole model."""
     return prunable_units(block, prefix=f"{reader.block_prefix}.{index}.")
@@ -130,5 +157,5 @@ def apply_results(run_dir: str, reader: CheckpointReader, index: int, block: nn.
     return rows
 
 
-__all__ = ["apply_results", "block_index", "block_units", "check_weights_finite", "compute_dtype", "model_units",
+__all__ = ["apply_results", "block_index", "block_units", "read_saved_unit", "unit_sources", "check_weights_finite", "compute_dtype", "model_units",
            "open_stream", "read_unit", "reader_for", "unit_row"]

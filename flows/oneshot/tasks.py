@@ -156,7 +156,7 @@ def prepare_inputs(job: OneShotJob, run_dir: str) -> dict[str, Any]:
     units = b.model_units(reader)
     info = {"model_dir": model_dir, "fingerprint": model_fingerprint(model_dir), "layers": list(units),
             "blocks_prefix": reader.block_prefix, "num_blocks": reader.num_blocks,
-            "dtype": str(reader.stored_dtype).removeprefix("torch."),
+            "dtype": str(reader.stored_dtype).removeprefix("torch."), "units": b.unit_sources(reader),
             "parameters": sum(u.shape[0] * u.shape[1] for u in units.values())}
     atomic_write_text(record, json.dumps(info, indent=2))
     Manifest(run_dir).record("inputs", record, kind="json")
@@ -200,15 +200,19 @@ def prune_layer(job: OneShotJob, run_dir: str, model_dir: str, layer: str,
                 stats: dict[str, str | None], scores_only: bool = False) -> str:
     """Prune (or, for a GLOBAL selection, only score) one unit; returns its output file.
 
-    Reads only the unit's module from the checkpoint. ``stats`` holds the path of the statistics
+    Reads only the unit's parameter from the checkpoint. ``stats`` holds the path of the statistics
     and the folder of the per-block Hessians (None: the method reads none).
     """
     key, out = f"layer:{layer}", paths.layer_scores(run_dir, layer)
     if _done(run_dir, key):
         return str(out)
-    reader = b.reader_for(model_dir)
-    weight = b.read_unit(reader, layer, job.device)  # device: auto -> CUDA when present
-    hessians = paths.block_hessians(run_dir, b.block_index(reader, layer)) if stats.get("hessians") else None
+    inputs = json.loads(paths.inputs(run_dir).read_text())
+    source = inputs["units"][layer]
+    if source["key"] is not None:  # device: auto -> CUDA when present
+        weight = b.read_saved_unit(model_dir, source, job.device, getattr(torch, inputs["dtype"]))
+    else:  # built by a conversion (fused experts): through the checkpoint's name mapping
+        weight = b.read_unit(b.reader_for(model_dir), layer, job.device)
+    hessians = paths.block_hessians(run_dir, source["block"]) if stats.get("hessians") else None
     layer_stats = load_layer_stats(stats["stats"], layer, hessians) if stats.get("stats") else None
     if scores_only:
         scores = score_one(job, weight, layer_stats, name=layer)

@@ -156,6 +156,12 @@ class CheckpointReader:
         prefix = f"{self.block_prefix}.{index}."
         return sorted(k for name, g in self._groups.items() if name.startswith(prefix) for k, _ in g.sources)
 
+    def saved_name(self, name: str) -> str | None:
+        """The saved tensor that holds in-memory tensor ``name`` as is (renamed at most), or None
+        when a conversion builds it (e.g. fused experts from per-expert tensors) or it is unknown."""
+        group = self._groups.get(name)
+        return group.sources[0][0] if group is not None and group.converter is None else None
+
     def _check_index(self, index: int) -> None:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_blocks:
             raise ArtifactError(str(self.root), f"decoder block {index!r} does not exist (the model has {self.num_blocks})")
