@@ -124,7 +124,7 @@ def _every_path(root):
         paths.summary(root), paths.inputs(root), paths.windows(root), paths.perplexity(root, "before"),
         paths.perplexity(root, "after"), paths.model(root), paths.stats(root), paths.hessians(root),
         paths.layer_scores(root, "model.layers.0.mlp.up_proj"), paths.global_selection(root),
-        paths.block_inputs(root, 3), paths.block_stats(root, 3), paths.masks(root), paths.layers_table(root),
+        paths.block_inputs(root, 3), paths.block_stats(root, 3), paths.block_hessians(root, 3), paths.masks(root), paths.layers_table(root),
         paths.sparse_export(root), paths.scores_table(root), paths.candidate_plan(root, "L2-H64-F64-Q4-KV2"),
         paths.candidate_result(root, "L2-H64-F64-Q4-KV2"), paths.chosen(root), paths.tickets(root, "0123abcd"),
         paths.round_record(root, 3), paths.accuracy_figure(root),
@@ -162,7 +162,7 @@ def test_layer_names_that_would_leave_the_directory_are_refused(tmp_path, layer)
 
 @pytest.mark.parametrize("index", [-1, 1.5, True])
 def test_block_and_round_indices_must_be_non_negative_ints(tmp_path, index):
-    for name in (paths.block_inputs, paths.block_stats, paths.round_record):
+    for name in (paths.block_inputs, paths.block_stats, paths.block_hessians, paths.round_record):
         with pytest.raises(ArtifactError):
             name(tmp_path, index)
 
