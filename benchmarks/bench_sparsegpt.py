@@ -122,26 +122,24 @@ def perplexity(model, tok, n: int = 16, length: int = 256) -> float:
 
 def perplexity_check() -> None:
     from benchmarks._smollm2 import emma_windows, load_smollm2
-    from pruning_core.pruning import (
-        MagnitudePruner,
-        SparseGPTPruner,
-        WandaPruner,
-        prune_module,
-        prune_sequential,
-    )
+    from pruning_core.methods import get_method
+    from pruning_core.pruning import prune_module, prune_sequential
 
     _, tok = load_smollm2()
     batches = list(emma_windows(tok, 16, 128, seed=0).split(4))
+    magnitude, wanda, sparsegpt = get_method("magnitude"), get_method("wanda"), get_method("sparsegpt")
     runs = {
         "dense": None,
-        "magnitude 50% (one pass)": lambda m: prune_module(m, MagnitudePruner(), 0.5),
+        "magnitude 50% (one pass)": lambda m: prune_module(m, magnitude, magnitude.spec(0.5)),
         "wanda 50% (one pass)": lambda m: prune_module(
-            m, WandaPruner(), 0.5, None, collect_activation_stats(m, batches, progress=False)),
-        "wanda 50% (sequential)": lambda m: prune_sequential(m, batches, WandaPruner(), 0.5, progress=False),
-        "sparsegpt 50% (sequential)": lambda m: prune_sequential(m, batches, SparseGPTPruner(), 0.5, progress=False),
-        "wanda 2:4 (sequential)": lambda m: prune_sequential(m, batches, WandaPruner(), None, NM(2, 4), progress=False),
+            m, wanda, wanda.spec(0.5), collect_activation_stats(m, batches, progress=False)),
+        "wanda 50% (sequential)": lambda m: prune_sequential(m, batches, wanda, wanda.spec(0.5), progress=False),
+        "sparsegpt 50% (sequential)": lambda m: prune_sequential(m, batches, sparsegpt, sparsegpt.spec(0.5),
+                                                                 progress=False),
+        "wanda 2:4 (sequential)": lambda m: prune_sequential(m, batches, wanda, wanda.spec(None, NM(2, 4)),
+                                                             progress=False),
         "sparsegpt 2:4 (sequential)": lambda m: prune_sequential(
-            m, batches, SparseGPTPruner(), None, NM(2, 4), progress=False),
+            m, batches, sparsegpt, sparsegpt.spec(None, NM(2, 4)), progress=False),
     }
     print("| model | perplexity | achieved sparsity | pruning s (wall) |")
     print("|---|---|---|---|")

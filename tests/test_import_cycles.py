@@ -33,7 +33,6 @@ ALLOWED_EDGES: set[tuple[str, str]] = {
     ("pruning_core.lottery.controls", "pruning_core.lottery.pruner"),  # TYPE_CHECKING (RoundPlan)
     ("pruning_core.lm.models", "pruning_core.lm.smollm2"),  # _resolve_model_path imports it lazily
     ("pruning_core.lm.fingerprint", "pruning_core.lm.smollm2"),  # _memo_file imports default_cache_root lazily
-    ("pruning_core.pruning", "pruning_core.compat"),  # TRANSITIONAL __getattr__ for benchmarks/bench_sparsegpt.py
 }
 
 

@@ -43,15 +43,6 @@ DepthPruner BlockImportanceScores DepthPruningResult WidthPruner ChannelImportan
 BAD_INPUT_ERRORS = ["NumericalInstability", "CalibrationRequired", "ShapeMismatch", "InvalidMask",
                     "InvalidPattern", "MissingActivationStats", "InvalidSparsity", "NoParameters", "ConfigError"]
 
-# TRANSITIONAL names flows/ and benchmarks/ import from where they used to live (remove with them).
-TRANSITIONAL = {
-    "pruning_core.pruning": ["MagnitudePruner", "Pruner", "SparseGPTPruner", "WandaPruner", "prune_weight",
-                             "score_weight", "ImportancePruner"],
-    "pruning_core.minitron": ["DepthPruner", "DepthPruningResult", "WidthPruner", "ChannelImportance",
-                              "WidthPruningResult"],
-}
-
-
 def test_top_level_is_the_pinned_list_of_entry_points():
     assert sorted(pruning_core.__all__) == TOP_LEVEL
     for name in TOP_LEVEL:
@@ -92,9 +83,11 @@ def test_all_is_exact():
             assert hasattr(module, name), name
 
 
-@pytest.mark.parametrize(("module", "name"), [(m, n) for m, names in TRANSITIONAL.items() for n in names])
-def test_transitional_names_still_import_from_their_old_homes(module, name):
-    assert getattr(importlib.import_module(module), name) is getattr(compat, name)
+@pytest.mark.parametrize(("module", "name"), [("pruning_core.pruning", "WandaPruner"),
+                                             ("pruning_core.minitron", "DepthPruner")])
+def test_seed_classes_live_in_compat_only(module, name):
+    assert not hasattr(importlib.import_module(module), name)
+    assert hasattr(compat, name)
 
 
 def test_seed_history_lives_in_the_compat_page_only():

@@ -154,6 +154,7 @@ Errors.
 """
 
 from pruning_core.calibration import ActivationStats, CalibrationContext
+from pruning_core.compat.calls import accepts_legacy_call
 from pruning_core.compat.depth import DepthPruner, DepthPruningResult
 from pruning_core.compat.importance import (
     Importance,
@@ -206,8 +207,14 @@ from pruning_core.masks import (
     generate_unstructured_mask,
 )
 from pruning_core.minitron import BlockImportanceScores
-from pruning_core.pruning import PruningResult, prune_module
+from pruning_core.pruning import PruningResult
+from pruning_core.pruning import prune_module as _prune_module
+from pruning_core.pruning import prune_sequential as _prune_sequential
 from pruning_core.sparse import BlockSparseTensor, COOTensor, CSRTensor, SparseFormat, SparseTensor, sparsify
+
+# The whole-model passes, also in the seed's call form (a pruner and a loose sparsity/pattern/scope).
+prune_module = accepts_legacy_call(spec_position=2)(_prune_module)
+prune_sequential = accepts_legacy_call(spec_position=3, takes_stats=False)(_prune_sequential)
 
 # Every public name of the seed module, as the seed spells it (the table above).
 SEED_NAMES = (
@@ -285,6 +292,7 @@ __all__ = [
     "generate_unstructured_mask",
     "propagate_channel_pruning",
     "prune_module",
+    "prune_sequential",
     "prune_weight",
     "score_weight",
     "sparsify",

@@ -10,8 +10,6 @@ Supported: the Llama-like families of :data:`FAMILIES` (Llama, Mistral, Qwen2, Q
 Gemma 3, Phi-3); :func:`check_supported` refuses any other model before long work.
 """
 
-from typing import Any
-
 from pruning_core.minitron.bi import BlockImportanceScores, block_importance
 from pruning_core.minitron.config import Architecture, MinitronTarget, WidthImportanceConfig
 from pruning_core.minitron.depth_scores import (
@@ -56,21 +54,6 @@ from pruning_core.minitron.structure import (
 from pruning_core.minitron.width_plan import select_heads, top_k_indices, width_plan
 from pruning_core.minitron.width_scores import WidthScores, collect_width_scores
 from pruning_core.minitron.windows import disjoint_windows, window_positions
-
-# TRANSITIONAL: flows/minitron.py imports DepthPruner from here. The Depth/WidthPruner facades
-# live in pruning_core.compat now; remove this table (and __getattr__) once flows use
-# pruning_core.compat (or the library's own checks).
-_MOVED_TO_COMPAT = {"DepthPruner": "depth", "DepthPruningResult": "depth", "ChannelImportance": "width",
-                    "WidthPruner": "width", "WidthPruningResult": "width"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_COMPAT:
-        import importlib
-
-        return getattr(importlib.import_module(f"pruning_core.compat.{_MOVED_TO_COMPAT[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = [
     "DEPTH_CRITERIA",

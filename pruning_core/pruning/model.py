@@ -34,7 +34,6 @@ from pruning_core.masks import (
 )
 from pruning_core.methods.base import Method, check_scope, earlier_mask, zero_pruned
 from pruning_core.metrics import reconstruction_error
-from pruning_core.pruning.legacy import accepts_legacy_call
 from pruning_core.pruning.result import PruningResult
 
 logger = logging.getLogger(__name__)
@@ -83,7 +82,6 @@ def target_layers(model: nn.Module, filter_fn: LayerFilter | None = None, *, pre
             for name, u in target_units(model, filter_fn, prefix=prefix).items()}
 
 
-@accepts_legacy_call(spec_position=2)
 def prune_module(
     model: nn.Module,
     method: Method,

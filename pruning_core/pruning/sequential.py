@@ -22,14 +22,12 @@ from pruning_core.calibration.sequential import calibrate_block, capture_block_i
 from pruning_core.errors import ConfigError
 from pruning_core.masks import MaskScope, SparsitySpec
 from pruning_core.methods.base import Method, check_scope
-from pruning_core.pruning.legacy import accepts_legacy_call
 from pruning_core.pruning.model import LayerFilter, prune_module
 from pruning_core.pruning.result import PruningResult
 
 logger = logging.getLogger(__name__)
 
 
-@accepts_legacy_call(spec_position=3, takes_stats=False)
 def prune_sequential(
     model: nn.Module,
     batches: Iterable[Batch],

@@ -191,14 +191,16 @@ def test_stats_may_be_a_plain_mapping(tiny_llama):
 
 
 def test_pre_contract_call_form_still_works(tiny_llama):
-    """TRANSITIONAL (flows/, benchmarks/): ``prune_module(model, pruner, sparsity, pattern, context, scope=)``."""
+    """The seed's call form, in pruning_core.compat: ``prune_module(model, pruner, sparsity, pattern, context, scope=)``."""
     from pruning_core.compat import MagnitudePruner, WandaPruner
+    from pruning_core.compat import prune_module as seed_prune_module
+    from pruning_core.compat import prune_sequential as seed_prune_sequential
 
     ctx = collect_activation_stats(tiny_llama, [_ids()], progress=False)
-    old = prune_module(tiny_llama, WandaPruner(), 0.5, None, ctx, measure_memory=False)
+    old = seed_prune_module(tiny_llama, WandaPruner(), 0.5, None, ctx, measure_memory=False)
     new = prune_module(make_tiny_llama(), Wanda(), spec(0.5, method=Wanda()), ctx, measure_memory=False)
     assert all(torch.equal(old.masks[n].tensor, new.masks[n].tensor) for n in old.masks)
-    nm = prune_module(make_tiny_llama(), MagnitudePruner(), None, "2:4", scope=None, measure_memory=False)
+    nm = seed_prune_module(make_tiny_llama(), MagnitudePruner(), None, "2:4", scope=None, measure_memory=False)
     assert all(m.pattern == NM(2, 4) for m in nm.masks.values())
-    seq = prune_sequential(make_tiny_llama(), [_ids()], MagnitudePruner(), 0.5, progress=False)
+    seq = seed_prune_sequential(make_tiny_llama(), [_ids()], MagnitudePruner(), 0.5, progress=False)
     assert seq.achieved_sparsity == 0.5

@@ -1,4 +1,4 @@
-"""TRANSITIONAL: the pre-contract call forms of ``prune_module`` / ``prune_sequential``.
+"""The seed's call forms of ``prune_module`` / ``prune_sequential`` (``pruning_core.compat`` only).
 
 Before the tensor-level contract the whole-model passes took a pruner object and a loose
 ``sparsity, pattern, scope`` trio::
@@ -6,10 +6,10 @@ Before the tensor-level contract the whole-model passes took a pruner object and
     prune_module(model, pruner, sparsity, pattern=None, context=None, *, scope=None, ...)
     prune_sequential(model, batches, pruner, sparsity, pattern=None, *, scope=None, ...)
 
-``flows/oneshot_tasks.py`` and ``benchmarks/bench_sparsegpt.py`` still call them so. This
-decorator turns such a call into the new one (``method, spec[, stats]``); a call that already
-passes a :class:`SparsitySpec` goes straight through. Delete this module (and the decorator
-lines) once no caller uses the old form.
+``pruning_core.compat.prune_module`` / ``prune_sequential`` accept them (and a compat pruner in
+the method slot): this decorator turns such a call into the new one (``method, spec[, stats]``);
+a call that already passes a :class:`SparsitySpec` goes straight through. The library's own
+functions take only the new form.
 """
 
 from __future__ import annotations
