@@ -64,7 +64,25 @@ def _run(config_path: Path, output_dir: Path | None) -> dict:
         from flows.execution import start_prefect_server
 
         start_prefect_server()  # tied to this process: never outlives it, even after SIGKILL
+        _typed_errors_without_traceback()
         return run_job(job, out)
+
+
+class _NoTracebackForTypedErrors(logging.Filter):
+    """Prefect logs a failed task or flow with its traceback; for a PruningError (bad input, a
+    full disk: the CLI prints its message, naming the object) the message alone is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PruningError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _typed_errors_without_traceback() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTracebackForTypedErrors) for f in logger.filters):
+            logger.addFilter(_NoTracebackForTypedErrors())
 
 
 def _validate(config_path: Path) -> None:

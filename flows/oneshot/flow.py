@@ -105,7 +105,8 @@ def _speed(run: JobRun, job: OneShotJob, inputs: dict[str, Any], evaluated: Path
         return None
     with run.stage("speed"):
         speed = output.measure_output_speed(job, run.dir, inputs["model_dir"], str(evaluated))
-    run.log_metrics({"prefill_speed_ratio": speed["prefill_ratio"], "decode_speed_ratio": speed["decode_ratio"]})
+    if "prefill_ratio" in speed:  # not when skipped for memory
+        run.log_metrics({"prefill_speed_ratio": speed["prefill_ratio"], "decode_speed_ratio": speed["decode_ratio"]})
     return speed
 
 

@@ -41,7 +41,7 @@ from pruning_core.io.tensors import load_tensors, save_tensors
 from pruning_core.lm.card import write_model_card
 from pruning_core.lm.checkpoint import CheckpointReader
 from pruning_core.lm.models import resolve_device
-from pruning_core.lm.speed import compare_model_dirs
+from pruning_core.lm.speed import available_memory, checkpoint_bytes, compare_model_dirs
 from pruning_core.lm.stream import LayerStream, calibrate_blocks
 from pruning_core.lm.unit_stats import UnitStatistics
 from pruning_core.lm.writer import CheckpointWriter
@@ -234,13 +234,23 @@ def card_info(job: OneShotJob, summary: dict[str, Any]) -> dict[str, Any]:
 @task(name="measure-speed", **IO_TASK)
 def measure_output_speed(job: OneShotJob, run_dir: str, dense_dir: str, output_dir: str) -> dict[str, Any]:
     """Prefill/decode tokens/s of the dense and the output model, alternated in this process (a
-    short prompt, median of 3); dense kernels, so pruned zeros alone are expected to give ~1.0x."""
+    short prompt, median of 3); dense kernels, so pruned zeros alone are expected to give ~1.0x.
+
+    Inference needs both models whole and at once: the only stage of the job whose memory grows
+    with the model. It is skipped (``{"skipped": reason}``, and a warning) when their stored bytes
+    exceed half of the available memory; ``evaluation.speed: false`` turns it off."""
     out = paths.speed(run_dir)
     if Manifest(run_dir).is_complete("speed"):
         return json.loads(out.read_text())
-    result = compare_model_dirs(dense_dir, output_dir, device=str(resolve_device(job.device)), prompt_tokens=32,
-                                decode_tokens=8, repeats=3, warmup=1)
-    result["note"] = "dense kernels: unstructured/N:M zeros are multiplied like any weight"
+    needed, available = checkpoint_bytes(dense_dir) + checkpoint_bytes(output_dir), available_memory()
+    if available is not None and needed > available // 2:  # inference needs both models whole, at once
+        result = {"skipped": f"the dense and the output model need {needed / 2**30:.1f} GiB loaded together; "
+                             f"{available / 2**30:.1f} GiB available (the limit is half of it)"}
+        log.warning("speed not measured: %s", result["skipped"])
+    else:
+        result = compare_model_dirs(dense_dir, output_dir, device=str(resolve_device(job.device)),
+                                    prompt_tokens=32, decode_tokens=8, repeats=3, warmup=1)
+        result["note"] = "dense kernels: unstructured/N:M zeros are multiplied like any weight"
     atomic_write_text(out, json.dumps(result, indent=1))
     Manifest(run_dir).record("speed", out, kind="json")
     return result

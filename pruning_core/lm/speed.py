@@ -126,6 +126,21 @@ def speed_ratio(dense: dict[str, Any], other: dict[str, Any]) -> dict[str, float
             "decode_ratio": other["decode_tokens_per_s"] / dense["decode_tokens_per_s"]}
 
 
+def checkpoint_bytes(directory: str | Path) -> int:
+    """Bytes of a model directory's safetensors files (what loading it in its stored dtype takes)."""
+    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (None where there is no such file)."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in lines if line.startswith("MemAvailable:")), None)
+    return None if kib is None else kib * 1024
+
+
 def compare_model_dirs(dense_dir: str | Path, output_dir: str | Path, *, device: str = "cpu",
                        load: Callable[[str, str], Any] | None = None, **options: Any) -> dict[str, Any]:
     """Load two model directories (``load(dir, device) -> (model, tokenizer)``, default

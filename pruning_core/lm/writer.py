@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from pruning_core.errors import ArtifactError
-from pruning_core.io.atomic import atomic_write_text, install_dir
+from pruning_core.io.atomic import atomic_write_text, disk_errors, install_dir
 from pruning_core.io.manifest import MANIFEST_NAME, Manifest
 from pruning_core.lm.checkpoint import CheckpointReader
 from pruning_core.lm.shards import INDEX_FILE, copy_range, create_shard, pwrite_all, tensor_bytes
@@ -85,14 +85,15 @@ class CheckpointWriter:
 
     def _start(self) -> list[dict[str, Any]]:
         shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir(parents=True)
-        for shard in self.source.layout.shards.values():
-            create_shard(self.staging / shard.file, shard)
-        if self.source.layout.index is not None:
-            (self.staging / INDEX_FILE).write_bytes(self.source.layout.index)
-        for f in _side_files(self.source.root):
-            shutil.copy2(f, self.staging / f.name)
-        (self.staging / JOURNAL).touch()
+        with disk_errors(self.staging):
+            self.staging.mkdir(parents=True)
+            for shard in self.source.layout.shards.values():
+                create_shard(self.staging / shard.file, shard)
+            if self.source.layout.index is not None:
+                (self.staging / INDEX_FILE).write_bytes(self.source.layout.index)
+            for f in _side_files(self.source.root):
+                shutil.copy2(f, self.staging / f.name)
+            (self.staging / JOURNAL).touch()
         atomic_write_text(self.staging / PLAN, json.dumps(self._plan) + "\n")  # last: marks staging valid
         return []
 
@@ -142,19 +143,20 @@ class CheckpointWriter:
         if unknown:
             raise ArtifactError(str(self.source.root), f"the checkpoint has no tensors {unknown[:3]}")
         touched = set()
-        for name, tensor in tensors.items():
-            entry = entries[name]
-            stored = tensor.detach().to(entry.torch_dtype)
-            check_finite(stored, method="CheckpointWriter", what=f"tensor '{name}' as {entry.dtype}")
-            pwrite_all(self._fd(entry.file), tensor_bytes(entry, stored), entry.begin)
-            touched.add(entry.file)
-        for file in touched:
-            os.fsync(self._fd(file))
-        line = {"block": block, "tensors": sorted(tensors), "record": record}
-        with open(self.staging / JOURNAL, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        with disk_errors(self.staging):  # a full disk names the directory; the journal keeps what is done
+            for name, tensor in tensors.items():
+                entry = entries[name]
+                stored = tensor.detach().to(entry.torch_dtype)
+                check_finite(stored, method="CheckpointWriter", what=f"tensor '{name}' as {entry.dtype}")
+                pwrite_all(self._fd(entry.file), tensor_bytes(entry, stored), entry.begin)
+                touched.add(entry.file)
+            for file in touched:
+                os.fsync(self._fd(file))
+            line = {"block": block, "tensors": sorted(tensors), "record": record}
+            with open(self.staging / JOURNAL, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
         self._entries.append(line)
 
     def write_block(self, index: int, block: nn.Module, *, record: Any = None) -> None:
@@ -175,10 +177,11 @@ class CheckpointWriter:
         """Copy every tensor not rewritten from the input, add ``manifest.json`` (and
         ``pruning_info.json`` from ``extra``), and rename the directory into place; returns it."""
         written = self._written()
-        for name, entry in self.source.layout.tensors.items():
-            if name not in written:
-                with open(self.source.root / entry.file, "rb") as src:
-                    copy_range(src.fileno(), self._fd(entry.file), entry.begin, entry.end)
+        with disk_errors(self.staging):
+            for name, entry in self.source.layout.tensors.items():
+                if name not in written:
+                    with open(self.source.root / entry.file, "rb") as src:
+                        copy_range(src.fileno(), self._fd(entry.file), entry.begin, entry.end)
         self.close()
         (self.staging / JOURNAL).unlink()
         (self.staging / PLAN).unlink()

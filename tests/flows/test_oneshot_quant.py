@@ -177,3 +177,19 @@ def test_quantization_alone_and_transformers_reload(prefect_server, mlflow_uri, 
     tokens = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(tokens).logits, reference(tokens).logits, rtol=0, atol=0)
+
+
+def test_speed_stage_is_skipped_when_both_models_would_not_fit(tiny_model_dir_session, tmp_path, monkeypatch):
+    """Inference needs the dense and the output model whole at once: over half the available
+    memory the stage records why it did not measure, instead of running out of memory at the end."""
+    from flows.oneshot import output
+    from pruning_core.lm.speed import available_memory, checkpoint_bytes
+
+    stored = checkpoint_bytes(tiny_model_dir_session)
+    assert stored == sum(f.stat().st_size for f in tiny_model_dir_session.glob("*.safetensors")) > 0
+    assert (available_memory() or 1) > 0
+    monkeypatch.setattr(output, "available_memory", lambda: 3 * stored)  # 2 models need 2x: over half of 3x
+    job = tiny_job(tiny_model_dir_session, method="magnitude", sparsity=0.5)
+    result = output.measure_output_speed.fn(job, str(tmp_path), str(tiny_model_dir_session),
+                                            str(tiny_model_dir_session))
+    assert "prefill_ratio" not in result and "need" in result["skipped"] and "GiB" in result["skipped"]

@@ -125,7 +125,10 @@ def test_killed_recovery_resumes_at_its_checkpoint(recovery_run, tiny_model_dir_
     masks = load_masks(paths.masks(run_dir))
     ours, uninterrupted = _weights(paths.model(killed), masks), _weights(paths.model(run_dir), masks)
     assert all(torch.equal(ours[n], uninterrupted[n]) for n in masks)  # bit-identical to the uninterrupted run
-    assert json.loads(paths.recovery_curve(killed).read_text()) == json.loads(paths.recovery_curve(run_dir).read_text())
+    # the killed part ran in another process (its own thread count): losses agree to float rounding
+    ours_curve, reference = (json.loads(paths.recovery_curve(d).read_text()) for d in (killed, run_dir))
+    assert ours_curve.pop("losses") == pytest.approx(reference.pop("losses"), rel=1e-5)
+    assert ours_curve == reference
 
 
 def test_recovery_on_the_evaluation_text_is_refused(tiny_model_dir_session):
