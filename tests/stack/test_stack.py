@@ -140,7 +140,7 @@ def test_deployment_run_scores_on_dask_workers_and_logs_to_mlflow(stack_prefect,
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id])))
         sub_ids = [f.id for f in subflows]
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=sub_ids)),
-                                          task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="prune-layer")))
+                                          task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="prune-model.layers.")))
     assert len(task_runs) == len(layers) and all(t.state.is_completed() for t in task_runs)
     # 3. MLflow over HTTP: the run, its metrics, its artifacts (downloaded back and compared)
     client = MlflowClient(stack.mlflow_uri)
