@@ -206,5 +206,16 @@ def evaluate_perplexity(run_dir: str, model: str, which: str, evaluation: Evalua
     return ppl
 
 
-__all__ = ["DisjointWindows", "dense_perplexity_key", "evaluate_perplexity", "load_model", "load_tokenizer",
+def evaluate_dense_stage(run: Any, job: Any, model_dir: str) -> float | None:
+    """The dense-perplexity stage of every LLM job (``run``: a :class:`flows.runtime.JobRun`): measured
+    once per model content and evaluation windows, then from the cache; None when evaluation is off."""
+    if not job.evaluation.enabled:
+        return None
+    with run.stage("evaluate_dense"):
+        value = evaluate_perplexity(run.dir, model_dir, "before", job.evaluation, job.device, cached=True)
+    run.log_metrics({"perplexity_before": value})
+    return value
+
+
+__all__ = ["DisjointWindows", "evaluate_dense_stage", "dense_perplexity_key", "evaluate_perplexity", "load_model", "load_tokenizer",
            "load_windows", "model_dir", "prepare_windows", "window_batches"]

@@ -103,12 +103,7 @@ def minitron_flow(job: MinitronJob, output_dir: str | None = None) -> dict[str, 
         job = run.job
         with run.stage("prepare"):
             inputs = t.prepare_inputs(job, run.dir)
-        ppl: dict[str, float | None] = {"before": None, "after": None}
-        if job.evaluation.enabled:
-            with run.stage("evaluate_dense"):
-                ppl["before"] = llm.evaluate_perplexity(run.dir, inputs["model_dir"], "before", job.evaluation,
-                                                        job.device, cached=True)
-            run.log_metrics({"perplexity_before": ppl["before"]})
+        ppl: dict[str, float | None] = {"before": llm.evaluate_dense_stage(run, job, inputs["model_dir"]), "after": None}
         with run.stage("scores"):
             t.compute_importance(job, run.dir, inputs)
         with run.stage("candidates"):

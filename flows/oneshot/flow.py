@@ -154,12 +154,7 @@ def oneshot_flow(job: OneShotJob, output_dir: str | None = None) -> dict[str, An
     with JobRun.open(job, output_dir, tags=tags) as run:
         job = run.job
         inputs = _prepare(run, job)
-        ppl: dict[str, float | None] = {"before": None, "after": None}
-        if job.evaluation.enabled:
-            with run.stage("evaluate_dense"):
-                ppl["before"] = llm.evaluate_perplexity(run.dir, inputs["model_dir"], "before", job.evaluation,
-                                                        job.device, cached=True)
-            run.log_metrics({"perplexity_before": ppl["before"]})
+        ppl: dict[str, float | None] = {"before": llm.evaluate_dense_stage(run, job, inputs["model_dir"]), "after": None}
         _prune(run, job, inputs)
         with run.stage("assemble"):
             table = t.assemble(job, run.dir, inputs)
