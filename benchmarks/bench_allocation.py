@@ -166,14 +166,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_allocation"))
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--resume", action="store_true", help="skip rows already in --out")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 wastes "
-                        "far less CPU on a shared machine (190 vs 78 tokens per CPU-second on SmolLM2)")
+    Q.add_threads_argument(parser)
     parser.add_argument("--tables", action="store_true", help="print the Markdown table and exit")
     S.add_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    Q.start(args)
     results = Q.Results(args.out)
     if args.tables:
         print(tables(results))  # noqa: T201

@@ -154,13 +154,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Q.REPO / "benchmarks" / "results" / "recovery.json")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_recovery"))
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 wastes "
-                        "far less CPU on a shared machine (190 vs 78 tokens per CPU-second on SmolLM2)")
+    Q.add_threads_argument(parser)
     parser.add_argument("--tables", action="store_true")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    Q.start(args)
     results = Q.Results(args.out)
     if args.tables:
         print(tables(results))  # noqa: T201
