@@ -53,11 +53,15 @@ class ExportConfig(StrictModel):
 
 
 class QuantizationConfig(StrictModel):
-    """Optional weight-only quantization of the pruned model (W4A16 / W8A16), after pruning.
+    """Optional weight-only quantization (W4A16 / W8A16) of the pruned weights.
 
-    Block by block over the pruned checkpoint; each block's Hessians come from the already
-    quantized previous blocks (GPTQ's sequential procedure); the pruning mask is kept exactly.
-    Output: ``model-quantized/`` in compressed-tensors' ``pack-quantized`` format.
+    ``joint`` (the default where possible): in the prune step itself, on the Hessians of the
+    pruning calibration: SparseGPT + GPTQ in one OBS pass (SparseGPT §3.5), other methods' masks
+    then GPTQ with the mask kept (:func:`pruning_core.pruning.prune_and_quantize`); no second
+    calibration pass. ``joint: false``: a separate pass after pruning (and recovery) over the pruned
+    checkpoint, each block's Hessians from the already quantized previous blocks (GPTQ's sequential
+    procedure). Either way the pruning mask is kept exactly and the output is ``model-quantized/``
+    in compressed-tensors' ``pack-quantized`` format.
     """
 
     bits: Literal[4, 8] = 4
@@ -66,7 +70,11 @@ class QuantizationConfig(StrictModel):
     symmetric: bool = True
     method: Literal["gptq", "rtn"] = Field("gptq", description="gptq (OBS error compensation) or rtn "
                                                                "(round to nearest, the baseline)")
-    percdamp: float = Field(0.01, gt=0, le=1, description="GPTQ's relative Hessian dampening")
+    percdamp: float = Field(0.01, gt=0, le=1, description="GPTQ's relative Hessian dampening (joint SparseGPT "
+                                                          "uses sparsegpt.percdamp)")
+    joint: bool | None = Field(None, description="quantize in the prune step on the pruning calibration's "
+                                                 "Hessians (default: yes, unless recovery or scope global "
+                                                 "needs the separate pass); false: a separate pass after pruning")
 
     @field_validator("group_size")
     @classmethod
@@ -137,6 +145,7 @@ class OneShotJob(JobBase):
                              "(use pattern 2:4, or sparse_format csr or none)")
         check_allocation(self.allocation, unstructured=isinstance(pattern, Unstructured), scope=self.mask_scope,
                          sparsity=self.target_sparsity)
+        check_joint_quantization(self)
         if self.recovery is not None and self.calibration.text == self.evaluation.text:
             raise ValueError(f"recovery: trains on the calibration text, which must differ from the evaluation "
                              f"text (both {self.calibration.text!r})")
@@ -154,4 +163,39 @@ class OneShotJob(JobBase):
     @property
     def mask_scope(self) -> str:
         return self.scope or METHODS[self.method].default_scope.value
+
+    @property
+    def joint_quantization(self) -> bool:
+        """Whether quantization runs in the prune step (see :class:`QuantizationConfig`)."""
+        q = self.quantization
+        if q is None:
+            return False
+        return q.joint if q.joint is not None else not _separate_pass_reasons(self)
+
+
+def _separate_pass_reasons(job: OneShotJob) -> list[str]:
+    """What makes a joint quantization impossible: recovery retrains the weights after pruning (it
+    would undo the quantization), a global scope chooses the masks after every layer is scored."""
+    reasons = []
+    if job.recovery is not None:
+        reasons.append("recovery retrains the pruned weights, which would undo the quantization")
+    if job.mask_scope == "global":
+        reasons.append("scope global chooses the masks once every layer is scored")
+    return reasons
+
+
+def check_joint_quantization(job: OneShotJob) -> None:
+    """ValueError for a ``quantization.joint`` that cannot be (names the fields and a way out)."""
+    q = job.quantization
+    if q is None or q.joint is False:
+        return
+    reasons = _separate_pass_reasons(job)
+    if q.joint and reasons:
+        raise ValueError(f"quantization.joint: {reasons[0]}; use joint: false (quantize in a separate pass)")
+    blocksize = job.sparsegpt.blocksize
+    if job.method == "sparsegpt" and q.method == "gptq" and not reasons and q.group_size != -1 \
+            and blocksize % q.group_size:
+        raise ValueError(f"quantization.group_size: joint SparseGPT + GPTQ needs sparsegpt.blocksize ({blocksize}) "
+                         f"to be a multiple of it ({q.group_size}); set sparsegpt.blocksize: "
+                         f"{q.group_size * -(-blocksize // q.group_size)} or quantization.joint: false")
 

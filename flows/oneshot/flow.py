@@ -3,7 +3,9 @@
     prepare inputs -> dense perplexity (streamed, cached across jobs) -> calibrate (one streamed
     pass; none for methods that read no statistics) -> per-unit pruning tasks on the configured
     task runner -> assemble (stream the model again, writing each pruned block) -> optional
-    sparse export -> optional quantization (flows.oneshot.output) -> pruned perplexity (streamed)
+    sparse export -> optional quantization (joint: quantized in the prune step on the same
+    Hessians, flows.oneshot.joint, only exported here; else a separate pass, flows.oneshot.output)
+    -> pruned perplexity (streamed)
     -> speed -> model cards -> MLflow run + summary.json
     (sequential mode: one streamed pass calibrates, prunes and writes block after block)
 
@@ -33,6 +35,7 @@ from flows.oneshot import output
 from flows.oneshot import tasks as t
 from flows.oneshot.allocation import allocate, allocation_summary
 from flows.oneshot.config import OneShotJob
+from flows.oneshot.joint import export_joint
 from flows.oneshot.recovery import recover, recovery_summary
 from flows.publish import publish_model
 from flows.runtime import JobRun
@@ -90,11 +93,17 @@ def _prepare(run: JobRun, job: OneShotJob) -> dict[str, Any]:
 
 
 def _quantize(run: JobRun, job: OneShotJob) -> tuple[dict[str, Any] | None, Path]:
-    """The optional quantization stage; returns its summary and the directory to evaluate."""
+    """The optional quantization: a separate ``quantize`` stage (``joint: false``), or, when the prune
+    step quantized (joint), only the ``export_quantized`` stage; returns its summary and the
+    directory to evaluate."""
     if job.quantization is None:
         return None, paths.model(run.dir)
-    with run.stage("quantize"):
-        quant = output.quantize(job, run.dir)
+    if job.joint_quantization:
+        with run.stage("export_quantized"):
+            quant = export_joint(job, run.dir)
+    else:
+        with run.stage("quantize"):
+            quant = output.quantize(job, run.dir)
     run.log_metrics({"quantized_bytes": quant["file_bytes"], "quantization_error": quant["mean_error"],
                      "quantization_rtn_error": quant["mean_rtn_error"]})
     return quant, paths.dequantized_model(run.dir)  # the quantized weights, loadable anywhere

@@ -1,4 +1,6 @@
-"""The one-shot job's output stage: weight-only quantization of the pruned model (``quantization:``).
+"""The one-shot job's output stage: weight-only quantization of the pruned model (``quantization:``,
+``joint: false``; the joint quantization in the prune step is :mod:`flows.oneshot.joint`, which
+shares this module's export, report and cards).
 
     pruned checkpoint (model/) --stream block by block--> GPTQ (or RTN) each prunable unit with
     its pruning mask kept --> model-dequantized/ (same layout as model/, evaluated) and
@@ -195,13 +197,16 @@ def write_export(run_dir: str, reader: CheckpointReader, spec: QuantSpec) -> Pat
     return final
 
 
-def _summary(job: OneShotJob, run_dir: str, layers: dict[str, dict[str, float]]) -> dict[str, Any]:
+def quantization_summary(job: OneShotJob, run_dir: str, layers: dict[str, dict[str, float]], *,
+                         joint: bool) -> dict[str, Any]:
+    """The ``quantization`` entry of summary.json: spec, paths, bytes, mean errors, per-layer reports
+    (``reference``: the errors are measured from the dense weight (joint) or the pruned one)."""
     q = job.quantization
     assert q is not None
     out = paths.quantized_model(run_dir)
     mean = {k: sum(r[k] for r in layers.values()) / max(1, len(layers)) for k in ("error", "rtn_error")}
     return {"method": q.method, "bits": q.bits, "group_size": q.group_size, "symmetric": q.symmetric,
-            "format": "pack-quantized", "path": str(out), "dequantized_path": str(paths.dequantized_model(run_dir)),
+            "joint": joint, "reference": "dense" if joint else "pruned", "format": "pack-quantized", "path": str(out), "dequantized_path": str(paths.dequantized_model(run_dir)),
             "file_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")), "num_layers": len(layers),
             "mean_error": mean["error"], "mean_rtn_error": mean["rtn_error"], "layers": layers}
 
@@ -291,7 +296,7 @@ def quantize(job: OneShotJob, run_dir: str) -> dict[str, Any]:
         writer.finish()
     write_export(run_dir, reader, quant_spec(job))
     layers = {name: r for i in sorted(records) for name, r in records[i].items()}
-    summary = _summary(job, run_dir, layers)
+    summary = quantization_summary(job, run_dir, layers, joint=False)
     atomic_write_text(report_path, json.dumps(summary, indent=1))
     manifest = Manifest(run_dir)
     manifest.record("model-quantized", paths.quantized_model(run_dir), kind="model")
@@ -304,5 +309,5 @@ def quantize(job: OneShotJob, run_dir: str) -> dict[str, Any]:
 
 
 __all__ = ["BlockQuantizer", "card_info", "check_quantization", "dir_bytes", "hessian_error", "measure_output_speed",
-           "model_sizes", "quant_spec", "quantize", "quantize_weight",
+           "model_sizes", "quant_spec", "quantization_summary", "quantize", "quantize_weight",
            "write_cards", "write_export"]

@@ -33,6 +33,7 @@ from torch import nn
 from flows import llm
 from flows.execution import IO_TASK
 from flows.oneshot import blocks as b
+from flows.oneshot import joint
 from flows.oneshot.allocation import allocation_targets, layer_target
 from flows.oneshot.config import OneShotJob
 from flows.oneshot.recovery import recovery_windows
@@ -88,9 +89,10 @@ def spec_of(job: OneShotJob, name: str | None = None, allocation: str | Mapping[
 
 
 def needs_stats(job: OneShotJob) -> tuple[bool, bool]:
-    """Whether the method reads activation statistics, and whether it needs Hessians (XᵀX)."""
-    method = method_of(job)
-    return method.needs_stats, method.needs_hessian
+    """Whether the prune step reads activation statistics, and whether it needs Hessians (XᵀX):
+    the method's needs, and both for a joint quantization (GPTQ and its report read ``XᵀX``)."""
+    method, quantize = method_of(job), job.joint_quantization
+    return method.needs_stats or quantize, method.needs_hessian or quantize
 
 
 def _method_for(job: OneShotJob, stats: Any, name: str) -> tuple[Method, Any]:
@@ -109,6 +111,17 @@ def prune_one(job: OneShotJob, weight: torch.Tensor, stats: Any, *, name: str,
     """Prune one ``[out, in]`` weight: ``(new weight, bool keep mask)``, both shaped like ``weight``."""
     method, stats = _method_for(job, stats, name)
     return method.prune_weight(weight, stats, spec_of(job, name, allocation), name=name)
+
+
+def prune_unit(job: OneShotJob, run_dir: str, weight: torch.Tensor, stats: Any, *, name: str,
+               allocation: str | None, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prune_one`, or with a joint quantization the pruned and quantized weight (its codes
+    saved by :func:`flows.oneshot.joint.quantize_unit`); ``(new weight, keep mask)``."""
+    if not job.joint_quantization:
+        return prune_one(job, weight, stats, name=name, allocation=allocation)
+    method, stats = _method_for(job, stats, name)
+    return joint.quantize_unit(job, run_dir, method, weight, stats, spec_of(job, name, allocation), name=name,
+                               scale_dtype=scale_dtype)
 
 
 def score_one(job: OneShotJob, weight: torch.Tensor, stats: Any, *, name: str) -> torch.Tensor:
@@ -218,7 +231,9 @@ def prune_layer(job: OneShotJob, run_dir: str, model_dir: str, layer: str,
         scores = score_one(job, weight, layer_stats, name=layer)
         save_layer_result(out, torch.ones_like(weight, dtype=torch.bool), scores=scores)
     else:
-        new_weight, mask = prune_one(job, weight, layer_stats, name=layer, allocation=allocation_targets(job, run_dir))
+        new_weight, mask = prune_unit(job, run_dir, weight, layer_stats, name=layer,
+                                      allocation=allocation_targets(job, run_dir),
+                                      scale_dtype=getattr(torch, inputs["dtype"]))
         save_layer_result(out, mask, new_weight if needs_stats(job)[1] else None)
     Manifest(run_dir).record(key, out, kind="layer")
     return str(out)
@@ -291,7 +306,7 @@ def assemble(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> list[dict
 
 
 def _prune_in_block(job: OneShotJob, run_dir: str, unit: Any, block: nn.Module,
-                    context: CalibrationContext) -> dict[str, Any]:
+                    context: CalibrationContext, scale_dtype: torch.dtype) -> dict[str, Any]:
     """Sequential mode: prune one unit of a streamed block in place (or re-apply its saved result)."""
     key, file = f"layer:{unit.name}", paths.layer_scores(run_dir, unit.name)
     original = unit.read(block).clone()
@@ -300,7 +315,8 @@ def _prune_in_block(job: OneShotJob, run_dir: str, unit: Any, block: nn.Module,
         new = weight if weight is not None else original * mask.to(original.device)
     else:
         stats = context.require_stats(unit.name) if needs_stats(job)[0] else None
-        new, mask = prune_one(job, original.clone(), stats, name=unit.name, allocation=allocation_targets(job, run_dir))
+        new, mask = prune_unit(job, run_dir, original.clone(), stats, name=unit.name,
+                               allocation=allocation_targets(job, run_dir), scale_dtype=scale_dtype)
         save_layer_result(file, mask, new if needs_stats(job)[1] else None)
         Manifest(run_dir).record(key, file, kind="layer")
     unit.write(block, new.to(original.device))
@@ -321,7 +337,8 @@ def prune_sequential(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> N
         context = observe.pop(i)
         save_activation_stats(paths.block_stats(run_dir, i), context, meta)
         Manifest(run_dir).record(f"stats:{i}", paths.block_stats(run_dir, i), kind="stats")
-        return [_prune_in_block(job, run_dir, unit, block, context) for unit in b.block_units(reader, block, i)]
+        return [_prune_in_block(job, run_dir, unit, block, context, reader.stored_dtype)
+                for unit in b.block_units(reader, block, i)]
 
     _write_model(job, run_dir, _calibration_stream(job, run_dir, reader), finish, observe, sequential=True)
 
@@ -367,4 +384,4 @@ def log_results(job: OneShotJob, run_dir: str, run_id: str, summary: dict[str, A
 
 
 __all__ = ["assemble", "calibrate", "export_sparse_model", "log_results", "method_of", "needs_stats",
-           "prepare_inputs", "prune_layer", "prune_one", "prune_sequential", "score_one", "select_global", "spec_of"]
+           "prepare_inputs", "prune_layer", "prune_one", "prune_unit", "prune_sequential", "score_one", "select_global", "spec_of"]

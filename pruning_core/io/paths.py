@@ -33,6 +33,7 @@ One-shot (``job: oneshot``)::
     recovery/trainer.pt      recovery: the trainer's last checkpoint (step, weights, optimizer)
     recovery/curve.json      recovery: loss per step (the finished stage's record)
     recovery/loss.png        recovery: the loss curve
+    quantized_layers/<layer>.safetensors  joint quantization: a layer's codes, scales and report
     quantized_blocks/NNN.safetensors  optional quantization: block NNN's packed tensors
     model-quantized/         the quantized model, compressed-tensors pack-quantized (deployable)
     model-dequantized/       the same weights dequantized, laid out like model/ (evaluated, resumable)
@@ -148,6 +149,11 @@ def block_inputs(root: PathLike, index: int) -> Path:
 def quantized_block(root: PathLike, index: int) -> Path:
     """Quantization: block ``index``'s packed tensors (``quantized_blocks/003.safetensors``)."""
     return Path(root) / "quantized_blocks" / f"{_index(index)}.safetensors"
+
+
+def layer_quantized(root: PathLike, layer: str) -> Path:
+    """Joint quantization: one layer's codes, scales and report (``quantized_layers/<layer>.safetensors``)."""
+    return _leaf(root, "quantized_layers", layer, ".safetensors")
 
 
 def quantized_model(root: PathLike) -> Path:
