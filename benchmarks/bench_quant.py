@@ -15,8 +15,12 @@ Rows, each in its own process (peak RSS per row), all in one run:
 * ``sparsegpt50-w4-{rtn,joint}`` and ``sparsegpt24-w4-{rtn,joint}``: ``rtn`` = SparseGPT (50% /
   2:4, sequential) then RTN of the kept weights (also reports the pruned-only perplexity);
   ``joint`` = SparseGPT + GPTQ in one sequential pass (SparseGPT §3.5);
-* ``wanda50-w4-{rtn,gptq}``: Wanda 50% per-row masks from one dense calibration pass, weights
-  pruned, then RTN, or GPTQ keeping the same masks exactly.
+* ``wanda50-w4-{rtn,gptq}``: Wanda 50% per-row masks (sequential), weights pruned, then RTN; or
+  each layer's Wanda mask then GPTQ keeping it exactly, on the same block's Hessian.
+
+Every GPTQ row calls :func:`pruning_core.pruning.prune_and_quantize`, the library call the one-shot
+job's ``quantization.joint`` makes (in its sequential calibration mode); quantization alone is its
+magnitude method at sparsity 0, as in the job.
 
 ``seconds`` = the compression procedure (calibration passes + solves), without loading and
 evaluation; ``peak_rss_mib`` = the row process's ``ru_maxrss``; ``zero_fraction`` = zeros among the
@@ -120,33 +124,31 @@ def _pattern(row: Row) -> tuple[float, Any]:
     return (0.5, NM(2, 4)) if row.pattern == "2:4" else (0.5, None)
 
 
+def _spec(row: Row):
+    """The row's method and SparsitySpec (quantization alone: magnitude at sparsity 0)."""
+    from pruning_core.masks import SparsitySpec
+    from pruning_core.methods import get_method
+
+    method = get_method(row.prune or "magnitude")
+    sparsity, pattern = _pattern(row) if row.prune else (0.0, None)
+    return method, SparsitySpec.parse(sparsity, pattern or "unstructured", default_scope=method.default_scope)
+
+
 def _prune(row: Row, model, batches) -> dict[str, torch.Tensor]:
-    """Prune in place (SparseGPT sequential, or Wanda per-row masks from one dense pass); the masks."""
-    from pruning_core.calibration import collect_activation_stats
-    from pruning_core.importance.wanda import wanda_scores
-    from pruning_core.masks.select import keep_topk
-    from pruning_core.solvers import sparsegpt_prune
-
+    """Prune in place, sequentially (SparseGPT, or Wanda per-row masks); the masks."""
     masks: dict[str, torch.Tensor] = {}
-    if row.prune == "sparsegpt":
-        sparsity, pattern = _pattern(row)
+    method, spec = _spec(row)
 
-        def layer(name, module, stats):
-            module.weight.data, masks[name] = sparsegpt_prune(module.weight, stats.hessian, sparsity,
-                                                              pattern=pattern, name=name)
-        _sequential(model, batches, layer)
-        return masks
-    ctx = collect_activation_stats(model, batches, layers=list(_linears(model)), progress=False)
-    for name, module in _linears(model).items():
-        masks[name] = keep_topk(wanda_scores(module.weight, ctx.require_stats(name).sum_sq), 0.5, dim=-1)
-        module.weight.data *= masks[name]
+    def layer(name, module, stats):
+        module.weight.data, masks[name] = method.prune_weight(module.weight.detach(), stats, spec, name=name)
+    _sequential(model, batches, layer)
     return masks
 
 
 def _quantize(row: Row, model, batches, masks) -> dict[str, Any]:
-    """RTN of every Linear, or GPTQ sequentially (joint with SparseGPT, or keeping ``masks``)."""
+    """RTN of every (pruned) Linear, or the job's joint prune + GPTQ sequentially (one pass)."""
+    from pruning_core.pruning.quantize import prune_and_quantize
     from pruning_core.quant import QuantSpec, quantize_rtn
-    from pruning_core.solvers import gptq_quantize
 
     spec, quantized = QuantSpec(**row.spec), {}
     if row.method == "rtn":
@@ -154,14 +156,12 @@ def _quantize(row: Row, model, batches, masks) -> dict[str, Any]:
             quantized[name] = quantize_rtn(module.weight, spec, mask=masks.get(name), name=name)
             module.weight.data = quantized[name].dequantize(module.weight.dtype)
         return quantized
-    joint = row.prune == "sparsegpt"
-    sparsity, pattern = _pattern(row) if joint else (0.0, None)
+    method, sparsity = _spec(row)
 
     def layer(name, module, stats):
-        qw, _ = gptq_quantize(module.weight, stats.hessian, spec, sparsity=sparsity, pattern=pattern,
-                              mask=masks.get(name), name=name)
-        module.weight.data = qw.dequantize(module.weight.dtype)
-        quantized[name] = qw
+        result = prune_and_quantize(method, module.weight.detach(), stats, sparsity, spec, name=name)
+        module.weight.data = result.quantized.dequantize(module.weight.dtype)
+        quantized[name] = result.quantized
     _sequential(model, batches, layer)
     return quantized
 
@@ -182,10 +182,9 @@ def run_row(row: Row) -> dict[str, Any]:
     batches, ev = _data(tokenizer)
     result: dict[str, Any] = {"id": row.id, "setting": row.setting, "method": row.method}
     start = time.perf_counter()
-    joint = row.prune == "sparsegpt" and row.method == "gptq"  # pruned inside the GPTQ pass
-    masks = _prune(row, model, batches) if row.prune and not joint else {}
+    masks = _prune(row, model, batches) if row.prune and row.method == "rtn" else {}  # GPTQ rows prune inside
     seconds = time.perf_counter() - start
-    if masks and (row.method == "rtn" or row.prune == "wanda"):  # the pruned model before quantization
+    if masks:  # the pruned model before quantization
         result["pruned_perplexity"] = perplexity(model, ev, progress=False)
     start = time.perf_counter()
     quantized = _quantize(row, model, batches, masks) if row.method != "dense" else {}
@@ -223,25 +222,24 @@ def layer_errors(num_blocks: int = 2) -> dict[str, float]:
 
 
 def _layer_variants(W: torch.Tensor, stats) -> dict[str, torch.Tensor]:
-    from pruning_core.importance.wanda import wanda_scores
-    from pruning_core.masks.pattern import NM
-    from pruning_core.masks.select import keep_topk
+    from pruning_core.masks import SparsitySpec
+    from pruning_core.methods import get_method
+    from pruning_core.pruning.quantize import prune_and_quantize
     from pruning_core.quant import QuantSpec, quantize_rtn
-    from pruning_core.solvers import gptq_quantize, sparsegpt_prune
+    from pruning_core.solvers import gptq_quantize
 
     H, w4, out = stats.xtx, QuantSpec(**W4), {}
     for tag, spec in (("W4 g64", w4), ("W8 per-channel", QuantSpec(**W8))):
         out[f"{tag} RTN"] = quantize_rtn(W, spec).dequantize()
         out[f"{tag} GPTQ"] = gptq_quantize(W, H, spec)[0].dequantize()
-    for tag, pattern in (("SparseGPT 50%", None), ("SparseGPT 2:4", NM(2, 4))):
-        pruned, keep = sparsegpt_prune(W, H, 0.5, pattern=pattern)
-        out[f"{tag} only"] = pruned
-        out[f"{tag} + W4 g64 RTN"] = quantize_rtn(pruned, w4, mask=keep).dequantize()
-        out[f"{tag} + W4 g64 joint"] = gptq_quantize(W, H, w4, sparsity=0.5, pattern=pattern)[0].dequantize()
-    mask = keep_topk(wanda_scores(W, stats.sum_sq), 0.5, dim=-1)
-    out["Wanda 50% only"] = W * mask
-    out["Wanda 50% + W4 g64 RTN"] = quantize_rtn(W * mask, w4, mask=mask).dequantize()
-    out["Wanda 50% + W4 g64 GPTQ (mask kept)"] = gptq_quantize(W * mask, H, w4, mask=mask)[0].dequantize()
+    for tag, method, pattern in (("SparseGPT 50%", "sparsegpt", "unstructured"), ("SparseGPT 2:4", "sparsegpt", "2:4"),
+                                 ("Wanda 50%", "wanda", "unstructured")):
+        prune = get_method(method)
+        sparsity = SparsitySpec.parse(0.5, pattern, default_scope=prune.default_scope)
+        result = prune_and_quantize(prune, W, stats, sparsity, w4, baseline=True)
+        out[f"{tag} only"] = prune.prune_weight(W, stats, sparsity)[0]
+        out[f"{tag} + W4 g64 RTN"] = result.baseline.dequantize()
+        out[f"{tag} + W4 g64 {'joint' if method == 'sparsegpt' else 'GPTQ (mask kept)'}"] = result.quantized.dequantize()
     return out
 
 

@@ -128,6 +128,7 @@ def _every_path(root):
         paths.sparse_export(root), paths.scores_table(root), paths.candidate_plan(root, "L2-H64-F64-Q4-KV2"),
         paths.candidate_result(root, "L2-H64-F64-Q4-KV2"), paths.chosen(root), paths.tickets(root, "0123abcd"),
         paths.round_record(root, 3), paths.accuracy_figure(root), paths.quantized_block(root, 3),
+        paths.layer_quantized(root, "model.layers.0.mlp.up_proj"),
         paths.quantized_model(root), paths.dequantized_model(root), paths.quantization_report(root), paths.speed(root),
         paths.allocation(root), paths.allocation_targets(root), paths.allocation_figure(root),
         paths.recovery_state(root), paths.recovery_curve(root), paths.recovery_figure(root),
