@@ -61,6 +61,8 @@ class EvaluationConfig(StrictModel):
     num_windows: PositiveInt = 64
     window_length: PositiveInt = 256
     batch_size: PositiveInt = 8
+    speed: bool = Field(True, description="measure prefill/decode tokens/s of the dense and the output model "
+                                          "(a few tokens, median of 3; recorded in summary.json)")
 
 
 class RunnerConfig(StrictModel):

@@ -48,6 +48,7 @@ from pruning_core.lm import (
 )
 from pruning_core.lm.checks import offline_transformers
 from pruning_core.lm.models import check_model_dir
+from pruning_core.lm.speed import available_memory, checkpoint_bytes, compare_model_dirs
 from pruning_core.minitron import disjoint_windows
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,50 @@ def evaluate_perplexity(run_dir: str, model: str, which: str, evaluation: Evalua
     return ppl
 
 
+@task(name="measure-speed", **IO_TASK)
+def measure_speed(run_dir: str, dense_dir: str, output_dir: str, device: str, note: str) -> dict[str, Any]:
+    """Prefill/decode tokens/s of the dense and the output model, alternated in this process (a
+    short prompt, median of 3), with ``note`` saying what to expect (``speed.json``, resumable).
+
+    Inference needs both models whole and at once: the only stage of a job whose memory grows
+    with the model. It is skipped (``{"skipped": reason}``, and a warning) when their stored bytes
+    exceed half of the available memory; ``evaluation.speed: false`` turns it off."""
+    out = paths.speed(run_dir)
+    if Manifest(run_dir).is_complete("speed"):
+        return json.loads(out.read_text())
+    needed, available = checkpoint_bytes(dense_dir) + checkpoint_bytes(output_dir), available_memory()
+    if available is not None and needed > available // 2:  # inference needs both models whole, at once
+        result = {"skipped": f"the dense and the output model need {needed / 2**30:.1f} GiB loaded together; "
+                             f"{available / 2**30:.1f} GiB available (the limit is half of it)"}
+        log.warning("speed not measured: %s", result["skipped"])
+    else:
+        result = compare_model_dirs(dense_dir, output_dir, device=str(resolve_device(device)),
+                                    prompt_tokens=32, decode_tokens=8, repeats=3, warmup=1)
+        result["note"] = note
+    atomic_write_text(out, json.dumps(result, indent=1))
+    Manifest(run_dir).record("speed", out, kind="json")
+    return result
+
+
+def speed_stage(run: Any, job: Any, dense_dir: str, output_dir: str, note: str) -> dict[str, Any] | None:
+    """The ``speed`` stage of every LLM job (:func:`measure_speed`; ratios logged to MLflow as
+    ``prefill_speed_ratio``/``decode_speed_ratio``); None when ``evaluation.speed`` is off."""
+    if not job.evaluation.speed:
+        return None
+    with run.stage("speed"):
+        speed = measure_speed(run.dir, dense_dir, output_dir, job.device, note)
+    if "prefill_ratio" in speed:  # not when skipped for memory
+        run.log_metrics({"prefill_speed_ratio": speed["prefill_ratio"], "decode_speed_ratio": speed["decode_ratio"]})
+    return speed
+
+
+def model_sizes(input_dir: str, output_dir: str) -> dict[str, Any]:
+    """Bytes on disk of the input's and the output's weight files (``*.safetensors``), and their ratio."""
+    size = {"input_bytes": checkpoint_bytes(input_dir), "output_bytes": checkpoint_bytes(output_dir)}
+    size["ratio"] = size["output_bytes"] / size["input_bytes"] if size["input_bytes"] else None
+    return size
+
+
 def evaluate_dense_stage(run: Any, job: Any, model_dir: str) -> float | None:
     """The dense-perplexity stage of every LLM job (``run``: a :class:`flows.runtime.JobRun`): measured
     once per model content and evaluation windows, then from the cache; None when evaluation is off."""
@@ -217,5 +262,6 @@ def evaluate_dense_stage(run: Any, job: Any, model_dir: str) -> float | None:
     return value
 
 
-__all__ = ["DisjointWindows", "evaluate_dense_stage", "dense_perplexity_key", "evaluate_perplexity", "load_model", "load_tokenizer",
-           "load_windows", "model_dir", "prepare_windows", "window_batches"]
+__all__ = ["DisjointWindows", "evaluate_dense_stage", "dense_perplexity_key", "evaluate_perplexity", "load_model",
+           "load_tokenizer", "load_windows", "measure_speed", "model_dir", "model_sizes", "prepare_windows",
+           "speed_stage", "window_batches"]

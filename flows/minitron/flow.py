@@ -8,6 +8,8 @@
                                          one MLflow child run per candidate, logged as it finishes
       rank -> rebuild-chosen             best calibration loss -> Hugging Face directory model/
       evaluate-perplexity-after          chosen model's perplexity
+      measure-speed                      prefill/decode tokens/s of the chosen vs the dense model, and
+                                         the bytes on disk (``evaluation.speed``, shared with one-shot)
       ranking table, figure, model       on the parent run; summary.json written atomically
 
 All math lives in pruning_core; the tasks (:mod:`flows.minitron.tasks`) move files and call it. A
@@ -37,6 +39,7 @@ from pruning_core.minitron import Architecture
 
 # rounded, as headline/<key> in MLflow
 HEADLINE = ("parameters", "dense_parameters", "perplexity_before", "perplexity_after", "dense_loss")
+SPEED_NOTE = "a smaller dense model: fewer layers and narrower matrices run faster with the same kernels"
 
 
 @flow(name="minitron-candidates")
@@ -115,8 +118,10 @@ def minitron_flow(job: MinitronJob, output_dir: str | None = None) -> dict[str, 
             with run.stage("evaluate_chosen"):
                 ppl["after"] = llm.evaluate_perplexity(run.dir, chosen["model_dir"], "after", job.evaluation,
                                                        job.device)
+        speed = llm.speed_stage(run, job, inputs["model_dir"], chosen["model_dir"], SPEED_NOTE)
         Manifest(run.dir).verify(checksums=False)
-        summary = _summary(job, inputs, ranked, chosen, ppl, run)
+        summary = {**_summary(job, inputs, ranked, chosen, ppl, run), "speed": speed,
+                   "size": llm.model_sizes(inputs["model_dir"], chosen["model_dir"])}
         with run.stage("log"):
             t.log_results(job, run.dir, run.run_id, summary)
             summary["registered_model"] = publish_model(job, run.dir, run.run_id, summary, HEADLINE)

@@ -28,13 +28,11 @@ class OneShotCalibration(CalibrationConfig):
 
 
 class OneShotEvaluation(EvaluationConfig):
-    """The shared held-out perplexity, and where per-layer reconstruction errors are measured."""
+    """The shared held-out perplexity and speed, and where per-layer reconstruction errors are measured."""
 
     error_windows: PositiveInt = Field(
         8, description="calibration windows on which each layer's output reconstruction error is measured"
     )
-    speed: bool = Field(True, description="measure prefill/decode tokens/s of the dense and the output model "
-                                          "(a few tokens, median of 3; recorded in summary.json)")
 
 
 class SparseGPTConfig(StrictModel):

@@ -43,6 +43,7 @@ from pruning_core.io import paths
 from pruning_core.io.manifest import Manifest
 
 HEADLINE = ("sparsity", "perplexity_before", "perplexity_after")  # rounded, as headline/<key> in MLflow
+SPEED_NOTE = "dense kernels: unstructured/N:M zeros are multiplied like any weight"
 
 
 @flow(name="prune-layers")
@@ -110,13 +111,7 @@ def _quantize(run: JobRun, job: OneShotJob) -> tuple[dict[str, Any] | None, Path
 
 
 def _speed(run: JobRun, job: OneShotJob, inputs: dict[str, Any], evaluated: Path) -> dict[str, Any] | None:
-    if not job.evaluation.speed:
-        return None
-    with run.stage("speed"):
-        speed = output.measure_output_speed(job, run.dir, inputs["model_dir"], str(evaluated))
-    if "prefill_ratio" in speed:  # not when skipped for memory
-        run.log_metrics({"prefill_speed_ratio": speed["prefill_ratio"], "decode_speed_ratio": speed["decode_ratio"]})
-    return speed
+    return llm.speed_stage(run, job, inputs["model_dir"], str(evaluated), SPEED_NOTE)
 
 
 def _with_outputs(run: JobRun, job: OneShotJob, inputs: dict[str, Any], summary: dict[str, Any],

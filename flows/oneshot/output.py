@@ -42,8 +42,7 @@ from pruning_core.io.masks import load_masks
 from pruning_core.io.tensors import load_tensors, save_tensors
 from pruning_core.lm.card import write_model_card
 from pruning_core.lm.checkpoint import CheckpointReader
-from pruning_core.lm.models import resolve_device
-from pruning_core.lm.speed import available_memory, checkpoint_bytes, compare_model_dirs
+from pruning_core.lm.speed import checkpoint_bytes
 from pruning_core.lm.stream import LayerStream, calibrate_blocks
 from pruning_core.lm.unit_stats import UnitStatistics
 from pruning_core.lm.writer import CheckpointWriter
@@ -211,17 +210,10 @@ def quantization_summary(job: OneShotJob, run_dir: str, layers: dict[str, dict[s
             "mean_error": mean["error"], "mean_rtn_error": mean["rtn_error"], "layers": layers}
 
 
-def dir_bytes(directory: str | Path) -> int:
-    """Bytes of a model directory's weight files (``*.safetensors``)."""
-    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
-
-
 def model_sizes(input_dir: str, run_dir: str, quantized: bool) -> dict[str, Any]:
     """Bytes on disk of the input model's weights and of the job's output(s), and their ratio."""
-    size = {"input_bytes": dir_bytes(input_dir), "pruned_bytes": dir_bytes(paths.model(run_dir))}
-    size["output_bytes"] = dir_bytes(paths.quantized_model(run_dir)) if quantized else size["pruned_bytes"]
-    size["ratio"] = size["output_bytes"] / size["input_bytes"] if size["input_bytes"] else None
-    return size
+    output = paths.quantized_model(run_dir) if quantized else paths.model(run_dir)
+    return {**llm.model_sizes(input_dir, str(output)), "pruned_bytes": checkpoint_bytes(paths.model(run_dir))}
 
 
 def card_info(job: OneShotJob, summary: dict[str, Any]) -> dict[str, Any]:
@@ -234,31 +226,6 @@ def card_info(job: OneShotJob, summary: dict[str, Any]) -> dict[str, Any]:
             "evaluation": {k: getattr(job.evaluation, k) for k in windows} if job.evaluation.enabled else None,
             **{k: summary.get(k) for k in ("method", "pattern", "scope", "sparsity", "target_sparsity",
                                            "perplexity_before", "perplexity_after", "size", "speed")}}
-
-
-@task(name="measure-speed", **IO_TASK)
-def measure_output_speed(job: OneShotJob, run_dir: str, dense_dir: str, output_dir: str) -> dict[str, Any]:
-    """Prefill/decode tokens/s of the dense and the output model, alternated in this process (a
-    short prompt, median of 3); dense kernels, so pruned zeros alone are expected to give ~1.0x.
-
-    Inference needs both models whole and at once: the only stage of the job whose memory grows
-    with the model. It is skipped (``{"skipped": reason}``, and a warning) when their stored bytes
-    exceed half of the available memory; ``evaluation.speed: false`` turns it off."""
-    out = paths.speed(run_dir)
-    if Manifest(run_dir).is_complete("speed"):
-        return json.loads(out.read_text())
-    needed, available = checkpoint_bytes(dense_dir) + checkpoint_bytes(output_dir), available_memory()
-    if available is not None and needed > available // 2:  # inference needs both models whole, at once
-        result = {"skipped": f"the dense and the output model need {needed / 2**30:.1f} GiB loaded together; "
-                             f"{available / 2**30:.1f} GiB available (the limit is half of it)"}
-        log.warning("speed not measured: %s", result["skipped"])
-    else:
-        result = compare_model_dirs(dense_dir, output_dir, device=str(resolve_device(job.device)),
-                                    prompt_tokens=32, decode_tokens=8, repeats=3, warmup=1)
-        result["note"] = "dense kernels: unstructured/N:M zeros are multiplied like any weight"
-    atomic_write_text(out, json.dumps(result, indent=1))
-    Manifest(run_dir).record("speed", out, kind="json")
-    return result
 
 
 @task(name="write-model-cards", **IO_TASK)
@@ -308,6 +275,5 @@ def quantize(job: OneShotJob, run_dir: str) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["BlockQuantizer", "card_info", "check_quantization", "dir_bytes", "hessian_error", "measure_output_speed",
-           "model_sizes", "quant_spec", "quantization_summary", "quantize", "quantize_weight",
-           "write_cards", "write_export"]
+__all__ = ["BlockQuantizer", "card_info", "check_quantization", "hessian_error", "model_sizes", "quant_spec",
+           "quantization_summary", "quantize", "quantize_weight", "write_cards", "write_export"]

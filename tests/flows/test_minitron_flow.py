@@ -88,8 +88,25 @@ def test_summary_ranks_every_candidate_and_keeps_the_best(search):
     depth = next(c for c in cands if c["architecture"]["layers"] == 1)
     assert len(depth["removed_layers"]) == 1 and all(not c["removed_layers"] for c in cands if c is not depth)
     assert 1.0 < summary["perplexity_before"] < 1e4 and 1.0 < summary["perplexity_after"] < 1e4
-    for stage in ("prepare", "evaluate_dense", "scores", "candidates", "rebuild", "evaluate_chosen", "log", "total"):
+    for stage in ("prepare", "evaluate_dense", "scores", "candidates", "rebuild", "evaluate_chosen", "speed", "log",
+                  "total"):
         assert summary["seconds"][stage] >= 0.0, stage
+
+
+def test_summary_reports_measured_speed_and_size_against_the_dense_model(search):
+    """Issue 15: a Minitron model shows what it buys: tokens/s of the chosen and the dense model
+    (same process, median of 3), their ratios, and the bytes on disk (smaller: fewer parameters)."""
+    _, run_dir, summary, uri = search
+    speed, size = summary["speed"], summary["size"]
+    for model in ("dense", "output"):
+        assert speed[model]["prefill_tokens_per_s"] > 0 and speed[model]["decode_tokens_per_s"] > 0
+        assert speed[model]["repeats"] == 3
+    assert speed["prefill_ratio"] == speed["output"]["prefill_tokens_per_s"] / speed["dense"]["prefill_tokens_per_s"]
+    assert speed["decode_ratio"] > 0 and "smaller dense model" in speed["note"]
+    assert json.loads((run_dir / "speed.json").read_text()) == speed
+    assert 0 < size["output_bytes"] < size["input_bytes"] and size["ratio"] == size["output_bytes"] / size["input_bytes"]
+    parent, _ = _runs(uri)
+    assert parent[0].data.metrics["decode_speed_ratio"] == pytest.approx(speed["decode_ratio"])
 
 
 def test_scores_parquet_schema_and_values(search, tiny_model_dir_session):
@@ -194,7 +211,7 @@ def test_crash_between_candidates_resumes_without_redoing_finished_ones(prefect_
     import flows.minitron.tasks as tasks
 
     job = _job(tiny_model_dir_session, depth_criterion="bi_iterative", runner={"kind": "threads", "max_workers": 1},
-               evaluation={**JOB["evaluation"], "enabled": False})
+               evaluation={**JOB["evaluation"], "enabled": False, "speed": False})
     real, calls = tasks.evaluate_candidate, []
 
     def crash_on_third(model, *args, **kwargs):

@@ -208,16 +208,14 @@ def test_quantization_alone_and_transformers_reload(prefect_server, mlflow_uri, 
 def test_speed_stage_is_skipped_when_both_models_would_not_fit(tiny_model_dir_session, tmp_path, monkeypatch):
     """Inference needs the dense and the output model whole at once: over half the available
     memory the stage records why it did not measure, instead of running out of memory at the end."""
-    from flows.oneshot import output
+    from flows import llm
     from pruning_core.lm.speed import available_memory, checkpoint_bytes
 
     stored = checkpoint_bytes(tiny_model_dir_session)
     assert stored == sum(f.stat().st_size for f in tiny_model_dir_session.glob("*.safetensors")) > 0
     assert (available_memory() or 1) > 0
-    monkeypatch.setattr(output, "available_memory", lambda: 3 * stored)  # 2 models need 2x: over half of 3x
-    job = tiny_job(tiny_model_dir_session, method="magnitude", sparsity=0.5)
-    result = output.measure_output_speed.fn(job, str(tmp_path), str(tiny_model_dir_session),
-                                            str(tiny_model_dir_session))
+    monkeypatch.setattr(llm, "available_memory", lambda: 3 * stored)  # 2 models need 2x: over half of 3x
+    result = llm.measure_speed.fn(str(tmp_path), str(tiny_model_dir_session), str(tiny_model_dir_session), "cpu", "")
     assert "prefill_ratio" not in result and "need" in result["skipped"] and "GiB" in result["skipped"]
 
 
