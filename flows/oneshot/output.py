@@ -231,9 +231,11 @@ def card_info(job: OneShotJob, summary: dict[str, Any]) -> dict[str, Any]:
 @task(name="write-model-cards", **IO_TASK)
 def write_cards(job: OneShotJob, run_dir: str, summary: dict[str, Any]) -> list[str]:
     """``README.md`` model cards in ``model/`` and (if quantized) ``model-quantized/``; the model
-    directories' manifests are updated to include them."""
+    directories' manifests are updated to include them. After a joint quantization ``model/``
+    holds the quantized weights (dequantized), and its card says so."""
     info = card_info(job, summary)
-    targets = [("model", paths.model(run_dir), {**info, "quantization": None})]
+    joint = bool(summary.get("quantization") and summary["quantization"].get("joint"))  # model/ is quantized
+    targets = [("model", paths.model(run_dir), {**info, "quantization": summary["quantization"] if joint else None})]
     if summary.get("quantization"):
         targets.append(("model-quantized", paths.quantized_model(run_dir),
                         {**info, "quantization": summary["quantization"], "format": "pack-quantized"}))

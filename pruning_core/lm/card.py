@@ -91,7 +91,9 @@ def _quantization(info: Mapping[str, Any]) -> list[str]:
     return ["## Quantization", "",
             f"Weight-only {q.get('method', 'gptq').upper()} to {q.get('bits')} bits, {group}, "
             f"{'symmetric' if q.get('symmetric', True) else 'asymmetric'} (W{q.get('bits')}A16), keeping the "
-            "pruning mask; stored in compressed-tensors' `pack-quantized` format.", ""]
+            "pruning mask; " + ("stored in compressed-tensors' `pack-quantized` format." if info.get("format")
+                                == "pack-quantized" else "stored dequantized, as plain tensors (the packed "
+                                "checkpoint is `model-quantized/`)."), ""]
 
 
 def _data(info: Mapping[str, Any]) -> list[str]:

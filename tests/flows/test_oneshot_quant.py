@@ -282,6 +282,7 @@ def test_joint_sparsegpt_gptq_in_the_prune_step(joint_run):
     assert quant["mean_error"] < quant["mean_rtn_error"] and better >= 11
     assert summary["size"]["output_bytes"] == quant["file_bytes"]
     assert "Weight-only GPTQ to 4 bits, groups of 32" in (paths.quantized_model(run) / "README.md").read_text()
+    assert "W4A16), keeping the pruning mask; stored dequantized" in (paths.model(run) / "README.md").read_text()
     assert not (run / "quantized_blocks").exists()
     Manifest(run).verify()
 
