@@ -137,6 +137,33 @@ class JobBase(StrictModel):
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+# A Hub revision: a branch or tag name (refs/<name> in the cache) or a commit hash; never a path out of the cache.
+REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
+
+
+class LLMJob(JobBase):
+    """The fields of the LLM jobs (one-shot, Minitron) about their input model: its dtype and Hub revision."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: the dtype the checkpoint is stored in; float32, bfloat16 or float16 casts the "
+                            "input (and so the output and its perplexities) to that dtype")
+    revision: str | None = Field(None, description="a Hugging Face hub id's revision in the local cache: a "
+                                                   "commit hash or a ref name such as main (default: main)")
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: str | None) -> str | None:
+        if v is None or (REVISION.fullmatch(v) and ".." not in v.split("/")):
+            return v
+        raise ValueError(f"{v!r} is not a revision: a commit hash or a ref name such as main")
+
+    @model_validator(mode="after")
+    def _revision_needs_a_hub_id(self) -> LLMJob:
+        if self.revision is not None and self.model == "smollm2":
+            raise ValueError("revision: pins a Hugging Face hub id (model: org/name), not the shipped smollm2")
+        return self
+
+
 # -- reading a config file and the checks `prune validate` makes before any work ---------------------
 PREFECT_PARAMETER_LIMIT = 524_288  # prefect's server.api.max_parameter_size default (bytes of JSON)
 PARAMETER_MARGIN = 4096  # room for the other flow parameter (the output directory's path)

@@ -16,7 +16,6 @@ import importlib.metadata
 import json
 import logging
 import math
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +27,15 @@ from prefect import task
 from flows.cache import ResultCache, digest
 from flows.config import CalibrationConfig, EvaluationConfig
 from flows.execution import IO_TASK
-from pruning_core.errors import ArtifactError, ConfigError
+from flows.hub import resolve_model
+from pruning_core.errors import ArtifactError
 from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_write_text
 from pruning_core.io.manifest import Manifest
 from pruning_core.io.tensors import load_tensors, save_tensors
 from pruning_core.lm import (
     calibration_windows,
+    cast_checkpoint,
     evaluation_windows,
     load_causal_lm,
     load_text,
@@ -55,30 +56,41 @@ log = logging.getLogger(__name__)
 # transformers' from_pretrained swaps torch.nn.init functions process-wide while it loads; two
 # threads loading at once can leave them swapped. Loads in this process take turns.
 _LOAD_LOCK = threading.Lock()
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 DENSE_PERPLEXITY = "perplexity"  # the result cache's namespace of dense models' perplexities
 
 
-def model_dir(model: str) -> str:
+def model_dir(model: str, revision: str | None = None) -> str:
     """The absolute model directory a job's ``model`` names: ``smollm2`` (the shipped SmolLM2-135M),
-    a directory, or a Hugging Face hub id (``org/name``) found in the local hub cache.
+    a directory, or a Hugging Face hub id (``org/name``) at ``revision`` in the local hub cache
+    (:func:`flows.hub.resolve_model`).
 
     Raises:
-        ConfigError: a hub id that is not in the cache (nothing downloads: ``HF_HUB_OFFLINE=1``).
+        ConfigError: a hub id or revision that is not in the cache (nothing downloads: ``HF_HUB_OFFLINE=1``).
     """
     if model == "smollm2":
         return str(smollm2_dir().resolve())
-    path = Path(model)
-    if path.exists() or not HUB_ID.fullmatch(model):
-        return str(path.resolve())
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    return str(resolve_model(model, revision))
 
-    try:
-        return str(Path(snapshot_download(model, local_files_only=True)).resolve())
-    except LocalEntryNotFoundError:
-        raise ConfigError("model", f"{model!r} is neither a directory nor a Hugging Face model in the local "
-                          f"hub cache (download it first, e.g. `huggingface-cli download {model}`)") from None
+
+def input_model(job: Any, run_dir: str) -> str:
+    """The model directory an LLM job reads: its ``model`` at ``revision`` (:func:`model_dir`), or,
+    when ``dtype`` names another dtype than the one it is stored in, that model cast into the run
+    directory (``input-model/``: written once, one tensor in memory at a time, recorded in the
+    manifest), so every stage (statistics, pruning, the output's dtype, both perplexities, the
+    dense-perplexity cache, a recovery teacher) sees the model in the requested dtype.
+
+    Raises:
+        NumericalInstability: a weight overflows the requested dtype (float32 beyond float16's range).
+    """
+    source = model_dir(job.model, job.revision)
+    if job.dtype == "auto" or stored_dtype(source) == getattr(torch, job.dtype):
+        return source
+    out = paths.input_model(run_dir)
+    if not Manifest(run_dir).is_complete("input-model"):
+        log.info("casting %s from %s to %s into %s", source, stored_dtype(source), job.dtype, out)
+        cast_checkpoint(source, out, getattr(torch, job.dtype), key=job.job_hash())
+        Manifest(run_dir).record("input-model", out, kind="model")
+    return str(out)
 
 
 def load_model(directory: str, device: str) -> tuple[Any, Any]:
@@ -262,6 +274,6 @@ def evaluate_dense_stage(run: Any, job: Any, model_dir: str) -> float | None:
     return value
 
 
-__all__ = ["DisjointWindows", "evaluate_dense_stage", "dense_perplexity_key", "evaluate_perplexity", "load_model",
-           "load_tokenizer", "load_windows", "measure_speed", "model_dir", "model_sizes", "prepare_windows",
+__all__ = ["DisjointWindows", "evaluate_dense_stage", "dense_perplexity_key", "evaluate_perplexity", "input_model",
+           "load_model", "load_tokenizer", "load_windows", "measure_speed", "model_dir", "model_sizes", "prepare_windows",
            "speed_stage", "window_batches"]

@@ -53,14 +53,16 @@ def check_text(field: str, text: str) -> None:
 
 
 def check_model(job: JobBase) -> None:
-    """The model directory holds a loadable decoder-only causal LM this job supports, and every
-    window fits its positions (names the field and the model's limit)."""
+    """The model directory (or the hub id's cached snapshot at ``revision``) holds a loadable
+    decoder-only causal LM this job supports, and every window fits its positions (names the
+    field and the model's limit)."""
+    from flows.hub import resolve_model
     from pruning_core.lm.checks import inspect_model
     from pruning_core.lm.models import check_model_dir
 
     if job.model == "smollm2":
         return  # shipped, checked when it is unpacked
-    root = Path(job.model)
+    root = resolve_model(job.model, getattr(job, "revision", None))  # a hub id: its cached snapshot
     if root.exists() and not root.is_dir():
         raise ConfigError("model", f"{root} is a file, not a Hugging Face model directory")
     if not root.exists():

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from flows.config import CalibrationConfig, EvaluationConfig, JobBase, PositiveInt, StrictModel
+from flows.config import CalibrationConfig, EvaluationConfig, LLMJob, PositiveInt, StrictModel
 from pruning_core.errors import ConfigError, InvalidSparsity
 from pruning_core.minitron import (
     Architecture,
@@ -130,7 +130,7 @@ class MinitronCalibration(CalibrationConfig):
     candidate_windows: PositiveInt = Field(8, description="windows on which each candidate's LM loss is measured")
 
 
-class MinitronJob(JobBase):
+class MinitronJob(LLMJob):
     """Minitron depth/width pruning: search architectures under a target, keep the best."""
 
     job: Literal["minitron"] = "minitron"

@@ -101,7 +101,7 @@ def prepare_inputs(job: MinitronJob, run_dir: str) -> dict[str, Any]:
     record = paths.inputs(run_dir)
     if _done(run_dir, "inputs", "windows"):
         return json.loads(record.read_text())
-    model_dir = llm.model_dir(job.model)
+    model_dir = llm.input_model(job, run_dir)
     model, tokenizer = llm.load_model(model_dir, job.device)  # checks files, shapes and NaN/Inf
     candidates, total, shape = _candidates(job, model)
     llm.prepare_windows(run_dir, tokenizer, job.calibration, job.evaluation, extra=_distillation(job))

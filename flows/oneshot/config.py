@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from flows.config import CalibrationConfig, EvaluationConfig, JobBase, PositiveInt, StrictModel
+from flows.config import CalibrationConfig, EvaluationConfig, LLMJob, PositiveInt, StrictModel
 from flows.oneshot.quality import AllocationSection, RecoverySection, check_allocation
 from pruning_core.masks import MaskScope
 from pruning_core.masks.pattern import NM, SparsityPattern, Unstructured
@@ -82,7 +82,7 @@ class QuantizationConfig(StrictModel):
         return v
 
 
-class OneShotJob(JobBase):
+class OneShotJob(LLMJob):
     """One-shot unstructured or N:M pruning of a causal LM with a registered method
     (:data:`pruning_core.methods.METHODS`: magnitude, Wanda, SparseGPT, and any method added there)."""
 

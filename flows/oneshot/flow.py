@@ -133,7 +133,7 @@ def _summary(job: OneShotJob, inputs: dict[str, Any], table: list[dict[str, Any]
         "scope": job.mask_scope, "calibration_mode": job.calibration.mode, "target_sparsity": job.target_sparsity,
         "sparsity": pruned / sum(sizes), "parameters_targeted": sum(sizes), "parameters_pruned": round(pruned),
         "perplexity_before": ppl["before"], "perplexity_after": ppl["after"], "mlflow_run_id": run.run_id,
-        "model_dir": inputs["model_dir"], "pruned_model_dir": str(paths.model(run.dir)),
+        "model_dir": inputs["model_dir"], "dtype": inputs.get("dtype"), "pruned_model_dir": str(paths.model(run.dir)),
         "masks": str(paths.masks(run.dir)), "sparse_export": export["path"] if export else None,
         "sparse_export_size": {k: export[k] for k in ("format", "layers", "file_bytes", "dense_bytes", "size_ratio")}
         if export else None,

@@ -162,7 +162,7 @@ def prepare_inputs(job: OneShotJob, run_dir: str) -> dict[str, Any]:
     record = paths.inputs(run_dir)
     if _done(run_dir, "inputs", "windows"):
         return json.loads(record.read_text())
-    model_dir = llm.model_dir(job.model)
+    model_dir = llm.input_model(job, run_dir)
     reader = _check_model(job, model_dir)
     llm.prepare_windows(run_dir, llm.load_tokenizer(model_dir), job.calibration, job.evaluation,
                         extra=recovery_windows(job))

@@ -16,6 +16,8 @@ Layout of a run directory (every job kind)::
     windows.safetensors      token windows: calibration, evaluation (+ distillation)
     perplexity_<which>.json  perplexity of the dense (before) or pruned/chosen (after) model
     model/                   the pruned or chosen model, a Hugging Face directory
+    input-model/             the input model cast to the job's ``dtype`` (only when that differs
+                             from the dtype it is stored in): what the job reads instead
 
 One-shot (``job: oneshot``)::
 
@@ -121,6 +123,10 @@ def perplexity(root: PathLike, which: str) -> Path:
 
 def model(root: PathLike) -> Path:
     return Path(root) / "model"
+
+
+def input_model(root: PathLike) -> Path:
+    return Path(root) / "input-model"
 
 
 # -- one-shot -----------------------------------------------------------------------------------------

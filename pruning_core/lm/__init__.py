@@ -41,7 +41,7 @@ from pruning_core.lm.text import (
     tokenize_corpus,
 )
 from pruning_core.lm.unit_stats import UnitStatistics
-from pruning_core.lm.writer import CheckpointWriter
+from pruning_core.lm.writer import CheckpointWriter, cast_checkpoint
 
 __all__ = [
     "SHIPPED_TEXTS",
@@ -54,6 +54,7 @@ __all__ = [
     "UnitStatistics",
     "calibrate_blocks",
     "calibration_windows",
+    "cast_checkpoint",
     "check_causal_lm",
     "check_finite_weights",
     "check_model_dir",

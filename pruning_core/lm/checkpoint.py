@@ -162,6 +162,18 @@ class CheckpointReader:
         group = self._groups.get(name)
         return group.sources[0][0] if group is not None and group.converter is None else None
 
+    def saved_dtypes(self, dtype: torch.dtype) -> dict[str, torch.dtype]:
+        """Saved name -> the dtype the tensor has in the model built in ``dtype`` (``from_pretrained``'s
+        rule: floating tensors follow ``dtype`` except in modules the model keeps in another);
+        integer tensors and tensors the model does not use keep their own."""
+        meta = {k: v.dtype for k, v in self.template(dtype).state_dict().items()}
+        out = {name: entry.torch_dtype for name, entry in self.layout.tensors.items()}
+        for name, group in self._groups.items():
+            for key, _ in group.sources:
+                if out[key].is_floating_point and meta[name].is_floating_point:
+                    out[key] = meta[name]
+        return out
+
     def _check_index(self, index: int) -> None:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_blocks:
             raise ArtifactError(str(self.root), f"decoder block {index!r} does not exist (the model has {self.num_blocks})")

@@ -17,6 +17,7 @@ import json
 import os
 import struct
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,25 +193,53 @@ def plan_layout(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], *, max_sh
     files = [SINGLE_FILE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     shards, entries = [], {}
     for file, names in zip(files, groups, strict=True):
-        header, offset = {"__metadata__": dict(metadata or {"format": "pt"})}, 0
-        for name in names:
-            dtype, shape = specs[name]
-            size = dtype.itemsize * _numel(shape)
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # the data region starts 8-byte aligned, as safetensors writes it
-        raw = struct.pack("<Q", len(text)) + text
-        shards.append(ShardHeader(file, raw, len(raw) + offset))
-        for name in names:
-            begin, end = header[name]["data_offsets"]
-            entries[name] = TensorEntry(name, file, header[name]["dtype"], tuple(specs[name][1]),
-                                        len(raw) + begin, len(raw) + end)
+        shard, placed = _build_shard(file, [(n, *specs[n]) for n in names], dict(metadata or {"format": "pt"}))
+        shards.append(shard)
+        entries.update(placed)
     if count == 1:
         return shards, entries, None
     total = sum(e.nbytes for e in entries.values())
     index = {"metadata": {"total_size": total}, "weight_map": {n: e.file for n, e in entries.items()}}
     return shards, entries, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _build_shard(file: str, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None) -> tuple[ShardHeader, dict[str, TensorEntry]]:
+    """The header of a shard holding ``(name, dtype, shape)`` tensors back to back, in order, and their entries."""
+    header: dict[str, object] = {} if metadata is None else {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in tensors:
+        size = dtype.itemsize * _numel(shape)
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data region starts 8-byte aligned, as safetensors writes it
+    raw = struct.pack("<Q", len(text)) + text
+    entries = {}
+    for name, dtype, shape in tensors:
+        begin, end = header[name]["data_offsets"]  # type: ignore[index]
+        entries[name] = TensorEntry(name, file, DTYPE_NAMES[dtype], tuple(shape), len(raw) + begin, len(raw) + end)
+    return ShardHeader(file, raw, len(raw) + offset), entries
+
+
+def recast_layout(layout: CheckpointLayout, dtypes: Mapping[str, torch.dtype]) -> CheckpointLayout:
+    """``layout`` with the tensors of ``dtypes`` (saved name -> dtype; the others keep theirs) in
+    new dtypes: the same files, names, order, shapes and shard metadata, with new offsets, file
+    sizes and index ``total_size`` (the layout of a checkpoint cast to another dtype)."""
+    tensors: dict[str, TensorEntry] = {}
+    shards: dict[str, ShardHeader] = {}
+    for file, old in layout.shards.items():
+        metadata = json.loads(old.raw[8:]).get("__metadata__")
+        entries = sorted((e for e in layout.tensors.values() if e.file == file), key=lambda e: e.begin)
+        specs = [(e.name, dtypes.get(e.name, e.torch_dtype), e.shape) for e in entries]
+        shards[file], placed = _build_shard(file, specs, metadata)
+        tensors.update(placed)
+    index = None
+    if layout.index is not None:
+        data = json.loads(layout.index)
+        data.setdefault("metadata", {})["total_size"] = sum(e.nbytes for e in tensors.values())
+        index = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    return CheckpointLayout(layout.root, tensors, shards, index)
 
 
 def create_shard(path: Path, shard: ShardHeader) -> None:
@@ -240,14 +269,16 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
-def copy_range(src_fd: int, dst_fd: int, begin: int, end: int) -> None:
-    """Copy bytes ``[begin, end)`` of one file to the same offsets of another, in bounded chunks."""
+def copy_range(src_fd: int, dst_fd: int, begin: int, end: int, dst_begin: int | None = None) -> None:
+    """Copy bytes ``[begin, end)`` of one file to another at ``dst_begin`` (default: the same
+    offsets), in bounded chunks."""
+    shift = 0 if dst_begin is None else dst_begin - begin
     position = begin
     while position < end:
         chunk = os.pread(src_fd, min(_COPY_CHUNK, end - position), position)
         if not chunk:
             raise ArtifactError(str(src_fd), f"unexpected end of file at byte {position}")
-        pwrite_all(dst_fd, memoryview(chunk), position)
+        pwrite_all(dst_fd, memoryview(chunk), position + shift)
         position += len(chunk)
 
 
@@ -263,5 +294,6 @@ __all__ = [
     "plan_layout",
     "pwrite_all",
     "read_shard",
+    "recast_layout",
     "tensor_bytes",
 ]

@@ -11,6 +11,11 @@ rewrote (embeddings, head, untouched blocks) from the input, writes ``manifest.j
 (:mod:`pruning_core.io.manifest`) and renames the directory into place
 (:func:`pruning_core.io.atomic.install_dir`). A dense re-save is byte-identical to the input's
 shards and has its size on disk.
+
+With ``dtype`` the output is the input cast to that dtype (``from_pretrained(dtype=...)``'s rule,
+:meth:`CheckpointReader.saved_dtypes`): the same shard files, names and shapes with new headers
+and offsets (:func:`pruning_core.lm.shards.recast_layout`), every tensor nobody rewrote cast one
+at a time, and ``config.json``'s ``dtype`` saying so; :func:`cast_checkpoint` is that alone.
 """
 
 from __future__ import annotations
@@ -24,13 +29,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from pruning_core.errors import ArtifactError
 from pruning_core.io.atomic import atomic_write_text, disk_errors, install_dir
 from pruning_core.io.manifest import MANIFEST_NAME, Manifest
 from pruning_core.lm.checkpoint import CheckpointReader
-from pruning_core.lm.shards import INDEX_FILE, copy_range, create_shard, pwrite_all, tensor_bytes
+from pruning_core.lm.shards import (
+    INDEX_FILE,
+    CheckpointLayout,
+    TensorEntry,
+    copy_range,
+    create_shard,
+    pwrite_all,
+    recast_layout,
+    tensor_bytes,
+)
 from pruning_core.validate import check_finite
 
 logger = logging.getLogger(__name__)
@@ -55,6 +70,8 @@ class CheckpointWriter:
         key: identifies the job (e.g. a config hash). A staging directory left by a crashed run
             is resumed only if it was made from the same input layout and the same key;
             otherwise it is discarded and the output starts afresh.
+        dtype: write the output in this dtype (floating tensors, as ``from_pretrained(dtype=...)``
+            builds the model; ``config.json`` updated); default: each tensor in the input's dtype.
 
     Example:
         >>> with CheckpointWriter(reader, run_dir / "model", key=config_hash) as writer:
@@ -64,12 +81,16 @@ class CheckpointWriter:
         ...     writer.finish()
     """
 
-    def __init__(self, source: CheckpointReader, out_dir: str | os.PathLike[str], *, key: str = "") -> None:
+    def __init__(self, source: CheckpointReader, out_dir: str | os.PathLike[str], *, key: str = "",
+                 dtype: torch.dtype | None = None) -> None:
         source.check_writable()
         self.source = source
         self.final = Path(out_dir)
         self.staging = staging_dir(out_dir)
+        self.layout, self.dtype = _output_layout(source, dtype)
         self._plan = {"version": _VERSION, "source": source.layout.fingerprint(), "key": key}
+        if self.dtype is not None:
+            self._plan["dtype"] = str(self.dtype)
         self._fds: dict[str, int] = {}
         self._staged: CheckpointReader | None = None
         self._entries = self._resume() if self._resumable() else self._start()
@@ -87,12 +108,14 @@ class CheckpointWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
         with disk_errors(self.staging):
             self.staging.mkdir(parents=True)
-            for shard in self.source.layout.shards.values():
+            for shard in self.layout.shards.values():
                 create_shard(self.staging / shard.file, shard)
-            if self.source.layout.index is not None:
-                (self.staging / INDEX_FILE).write_bytes(self.source.layout.index)
+            if self.layout.index is not None:
+                (self.staging / INDEX_FILE).write_bytes(self.layout.index)
             for f in _side_files(self.source.root):
                 shutil.copy2(f, self.staging / f.name)
+            if self.dtype is not None:
+                _set_config_dtype(self.staging / "config.json", self.dtype)
             (self.staging / JOURNAL).touch()
         atomic_write_text(self.staging / PLAN, json.dumps(self._plan) + "\n")  # last: marks staging valid
         return []
@@ -132,13 +155,13 @@ class CheckpointWriter:
                       record: Any = None) -> None:
         """Write tensors by their saved names, fsync, then journal them (with ``record``, JSON-able).
 
-        Each tensor is cast to the dtype the input stores it in.
+        Each tensor is cast to the dtype the output stores it in (the input's, or ``dtype``'s).
 
         Raises:
             ArtifactError: an unknown name or a shape that differs from the input's.
             NumericalInstability: a tensor is NaN/Inf (also after the cast); nothing is journaled.
         """
-        entries = self.source.layout.tensors
+        entries = self.layout.tensors
         unknown = [n for n in tensors if n not in entries]
         if unknown:
             raise ArtifactError(str(self.source.root), f"the checkpoint has no tensors {unknown[:3]}")
@@ -180,8 +203,7 @@ class CheckpointWriter:
         with disk_errors(self.staging):
             for name, entry in self.source.layout.tensors.items():
                 if name not in written:
-                    with open(self.source.root / entry.file, "rb") as src:
-                        copy_range(src.fileno(), self._fd(entry.file), entry.begin, entry.end)
+                    self._copy(entry, self.layout.tensors[name])
         self.close()
         (self.staging / JOURNAL).unlink()
         (self.staging / PLAN).unlink()
@@ -194,6 +216,17 @@ class CheckpointWriter:
         logger.info("wrote %s (%d tensors rewritten, %d copied)", self.final, len(written),
                     len(self.source.layout.tensors) - len(written))
         return self.final
+
+    def _copy(self, entry: TensorEntry, out: TensorEntry) -> None:
+        """Input tensor ``entry`` into its output place ``out``: its bytes, or cast to ``out``'s dtype."""
+        if entry.dtype == out.dtype:
+            with open(self.source.root / entry.file, "rb") as src:
+                copy_range(src.fileno(), self._fd(out.file), entry.begin, entry.end, out.begin)
+            return
+        with safe_open(str(self.source.root / entry.file), framework="pt", device="cpu") as f:
+            tensor = f.get_tensor(entry.name).to(out.torch_dtype)
+        check_finite(tensor, method="CheckpointWriter", what=f"tensor '{entry.name}' as {out.dtype}")
+        pwrite_all(self._fd(out.file), tensor_bytes(out, tensor), out.begin)
 
     def close(self) -> None:
         """Close the shard files (the staging directory stays, resumable)."""
@@ -208,10 +241,45 @@ class CheckpointWriter:
         self.close()
 
 
+def _output_layout(source: CheckpointReader, dtype: torch.dtype | None
+                   ) -> tuple[CheckpointLayout, torch.dtype | None]:
+    """The output's layout, and ``dtype`` if it changes any tensor (else None: the input's layout)."""
+    if dtype is None:
+        return source.layout, None
+    dtypes = source.saved_dtypes(dtype)
+    if all(dtypes[n] == e.torch_dtype for n, e in source.layout.tensors.items()):
+        return source.layout, None
+    return recast_layout(source.layout, dtypes), dtype
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    """Make ``config.json`` state ``dtype`` (``dtype``, and ``torch_dtype`` where an older config has it)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    name = str(dtype).removeprefix("torch.")
+    data["dtype"] = name
+    if "torch_dtype" in data:
+        data["torch_dtype"] = name
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def cast_checkpoint(source: str | os.PathLike[str] | CheckpointReader, out_dir: str | os.PathLike[str],
+                    dtype: torch.dtype, *, key: str = "") -> Path:
+    """Write ``source`` cast to ``dtype`` into ``out_dir`` (atomically, one tensor in memory at a
+    time, resumable like any :class:`CheckpointWriter` output); returns ``out_dir``.
+
+    Raises:
+        NumericalInstability: a tensor overflows the new dtype (e.g. float32 weights beyond
+            float16's range), naming it.
+    """
+    reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
+    with CheckpointWriter(reader, out_dir, key=key, dtype=dtype) as writer:
+        return writer.finish()
+
+
 def _side_files(root: Path) -> list[Path]:
     """The input's files other than weights and manifest: config, generation config, tokenizer, ..."""
     return sorted(p for p in root.iterdir() if p.is_file() and not p.name.endswith(".safetensors")
                   and p.name not in {INDEX_FILE, MANIFEST_NAME, JOURNAL, PLAN})
 
 
-__all__ = ["JOURNAL", "PLAN", "CheckpointWriter", "staging_dir"]
+__all__ = ["JOURNAL", "PLAN", "CheckpointWriter", "cast_checkpoint", "staging_dir"]

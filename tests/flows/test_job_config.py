@@ -52,6 +52,10 @@ def test_a_method_added_to_the_registry_is_a_valid_job_method(monkeypatch):
         ({"job": "nope"}, "job", "allowed: lottery, minitron, oneshot"),
         ({"method": "sparsegpt", "pattern": "row", "sparsity": 0.5}, "pattern", "unstructured and N:M"),
         ({"method": "sparsegpt", "sparsity": 0.5, "scope": "row"}, "scope", "(allowed: layer)"),
+        ({"method": "wanda", "sparsity": 0.5, "dtype": "fp32"}, "dtype", "'auto', 'float32', 'bfloat16' or 'float16'"),
+        ({"job": "minitron", "target": {"layers": [24]}, "dtype": "int8"}, "dtype", "'float16'"),
+        ({"method": "wanda", "sparsity": 0.5, "revision": "../x"}, "revision", "not a revision"),
+        ({"method": "wanda", "sparsity": 0.5, "revision": "main"}, "revision", "not the shipped smollm2"),
     ],
 )
 def test_bad_configs_name_the_field(data, field, fragment):
@@ -71,6 +75,15 @@ def test_hash_ignores_defaults_runner_and_tracking():
     assert base.job_hash() != other.job_hash()
     # Pinned: changing this hash silently orphans every existing run directory and MLflow run.
     assert base.job_hash() == "5bad82bd49cc"
+
+
+def test_dtype_and_revision_enter_the_hash_only_when_given():
+    base = parse_config({"model": "org/name", "method": "wanda", "sparsity": 0.5})
+    auto = parse_config({"model": "org/name", "method": "wanda", "sparsity": 0.5, "dtype": "auto", "revision": None})
+    cast = parse_config({"model": "org/name", "method": "wanda", "sparsity": 0.5, "dtype": "float32"})
+    pinned = parse_config({"model": "org/name", "method": "wanda", "sparsity": 0.5, "revision": "0123abcd"})
+    assert base.job_hash() == auto.job_hash() and len({base.job_hash(), cast.job_hash(), pinned.job_hash()}) == 3
+    assert parse_config({"method": "wanda", "sparsity": 0.5, "dtype": "auto"}).job_hash() == "5bad82bd49cc"
 
 
 def test_nm_pattern_implies_sparsity_and_scope_defaults():

@@ -158,3 +158,26 @@ def test_family(prefect_server, tracking, texts, tiny_tokenizer, bos_tokenizer, 
     assert math.isfinite(summary["perplexity_before"])
     if name in MOE:
         _check_experts(name, summary, windows["calibration"], model)
+
+
+def test_dtype_override_casts_input_and_output(prefect_server, tracking, texts, tiny_tokenizer, tmp_path):
+    """``dtype: float32`` on a bfloat16 checkpoint: the output is float32 (every tensor and config.json,
+    twice the input's bytes), exactly 50% sparse, and its reloaded perplexity is the job's."""
+    import json
+
+    src = _save(tmp_path / "in", "qwen3", BF16, tiny_tokenizer)
+    job = tiny_job(src, name="cast", method="wanda", sparsity=0.5, dtype="float32",
+                   calibration={**CAL, "text": texts[0]}, evaluation={**EVAL, "text": texts[1]},
+                   tracking={"log_model": False})
+    summary = run_job(job, tmp_path / "run")
+    out = tmp_path / "run" / "model"
+    a, b = CheckpointLayout.read(src), CheckpointLayout.read(out)
+    assert sorted(b.shards) == sorted(a.shards) and {e.dtype for e in b.tensors.values()} == {"F32"}
+    assert sum(e.nbytes for e in b.tensors.values()) == 2 * sum(e.nbytes for e in a.tensors.values())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32" and summary["dtype"] == "float32"
+    model = _from_pretrained(out)
+    zeros, total = _check_units(model, job.pattern, load_masks(tmp_path / "run" / "masks.safetensors"))
+    assert summary["sparsity"] == pytest.approx(zeros / total, abs=1e-12) and summary["sparsity"] == 0.5
+    windows = load_tensors(tmp_path / "run" / "windows.safetensors")
+    after = perplexity(model, windows["evaluation"], batch_size=2, progress=False)
+    assert after == pytest.approx(summary["perplexity_after"], rel=1e-4)

@@ -231,3 +231,45 @@ def test_a_different_job_restarts_and_bad_tensors_are_refused(tmp_path):
         writer.write_tensors({"model.nope": torch.zeros(2)})
     assert writer.done_blocks == []
     writer.close()
+
+
+@pytest.mark.parametrize(("name", "src", "dst"), [("mixtral", "bf16", "fp32"), ("gpt2", "fp32", "bf16")])
+def test_a_dtype_writer_equals_save_pretrained_in_that_dtype(tmp_path, name, src, dst):
+    """``CheckpointWriter(dtype=...)``: the pruned blocks and every copied tensor in the new dtype,
+    byte for byte what ``save_pretrained`` writes for the model cast to it; config.json says so."""
+    model = make_tiny(name, dtype=DTYPES[src], layers=2)
+    model.save_pretrained(tmp_path / "in")
+    reader = CheckpointReader(tmp_path / "in")
+    writer = CheckpointWriter(reader, tmp_path / "out", dtype=DTYPES[dst])
+    for i in range(reader.num_blocks):
+        writer.write_block(i, _prune_rows(reader.load_block(i)))
+    out = writer.finish()
+    for block in decoder_blocks(model)[1]:
+        _prune_rows(block)
+    model.to(DTYPES[dst]).save_pretrained(tmp_path / "ref")
+    assert _files(out) == _files(tmp_path / "ref")
+    assert json.loads((out / "config.json").read_text())["dtype"] == str(DTYPES[dst]).removeprefix("torch.")
+    assert CheckpointReader(out).stored_dtype == DTYPES[dst]
+    Manifest(out).verify()
+
+
+def test_cast_checkpoint_keeps_shards_and_refuses_an_overflow(tmp_path):
+    from pruning_core.lm import cast_checkpoint
+
+    make_tiny("qwen2_moe", dtype=torch.bfloat16).save_pretrained(tmp_path / "in", max_shard_size="30KB")
+    out = cast_checkpoint(tmp_path / "in", tmp_path / "f32", torch.float32)
+    a, b = CheckpointLayout.read(tmp_path / "in"), CheckpointLayout.read(out)
+    assert sorted(a.shards) == sorted(b.shards) and len(a.shards) > 1
+    assert {n: (e.file, e.shape) for n, e in a.tensors.items()} == {n: (e.file, e.shape) for n, e in b.tensors.items()}
+    assert {e.dtype for e in b.tensors.values()} == {"F32"}
+    assert sum(e.nbytes for e in b.tensors.values()) == 2 * sum(e.nbytes for e in a.tensors.values())
+    assert json.loads(b.index)["metadata"]["total_size"] == sum(e.nbytes for e in b.tensors.values())
+    for file in a.shards:
+        with safe_open(str(tmp_path / "in" / file), "pt") as x, safe_open(str(out / file), "pt") as y:
+            assert all(torch.equal(x.get_tensor(k).float(), y.get_tensor(k)) for k in x.keys())  # noqa: SIM118
+    model = make_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = 1e6  # beyond float16's 65504
+    model.save_pretrained(tmp_path / "big")
+    with pytest.raises(NumericalInstability, match=r"model.layers.1.mlp.down_proj.weight' as F16"):
+        cast_checkpoint(tmp_path / "big", tmp_path / "f16", torch.float16)
