@@ -8,7 +8,9 @@ module, one decoder block or the shell at a time (issue 13 §3).
 
 from __future__ import annotations
 
+import copy
 import threading
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pruning_core.arch import PrunableUnit, prunable_units
+from pruning_core.arch import PrunableUnit, decoder_blocks, prunable_units
 from pruning_core.calibration.context import CalibrationContext
 from pruning_core.io import paths
 from pruning_core.io.layers import load_layer_result
@@ -143,6 +145,29 @@ def unit_row(unit: PrunableUnit, original: torch.Tensor, new: torch.Tensor, mask
             "zero_token_expert": unit.expert is not None and tokens == 0}
 
 
+def saved_masks(reader: CheckpointReader, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The units' keep-masks (by unit name, ``[out, in]`` math orientation) as masks of the tensors the
+    checkpoint saves (by saved name, in their storage layout): a GPT-2 ``Conv1D`` mask transposed, a
+    fused MoE parameter's expert masks split into the per-expert tensors the checkpoint stores
+    (Mixtral's ``experts.N.w1/w2/w3``) by the checkpoint's own name mapping. One block at a time.
+
+    A saved tensor only partly covered by units is left out (the sparse export stores it dense).
+    """
+    out = {}
+    for i, meta_block in enumerate(decoder_blocks(reader.template(torch.float32))[1]):
+        block = copy.deepcopy(meta_block).to_empty(device="cpu")
+        with torch.no_grad():
+            for tensor in [*block.parameters(), *block.buffers()]:
+                if tensor.is_floating_point():
+                    tensor.fill_(float("nan"))  # whatever no unit writes stays NaN
+            for unit in block_units(reader, block, i):
+                unit.write(block, masks[unit.name].to(torch.float32))
+        for name, tensor in reader.to_checkpoint(i, block).items():
+            if tensor.is_floating_point() and not bool(tensor.isnan().any()):
+                out[name] = tensor != 0
+    return out
+
+
 def apply_results(run_dir: str, reader: CheckpointReader, index: int, block: nn.Module,
                   stats: CalibrationContext | None, counts: dict[str, int]) -> list[dict[str, Any]]:
     """Write every unit's saved result (new weight, or the dense weight times its mask) into
@@ -158,4 +183,4 @@ def apply_results(run_dir: str, reader: CheckpointReader, index: int, block: nn.
 
 
 __all__ = ["apply_results", "block_index", "block_units", "read_saved_unit", "unit_sources", "check_weights_finite", "compute_dtype", "model_units",
-           "open_stream", "read_unit", "reader_for", "unit_row"]
+           "open_stream", "read_unit", "reader_for", "saved_masks", "unit_row"]

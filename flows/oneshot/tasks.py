@@ -40,6 +40,7 @@ from flows.oneshot.recovery import recovery_windows
 from flows.report import layer_figure
 from flows.tracking import Tracker
 from pruning_core.calibration import ActivationStats, CalibrationContext
+from pruning_core.errors import ConfigError
 from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_write_text
 from pruning_core.io.layers import load_layer_result, load_layer_scores, save_layer_result
@@ -152,8 +153,20 @@ def _check_model(job: OneShotJob, model_dir: str) -> CheckpointReader:
     reader.check_writable()
     for name, unit in b.model_units(reader).items():  # raises InvalidPattern naming the unit and its shape
         job.sparsity_pattern.check_shape(torch.Size(unit.shape), name=name)
+    _check_export(job, reader)
     b.check_weights_finite(reader)
     return reader
+
+
+def _check_export(job: OneShotJob, reader: CheckpointReader) -> None:
+    """A 2:4 export format stores groups of 4 along the saved rows: refuse, before any work, a model
+    that saves a weight transposed (GPT-2's Conv1D ``[in, out]``), whose math groups run down columns."""
+    fmt = job.export.sparse_format
+    transposed = [n for n, u in b.model_units(reader).items() if u.transposed]
+    if fmt in ("semi_structured", "compressed_tensors") and transposed:
+        raise ConfigError("export.sparse_format", f"{fmt} stores 2:4 groups along each saved row, but "
+                          f"'{transposed[0]}' (and {len(transposed) - 1} more) is saved transposed ([in, out], "
+                          "GPT-2 Conv1D); use sparse_format csr or none")
 
 
 @task(name="prepare-inputs", **IO_TASK)
@@ -346,14 +359,17 @@ def prune_sequential(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> N
 @task(name="export-sparse", **IO_TASK)
 def export_sparse_model(job: OneShotJob, run_dir: str) -> dict[str, Any] | None:
     """The pruned model in ``export.sparse_format`` (csr, semi_structured, compressed_tensors) under
-    ``sparse/``; None when the format is ``none``. Returns the export's sizes (SparseExport.to_dict)."""
+    ``sparse/``; None when the format is ``none``. The masks are mapped onto the checkpoint's saved
+    tensors (:func:`~flows.oneshot.blocks.saved_masks`: per-expert MoE tensors, Conv1D storage), so the
+    export holds exactly the checkpoint's tensors. Returns the export's sizes (SparseExport.to_dict)."""
     fmt = job.export.sparse_format
     if fmt == "none":
         return None
     out = paths.sparse_export(run_dir)
     if _done(run_dir, "sparse_export") and read_export_info(out).format == fmt:
         return read_export_info(out).to_dict()
-    info = export_sparse(paths.model(run_dir), load_masks(paths.masks(run_dir)), out, fmt)
+    masks = b.saved_masks(b.reader_for(str(paths.model(run_dir))), load_masks(paths.masks(run_dir)))
+    info = export_sparse(paths.model(run_dir), masks, out, fmt)
     Manifest(run_dir).record("sparse_export", out, kind="sparse_export")
     log.info("sparse export (%s): %d layers, %.1f MB, %.3f of dense", fmt, info.layers, info.file_bytes / 1e6,
              info.size_ratio)

@@ -9,11 +9,16 @@ the Gemma families get a tokenizer that starts every sequence with BOS. For each
 - every prunable unit (MoE experts, GPT-2 Conv1D in the math orientation) is exactly as sparse as
   its pattern says, its zeros are the saved mask, and the reported sparsity is the real zero
   fraction of the decoder weights;
-- the per-unit table lists every expert with the calibration tokens routed to it.
+- the per-unit table lists every expert with the calibration tokens routed to it;
+- for the MoE families and GPT-2, the sparse export round-trips the checkpoint exactly.
+
+Besides: ``dtype:`` casting a bf16 checkpoint to float32, an expert that no calibration token
+reaches (pruned by magnitude, flagged), and a 2:4 export of a Conv1D model refused up front.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -46,6 +51,8 @@ VARIANTS = {
     "qwen2_moe": (BF16, "sparsegpt", "sequential"),
 }
 BOS_FAMILIES = ("gemma2", "gemma3")
+# families whose run also writes the sparse export (fused experts split per expert; Conv1D transposed)
+EXPORTS = {"mixtral": "csr", "qwen2_moe": "semi_structured", "gpt2": "csr"}
 
 
 def test_every_family_has_a_variant():
@@ -144,7 +151,8 @@ def test_family(prefect_server, tracking, texts, tiny_tokenizer, bos_tokenizer, 
     src = _save(tmp_path / "in", name, dtype, tokenizer)
     sparsity = {"pattern": "2:4"} if method == "sparsegpt" else {"sparsity": 0.5}
     job = tiny_job(src, name=name, method=method, **sparsity, calibration={**CAL, "mode": mode, "text": texts[0]},
-                   evaluation={**EVAL, "text": texts[1]}, tracking={"log_model": False})
+                   evaluation={**EVAL, "text": texts[1]}, tracking={"log_model": False},
+                   export={"sparse_format": EXPORTS.get(name, "none")})
     summary = run_job(job, tmp_path / "run")
     out = tmp_path / "run" / "model"
     _check_layout(src, out, dtype)
@@ -158,6 +166,8 @@ def test_family(prefect_server, tracking, texts, tiny_tokenizer, bos_tokenizer, 
     assert math.isfinite(summary["perplexity_before"])
     if name in MOE:
         _check_experts(name, summary, windows["calibration"], model)
+    if name in EXPORTS:
+        _check_export(summary, out, tmp_path / "run" / "sparse")
 
 
 def test_dtype_override_casts_input_and_output(prefect_server, tracking, texts, tiny_tokenizer, tmp_path):
@@ -181,3 +191,100 @@ def test_dtype_override_casts_input_and_output(prefect_server, tracking, texts, 
     windows = load_tensors(tmp_path / "run" / "windows.safetensors")
     after = perplexity(model, windows["evaluation"], batch_size=2, progress=False)
     assert after == pytest.approx(summary["perplexity_after"], rel=1e-4)
+
+
+def _starve_expert(model, layer: int, expert: int) -> None:
+    """Make ``expert`` of ``layer`` receive no token: embedding channel 0 is large and positive for
+    every token (so the normalized router input's channel 0 is positive), and only that expert's
+    router row reads it, with a large negative weight."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 1.0
+        router = model.model.layers[layer].mlp.gate.weight
+        router[expert] = 0.0
+        router[expert, 0] = -100.0
+
+
+class _Warnings(list):
+    """Collects the WARNING messages of the named loggers (Prefect's logging setup bypasses caplog)."""
+
+    def __init__(self, *names: str) -> None:
+        import logging
+
+        super().__init__()
+        self.handler = logging.Handler(logging.WARNING)
+        self.handler.emit = lambda record: self.append(record.getMessage())
+        self.loggers = [logging.getLogger(n) for n in names]
+
+    def __enter__(self) -> _Warnings:
+        for logger in self.loggers:
+            logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for logger in self.loggers:
+            logger.removeHandler(self.handler)
+
+
+def test_an_expert_without_calibration_tokens_is_pruned_by_magnitude(prefect_server, tracking, texts, tiny_tokenizer,
+                                                                      tmp_path):
+    """The stated rule (pruning_core.calibration.hooks): an expert no calibration token was routed to
+    is pruned by weight magnitude at the job's spec (Wanda: half of each row), with a warning and
+    its row in the per-unit table flagged; the other experts keep Wanda's statistics."""
+    dense = make_tiny("mixtral", dtype=FP32)
+    _starve_expert(dense, layer=0, expert=3)
+    dense.save_pretrained(tmp_path / "in")
+    tiny_tokenizer.save_pretrained(tmp_path / "in")
+    job = tiny_job(tmp_path / "in", name="starved", method="wanda", sparsity=0.5,
+                   calibration={**CAL, "text": texts[0]}, evaluation={**EVAL, "text": texts[1]},
+                   tracking={"log_model": False})
+    with _Warnings("flows.oneshot.tasks", "pruning_core.calibration.hooks") as warnings:
+        summary = run_job(job, tmp_path / "run")
+    rows = {r["name"]: r for r in summary["layers"] if r["kind"] == "expert"}
+    starved = {n for n, r in rows.items() if r["tokens"] == 0}  # the forced one, and any the tiny data missed
+    assert {f"model.layers.0.mlp.experts.{p}.3" for p in ("gate_up_proj", "down_proj")} <= starved
+    assert {n for n, r in rows.items() if r["zero_token_expert"]} == starved
+    assert all(rows[n]["sparsity"] == 0.5 for n in rows)
+    warned = " ".join(warnings)
+    assert all(f"{n}: no calibration token was routed to this expert; pruned by magnitude" in warned for n in starved)
+    assert "received no calibration tokens (model.layers.0.mlp.experts.gate_up_proj" in warned
+    pruned = _from_pretrained(tmp_path / "run" / "model")
+    units = {u.name: u for u in prunable_units(dense)}
+    for name in starved:  # exactly the largest half of |W| in each row survives, unchanged
+        weight, new = units[name].read(dense), units[name].read(pruned)
+        keep = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, weight.abs().topk(weight.shape[1] // 2, 1).indices, True)
+        assert torch.equal(new != 0, keep) and torch.equal(new[keep], weight[keep]), name
+
+
+def _check_export(summary: dict, out, export) -> None:
+    """The sparse export holds exactly the checkpoint's tensors: fused MoE expert masks go to the
+    per-expert tensors the checkpoint saves, Conv1D masks to its transposed storage; each pruned
+    tensor is stored sparsely and comes back bit for bit (pruned positions as +0.0)."""
+    from safetensors import safe_open
+
+    from pruning_core.sparse import load_sparse_export
+
+    saved = {}
+    for file in CheckpointLayout.read(out).shards:
+        with safe_open(str(out / file), "pt") as f:
+            saved.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    back = load_sparse_export(export)
+    assert set(back) == set(saved) and all(torch.equal(back[k], saved[k] + 0.0) for k in saved)
+    info = json.loads((export / "sparse_index.json").read_text())
+    sparse = {k for k, e in info["tensors"].items() if e["layout"] == info["format"]}
+    split = sum(".experts.gate_up_proj." in r["name"] for r in summary["layers"])  # saved as gate and up
+    assert len(sparse) == summary["sparse_export_size"]["layers"] == len(summary["layers"]) + split
+    assert all(info["tensors"][k]["nnz"] * 2 == saved[k].numel() for k in sparse)
+    if split:  # 2 blocks x 4 experts x (gate, up, down), by the checkpoint's per-expert names
+        assert sum(".experts." in k for k in sparse) == 2 * 4 * 3 and split == 2 * 4
+
+
+def test_a_two_four_export_of_a_conv1d_model_is_refused_up_front(prefect_server, tracking, texts, tiny_tokenizer,
+                                                                 tmp_path):
+    from pruning_core.errors import ConfigError
+
+    src = _save(tmp_path / "in", "gpt2", FP32, tiny_tokenizer)
+    job = tiny_job(src, name="gpt2-24", method="wanda", pattern="2:4", export={"sparse_format": "semi_structured"},
+                   calibration={**CAL, "text": texts[0]}, evaluation={**EVAL, "text": texts[1]})
+    with pytest.raises(ConfigError, match="saved transposed") as err:
+        run_job(job, tmp_path / "run")
+    assert err.value.field == "export.sparse_format" and not (tmp_path / "run" / "stats.parquet").exists()
