@@ -43,7 +43,7 @@ from pruning_core.calibration import ActivationStats, CalibrationContext
 from pruning_core.errors import ConfigError
 from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_write_text
-from pruning_core.io.layers import load_layer_result, load_layer_scores, save_layer_result
+from pruning_core.io.layers import has_scores, load_layer_result, load_layer_scores, save_layer_result
 from pruning_core.io.manifest import Manifest
 from pruning_core.io.masks import load_masks, save_masks_from
 from pruning_core.io.stats import (
@@ -62,7 +62,7 @@ from pruning_core.lm import (
     inspect_model,
     model_fingerprint,
 )
-from pruning_core.masks import SparsitySpec, Unstructured, generate_global_masks
+from pruning_core.masks import GlobalSelection, SparsitySpec, Unstructured, plan_global_selection
 from pruning_core.methods import Method, get_method
 from pruning_core.sparse import export_sparse, read_export_info
 
@@ -252,18 +252,31 @@ def prune_layer(job: OneShotJob, run_dir: str, model_dir: str, layer: str,
     return str(out)
 
 
+def _global_plan(job: OneShotJob, run_dir: str, layers: list[str]) -> GlobalSelection:
+    """The global threshold and each unit's kept ties, found reading one unit's scores at a time
+    (:func:`pruning_core.masks.streamed.plan_global_selection`); recorded, so a resumed run reuses it."""
+    record = paths.global_plan(run_dir)
+    if _done(run_dir, "global-plan"):
+        return GlobalSelection.from_dict(json.loads(record.read_text()))
+    plan = plan_global_selection(layers, lambda n: load_layer_scores(paths.layer_scores(run_dir, n)),
+                                 job.target_sparsity)
+    atomic_write_text(record, json.dumps(plan.to_dict()))
+    Manifest(run_dir).record("global-plan", record, kind="json")
+    return plan
+
+
 @task(name="select-global", **IO_TASK)
 def select_global(job: OneShotJob, run_dir: str, layers: list[str]) -> list[str]:
-    """One threshold across all units' scores (GLOBAL scope); rewrites each unit's file with its mask."""
+    """One threshold across all units' scores (GLOBAL scope), with one unit's scores in memory at a
+    time; rewrites each unit's file with its mask (a resumed run skips the files already rewritten)."""
     files = [str(paths.layer_scores(run_dir, layer)) for layer in layers]
     if _done(run_dir, "global-selection"):
         return files
-    scores = {layer: load_layer_scores(f) for layer, f in zip(layers, files, strict=True)}
-    masks = generate_global_masks(scores, job.target_sparsity)
-    manifest = Manifest(run_dir)
+    plan, manifest = _global_plan(job, run_dir, layers), Manifest(run_dir)
     for layer, f in zip(layers, files, strict=True):  # the scores file becomes the layer's result
-        save_layer_result(f, masks[layer].tensor)
-        manifest.record(f"layer:{layer}", f, kind="layer")
+        if has_scores(f):
+            save_layer_result(f, plan.mask(layer, load_layer_scores(f)))
+            manifest.record(f"layer:{layer}", f, kind="layer")
     marker = paths.global_selection(run_dir)
     atomic_write_text(marker, json.dumps({"layers": len(layers), "sparsity": job.target_sparsity}))
     manifest.record("global-selection", marker, kind="json")

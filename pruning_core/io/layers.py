@@ -47,4 +47,12 @@ def load_layer_scores(path: PathLike) -> torch.Tensor:
     return tensors["scores"]
 
 
-__all__ = ["load_layer_result", "load_layer_scores", "save_layer_result"]
+def has_scores(path: PathLike) -> bool:
+    """Whether the layer file holds importance scores (not yet replaced by a selected mask)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return "scores" in f.keys()  # noqa: SIM118
+
+
+__all__ = ["has_scores", "load_layer_result", "load_layer_scores", "save_layer_result"]

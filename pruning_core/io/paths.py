@@ -24,6 +24,7 @@ One-shot (``job: oneshot``)::
     stats.parquet            calibration statistics, a row per layer x input channel
     hessians/block_NNN.safetensors  SparseGPT Hessians of block NNN's units (one-pass mode)
     scores/<layer>.safetensors   per-layer result (mask, updated weight or scores)
+    global-plan.json         the global threshold and each layer's kept ties (streamed selection)
     global-selection.json    marker: the global threshold was applied to every layer
     stats/block_NNN.parquet  sequential mode: statistics of block NNN's units
     masks.safetensors        all masks, bit-packed (io.masks)
@@ -141,6 +142,10 @@ def hessians(root: PathLike) -> Path:
 def layer_scores(root: PathLike, layer: str) -> Path:
     """Result of one layer, e.g. ``scores/model.layers.0.mlp.up_proj.safetensors``."""
     return _leaf(root, "scores", layer, ".safetensors")
+
+
+def global_plan(root: PathLike) -> Path:
+    return Path(root) / "global-plan.json"
 
 
 def global_selection(root: PathLike) -> Path:

@@ -29,11 +29,13 @@ from pruning_core.masks.select import (
     keep_topk,
 )
 from pruning_core.masks.spec import SparsitySpec, parse_pattern, parse_scope
+from pruning_core.masks.streamed import GlobalSelection, plan_global_selection
 
 __all__ = [
     "NM",
     "Block",
     "Column",
+    "GlobalSelection",
     "MaskScope",
     "Row",
     "SparsityMask",
@@ -55,5 +57,6 @@ __all__ = [
     "keep_topk",
     "parse_pattern",
     "parse_scope",
+    "plan_global_selection",
     "select_mask",
 ]

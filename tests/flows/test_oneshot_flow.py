@@ -194,6 +194,17 @@ def test_global_scope_prunes_exactly_overall(prefect_server, mlflow_uri, tiny_mo
     assert round(summary["sparsity"] * total) == int(total * 0.6)
     assert len({round(r["sparsity"], 3) for r in summary["layers"]}) > 1  # layers differ under one threshold
     assert summary["perplexity_before"] is None and summary["perplexity_after"] is None
+    # the streamed selection (one unit's scores at a time) gives the all-at-once selection's masks
+    from pruning_core.arch import prunable_units
+    from pruning_core.io.masks import load_masks
+    from pruning_core.lm import load_causal_lm
+    from pruning_core.masks import generate_global_masks
+
+    dense, _ = load_causal_lm(tiny_model_dir_session)
+    scores = {u.name: u.read(dense).abs() for u in prunable_units(dense)}  # magnitude, in the job's unit order
+    want, got = generate_global_masks(scores, 0.6), load_masks(tmp_path / "run" / "masks.safetensors")
+    assert list(scores) == [r["name"] for r in summary["layers"]]
+    assert all(torch.equal(got[n], want[n].tensor) for n in scores)
 
 
 @pytest.mark.parametrize(
