@@ -1,7 +1,9 @@
-"""The one-shot job's allocation stage: per-unit sparsities (OWL, or a file of another run) before pruning.
+"""The one-shot job's allocation stage: per-unit sparsities (OWL, a file of another run, or the
+allocation search's result) before pruning.
 
     allocation: {kind: owl, m: 5, lambda: 0.08, granularity: block}
     allocation: {kind: file, path: runs/owl70-1a2b3c/allocation.json}
+    allocation: {kind: search, generations: 30, offspring: 16}   # flows.oneshot.search runs it first
 
 OWL (Yin et al. 2023, :mod:`pruning_core.allocation.owl`) needs the dense model's one-pass
 statistics; they are collected here *streaming*, one decoder block in memory at a time
@@ -36,6 +38,7 @@ from pruning_core.allocation import (
     shape_targets,
     unit_outlier_ratios,
 )
+from pruning_core.allocation.search import LevelGrid, Levels, SearchState
 from pruning_core.errors import ArtifactError, ConfigError
 from pruning_core.io import paths
 from pruning_core.io.atomic import atomic_path, atomic_write_text
@@ -114,6 +117,42 @@ def file_of(job: OneShotJob, template: Any) -> Allocation:
     return allocation
 
 
+def save_search(run_dir: str, grid: LevelGrid, start: Levels, state: SearchState) -> None:
+    """The allocation search's grid, start levels and state, atomically (``search/state.json``)."""
+    data = {"grid": grid.to_dict(), "start": list(start), "state": state.to_dict()}
+    atomic_write_text(paths.search_state(run_dir), json.dumps(data))
+
+
+def load_search(run_dir: str) -> tuple[LevelGrid, Levels, SearchState] | None:
+    """``(grid, start levels, state)`` saved by :func:`save_search`; None if there is none yet.
+
+    Raises:
+        ArtifactError: the file is not a search state.
+    """
+    file = paths.search_state(run_dir)
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+        return LevelGrid.from_dict(data["grid"]), tuple(int(x) for x in data["start"]), SearchState.from_dict(data["state"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(str(file), f"not an allocation search state ({exc})") from exc
+
+
+def searched_of(job: OneShotJob, run_dir: str, template: Any) -> Allocation:
+    """The best allocation of the finished search (:mod:`flows.oneshot.search`) on this model's units.
+
+    Raises:
+        ArtifactError: no search state, or the search has not finished.
+    """
+    saved = load_search(run_dir)
+    if saved is None or saved[2].pending:
+        done = "no search state" if saved is None else f"generation {saved[2].generation} of {job.allocation.generations}"
+        raise ArtifactError(str(paths.search_state(run_dir)), f"the allocation search has not finished ({done})")
+    grid, _, state = saved
+    return grid.allocation(allocation_units(template, job.allocation.granularity), state.parent, "search")
+
+
 def _shapes(reader: CheckpointReader) -> dict[str, tuple[int, ...]]:
     template = reader.template(reader.stored_dtype)  # meta device: shapes only, no memory
     return {name: tuple(unit.read(template).shape) for name, unit in target_units(template).items()}
@@ -158,15 +197,20 @@ def allocation_summary(job: OneShotJob, run_dir: str) -> dict[str, Any]:
     if not job.allocation.non_uniform:
         return {"allocation": None}
     data = json.loads(paths.allocation(run_dir).read_text())
-    return {"allocation": {"kind": job.allocation.kind, "source": data["source"], "units": len(data["units"]),
-                           "mean": data["mean"], "min": min(data["sparsities"]), "max": max(data["sparsities"]),
-                           "path": str(paths.allocation(run_dir))}}
+    out = {"kind": job.allocation.kind, "source": data["source"], "units": len(data["units"]), "mean": data["mean"],
+           "min": min(data["sparsities"]), "max": max(data["sparsities"]), "path": str(paths.allocation(run_dir))}
+    saved = load_search(run_dir) if job.allocation.kind == "search" else None
+    if saved is not None:
+        out["search"] = {"generations": saved[2].generation, "best_fitness": saved[2].parent_fitness,
+                         "levels": list(saved[2].parent), "state": str(paths.search_state(run_dir))}
+    return {"allocation": out}
 
 
 @task(name="allocate", **IO_TASK)
 def allocate(job: OneShotJob, run_dir: str, inputs: dict[str, Any], run_id: str) -> str | None:
-    """Compute (OWL) or load (file) the allocation, save it with its per-layer targets and figure,
-    log both to the job's MLflow run; returns ``allocation_targets.json`` (None: uniform job)."""
+    """Compute (OWL) or load (file, or the finished search's state) the allocation, save it with its
+    per-layer targets and figure, log both to the job's MLflow run; returns ``allocation_targets.json``
+    (None: uniform job)."""
     if not job.allocation.non_uniform:
         return None
     if not all(Manifest(run_dir).is_complete(k) for k in _KEYS):
@@ -174,6 +218,8 @@ def allocate(job: OneShotJob, run_dir: str, inputs: dict[str, Any], run_id: str)
         template = reader.template(reader.stored_dtype)
         if job.allocation.kind == "owl":
             allocation = owl_of(job, run_dir, reader, allocation_units(template, job.allocation.granularity))
+        elif job.allocation.kind == "search":
+            allocation = searched_of(job, run_dir, template)
         else:
             allocation = file_of(job, template)
         targets = shape_targets(allocation, _shapes(reader), MaskScope(job.mask_scope))
@@ -188,4 +234,5 @@ def allocate(job: OneShotJob, run_dir: str, inputs: dict[str, Any], run_id: str)
     return allocation_targets(job, run_dir)
 
 
-__all__ = ["allocate", "allocation_figure", "allocation_summary", "allocation_targets", "file_of", "layer_target", "owl_of"]
+__all__ = ["allocate", "allocation_figure", "allocation_summary", "allocation_targets", "file_of", "layer_target",
+           "load_search", "owl_of", "save_search", "searched_of"]

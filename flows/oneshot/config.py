@@ -142,7 +142,7 @@ class OneShotJob(LLMJob):
             raise ValueError(f"export.sparse_format: {fmt} stores 2:4 sparsity only; pattern is {pattern} "
                              "(use pattern 2:4, or sparse_format csr or none)")
         check_allocation(self.allocation, unstructured=isinstance(pattern, Unstructured), scope=self.mask_scope,
-                         sparsity=self.target_sparsity)
+                         sparsity=self.target_sparsity, calibration_windows=self.calibration.num_windows)
         check_joint_quantization(self)
         if self.recovery is not None and self.calibration.text == self.evaluation.text:
             raise ValueError(f"recovery: trains on the calibration text, which must differ from the evaluation "

@@ -1,6 +1,7 @@
 """The main job: one-shot compression of a causal LM, as Prefect flows tracked in MLflow.
 
-    prepare inputs -> dense perplexity (streamed, cached across jobs) -> calibrate (one streamed
+    prepare inputs -> [allocation search (flows.oneshot.search) -> allocate: per-unit targets]
+    -> dense perplexity (streamed, cached across jobs) -> calibrate (one streamed
     pass; none for methods that read no statistics) -> per-unit pruning tasks on the configured
     task runner -> assemble (stream the model again, writing each pruned block) -> optional
     sparse export -> optional quantization (joint: quantized in the prune step on the same
@@ -10,7 +11,8 @@
     (sequential mode: one streamed pass calibrates, prunes and writes block after block)
 
 The pruning stages never hold the whole model: memory is bounded by the embeddings/head + one
-decoder block + one depth's activations (issue 13 §3).
+decoder block + one depth's activations (issue 13 §3). The allocation search's fitness (optional)
+and recovery (optional) are the exceptions: they hold whole models.
 
 All math lives in pruning_core; the tasks (:mod:`flows.oneshot.tasks`) move files and call it,
 and :class:`flows.runtime.JobRun` claims the directory, tracks the run and writes the summary.
@@ -37,6 +39,7 @@ from flows.oneshot.allocation import allocate, allocation_summary
 from flows.oneshot.config import OneShotJob
 from flows.oneshot.joint import export_joint
 from flows.oneshot.recovery import recover, recovery_summary
+from flows.oneshot.search import search_allocation, search_done
 from flows.publish import publish_model
 from flows.runtime import JobRun
 from pruning_core.io import paths
@@ -87,6 +90,9 @@ def _prepare(run: JobRun, job: OneShotJob) -> dict[str, Any]:
         inputs = t.prepare_inputs(job, run.dir)
         if job.quantization is not None:  # typed errors (group size, layer kinds) before long work
             output.check_quantization(job, inputs["model_dir"])
+    if job.allocation.kind == "search" and not search_done(run.dir):
+        with run.stage("allocation_search"):
+            search_allocation.with_options(task_runner=make_task_runner(job.runner))(job, run.dir, inputs, run.run_id)
     if job.allocation.non_uniform:
         with run.stage("allocate"):
             allocate(job, run.dir, inputs, run.run_id)

@@ -108,7 +108,7 @@ def _method_for(job: OneShotJob, stats: Any, name: str) -> tuple[Method, Any]:
 
 
 def prune_one(job: OneShotJob, weight: torch.Tensor, stats: Any, *, name: str,
-              allocation: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              allocation: str | Mapping[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one ``[out, in]`` weight: ``(new weight, bool keep mask)``, both shaped like ``weight``."""
     method, stats = _method_for(job, stats, name)
     return method.prune_weight(weight, stats, spec_of(job, name, allocation), name=name)
@@ -221,6 +221,26 @@ def calibrate(job: OneShotJob, run_dir: str, inputs: dict[str, Any]) -> dict[str
     return out
 
 
+def layer_inputs(job: OneShotJob, run_dir: str, model_dir: str, layer: str,
+                 stats: dict[str, str | None]) -> tuple[torch.Tensor, ActivationStats | None]:
+    """One unit's dense weight ``[out, in]`` (only its parameter is read, on the job's device) and its
+    one-pass statistics (None: the method reads none; with XᵀX when ``stats`` has Hessians)."""
+    inputs = json.loads(paths.inputs(run_dir).read_text())
+    source = inputs["units"][layer]
+    if source["key"] is not None:  # device: auto -> CUDA when present
+        weight = b.read_saved_unit(model_dir, source, job.device, getattr(torch, inputs["dtype"]))
+    else:  # built by a conversion (fused experts): through the checkpoint's name mapping
+        weight = b.read_unit(b.reader_for(model_dir), layer, job.device)
+    hessians = paths.block_hessians(run_dir, source["block"]) if stats.get("hessians") else None
+    layer_stats = load_layer_stats(stats["stats"], layer, hessians) if stats.get("stats") else None
+    return weight, layer_stats
+
+
+def _stored_dtype(run_dir: str) -> torch.dtype:
+    """The dtype the model is stored in (and loaded in), from the prepared inputs."""
+    return getattr(torch, json.loads(paths.inputs(run_dir).read_text())["dtype"])
+
+
 @task(name="prune-layer", task_run_name="prune-{layer}", **IO_TASK)
 def prune_layer(job: OneShotJob, run_dir: str, model_dir: str, layer: str,
                 stats: dict[str, str | None], scores_only: bool = False) -> str:
@@ -232,21 +252,14 @@ def prune_layer(job: OneShotJob, run_dir: str, model_dir: str, layer: str,
     key, out = f"layer:{layer}", paths.layer_scores(run_dir, layer)
     if _done(run_dir, key):
         return str(out)
-    inputs = json.loads(paths.inputs(run_dir).read_text())
-    source = inputs["units"][layer]
-    if source["key"] is not None:  # device: auto -> CUDA when present
-        weight = b.read_saved_unit(model_dir, source, job.device, getattr(torch, inputs["dtype"]))
-    else:  # built by a conversion (fused experts): through the checkpoint's name mapping
-        weight = b.read_unit(b.reader_for(model_dir), layer, job.device)
-    hessians = paths.block_hessians(run_dir, source["block"]) if stats.get("hessians") else None
-    layer_stats = load_layer_stats(stats["stats"], layer, hessians) if stats.get("stats") else None
+    weight, layer_stats = layer_inputs(job, run_dir, model_dir, layer, stats)
     if scores_only:
         scores = score_one(job, weight, layer_stats, name=layer)
         save_layer_result(out, torch.ones_like(weight, dtype=torch.bool), scores=scores)
     else:
         new_weight, mask = prune_unit(job, run_dir, weight, layer_stats, name=layer,
                                       allocation=allocation_targets(job, run_dir),
-                                      scale_dtype=getattr(torch, inputs["dtype"]))
+                                      scale_dtype=_stored_dtype(run_dir))
         save_layer_result(out, mask, new_weight if needs_stats(job)[1] else None)
     Manifest(run_dir).record(key, out, kind="layer")
     return str(out)
@@ -412,5 +425,6 @@ def log_results(job: OneShotJob, run_dir: str, run_id: str, summary: dict[str, A
             tracker.log_artifacts(run_id, summary["sparse_export"], "sparse")
 
 
-__all__ = ["assemble", "calibrate", "export_sparse_model", "log_results", "method_of", "needs_stats",
-           "prepare_inputs", "prune_layer", "prune_one", "prune_unit", "prune_sequential", "score_one", "select_global", "spec_of"]
+__all__ = ["assemble", "calibrate", "export_sparse_model", "layer_inputs", "log_results", "method_of", "needs_stats",
+           "prepare_inputs", "prune_layer", "prune_one", "prune_sequential", "prune_unit", "score_one", "select_global",
+           "spec_of"]

@@ -30,8 +30,10 @@ from pruning_core.allocation.search import LevelGrid, Levels
 from pruning_core.allocation.units import AllocationUnit
 from pruning_core.calibration.stats import ActivationStats
 from pruning_core.errors import ConfigError
+from pruning_core.masks import MaskScope
 
 Fitness = Callable[[nn.Module], float]
+PruneFn = Callable[[str, torch.Tensor, ActivationStats | None, float], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,12 @@ def database_tasks(grid: LevelGrid) -> list[tuple[int, int]]:
 
 
 def build_variant(unit: AllocationUnit, sparsity: float, weights: Mapping[str, torch.Tensor],
-                  stats: Mapping[str, ActivationStats | None], method: str) -> UnitVariant:
+                  stats: Mapping[str, ActivationStats | None], method: str, *, scope: MaskScope | None = None,
+                  prune: PruneFn | None = None) -> UnitVariant:
     """Prune every layer of ``unit`` at ``sparsity`` (out of place).
 
-    The unit's layers share the sparsity, rounded jointly to ``method``'s comparison groups so the
-    unit prunes ``floor(sparsity·n_u)`` weights up to less than one group (see ``rounding.py``).
+    The unit's layers share the sparsity, rounded jointly to the comparison groups so the unit
+    prunes ``floor(sparsity·n_u)`` weights up to less than one group (see ``rounding.py``).
 
     Args:
         unit: the unit (its layer names key ``weights`` and ``stats``).
@@ -68,13 +71,19 @@ def build_variant(unit: AllocationUnit, sparsity: float, weights: Mapping[str, t
         weights: dense ``[out, in]`` weights of the unit's layers.
         stats: their one-pass statistics (None entries for magnitude; with XᵀX for SparseGPT).
         method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
+        scope: the comparison groups (default ``method``'s own: Wanda ROW, the others LAYER).
+        prune: ``(layer, weight, stats, sparsity) -> (new weight, keep mask)`` instead of
+            :func:`prune_layer_weight` (e.g. a job's method with its options).
     """
-    scope = method_scope(method)
+    scope = scope or method_scope(method)
     groups = {n: comparison_groups(tuple(weights[n].shape), scope) for n in unit.layers}
     targets = round_to_groups(dict.fromkeys(unit.layers, sparsity), groups)
     masks, pruned = {}, {}
     for name in unit.layers:
-        new, keep = prune_layer_weight(method, weights[name], stats.get(name), targets[name], name=name)
+        if prune is not None:
+            new, keep = prune(name, weights[name], stats.get(name), targets[name])
+        else:
+            new, keep = prune_layer_weight(method, weights[name], stats.get(name), targets[name], name=name)
         masks[name] = keep
         if method == "sparsegpt":
             pruned[name] = new
@@ -135,4 +144,4 @@ def evaluate_candidates(assembler: CandidateAssembler, candidates: Sequence[Leve
     return scores
 
 
-__all__ = ["CandidateAssembler", "Fitness", "UnitVariant", "build_variant", "database_tasks", "evaluate_candidates"]
+__all__ = ["CandidateAssembler", "Fitness", "PruneFn", "UnitVariant", "build_variant", "database_tasks", "evaluate_candidates"]

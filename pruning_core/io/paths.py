@@ -33,6 +33,8 @@ One-shot (``job: oneshot``)::
     allocation.json          non-uniform allocation (allocation.Allocation.to_dict): OWL or a reused file
     allocation_targets.json  its per-layer sparsities, rounded to this job's comparison groups
     allocation.png           sparsity per unit versus depth, with the target line
+    search/state.json        allocation search: grid, start levels and search state (saved every step)
+    search/variants/unit_NNN.safetensors  allocation search: unit NNN pruned at every grid level
     recovery/trainer.pt      recovery: the trainer's last checkpoint (step, weights, optimizer)
     recovery/curve.json      recovery: loss per step (the finished stage's record)
     recovery/loss.png        recovery: the loss curve
@@ -215,6 +217,14 @@ def allocation_targets(root: PathLike) -> Path:
 
 def allocation_figure(root: PathLike) -> Path:
     return Path(root) / "allocation.png"
+
+
+def search_state(root: PathLike) -> Path:
+    return Path(root) / "search" / "state.json"
+
+
+def search_variants(root: PathLike, unit: int) -> Path:
+    return Path(root) / "search" / "variants" / f"unit_{_index(unit)}.safetensors"
 
 
 def recovery_state(root: PathLike) -> Path:

@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from flows import llm
-from flows.jobs import run_job
+from flows.jobs import parse_config, run_job
 from pruning_core.allocation import Allocation, OWLConfig, allocation_units, owl_allocation
 from pruning_core.calibration import collect_activation_stats
 from pruning_core.errors import ConfigError
@@ -137,6 +137,17 @@ def test_file_allocation_for_another_sparsity_is_a_config_error(owl_run, tiny_mo
     ({"sparsity": 0.5, "allocation": {"kind": "file", "path": "/no/such/allocation.json"}}, "no such file"),
     ({"sparsity": 0.5, "allocation": {"kind": "file"}}, "required for kind file"),
     ({"sparsity": 0.5, "allocation": {"kind": "owl", "path": "x.json"}}, "only for kind file"),
+    ({"sparsity": 0.5, "allocation": {"kind": "owl", "generations": 3}}, "generations: only for kind search"),
+    ({"pattern": "2:4", "allocation": {"kind": "search"}}, "unstructured pattern"),
+    ({"sparsity": 0.95, "allocation": {"kind": "search", "lambda": 0.08}}, "must lie in"),
+    ({"sparsity": 0.5, "allocation": {"kind": "search", "offspring": 4, "survivors": 5}}, "survivors: 5 > offspring 4"),
+    ({"sparsity": 0.5, "allocation": {"kind": "search", "fitness_windows": [2, 9]}}, "the calibration has 8"),
+    ({"sparsity": 0.5, "allocation": {"kind": "search", "fitness_windows": [4, 2]}}, "more than stage 1"),
+    ({"sparsity": 0.5, "allocation": {"kind": "search", "fitness_windows": [2]}}, "fitness_windows"),
+    ({"sparsity": 0.5, "allocation": {"kind": "search", "level_step": 0}}, "level_step"),
+    ({"sparsity": 0.5, "allocation": {"kind": "search", "generations": 0}}, "generations"),
+    ({"sparsity": 0.5, "allocation": {"kind": "search", "fitness": "ppl"}}, "fitness"),
+    ({"sparsity": 0.5, "allocation": {"kind": "search", "start": "file"}}, "start"),
 ])
 def test_bad_allocation_sections_are_config_errors(tiny_model_dir_session, fields, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -148,6 +159,10 @@ def test_uniform_default_keeps_the_job_hash(tiny_model_dir_session):
     explicit = tiny_job(tiny_model_dir_session, method="wanda", sparsity=S, allocation={"kind": "uniform"})
     assert plain.job_hash() == explicit.job_hash()
     assert plain.job_hash() != tiny_job(tiny_model_dir_session, method="wanda", sparsity=S, allocation=OWL).job_hash()
+    # pinned before the search fields existed: they leave the identity of OWL jobs unchanged
+    assert parse_config({"method": "wanda", "sparsity": S, "allocation": OWL}, "t.yaml").job_hash() == "c0f3b5cc9e1f"
+    search = parse_config({"method": "wanda", "sparsity": S, "allocation": {**OWL, "kind": "search"}}, "t.yaml")
+    assert search.job_hash() != parse_config({"method": "wanda", "sparsity": S, "allocation": OWL}, "t.yaml").job_hash()
 
 
 def test_owl_per_block_with_sequential_sparsegpt(prefect_server, mlflow_uri, tiny_model_dir_session, tmp_path):

@@ -131,6 +131,7 @@ def _every_path(root):
         paths.layer_quantized(root, "model.layers.0.mlp.up_proj"),
         paths.quantized_model(root), paths.dequantized_model(root), paths.quantization_report(root), paths.speed(root),
         paths.allocation(root), paths.allocation_targets(root), paths.allocation_figure(root),
+        paths.search_state(root), paths.search_variants(root, 3),
         paths.recovery_state(root), paths.recovery_curve(root), paths.recovery_figure(root),
     ]  # fmt: skip
 
@@ -142,7 +143,8 @@ def test_paths_are_distinct_and_inside_the_run_dir(tmp_path):
     names = {p.relative_to(tmp_path).as_posix() for p in files}
     assert {"job.json", "manifest.json", "summary.json", "windows.safetensors", "perplexity_before.json",
             "layers.json", "scores.parquet", "block_inputs/003.safetensors", "stats/block_003.parquet",
-            "candidates/L2-H64-F64-Q4-KV2/plan.json", "tickets/0123abcd", "rounds/round_003.json"} <= names
+            "candidates/L2-H64-F64-Q4-KV2/plan.json", "tickets/0123abcd", "rounds/round_003.json",
+            "search/state.json", "search/variants/unit_003.safetensors"} <= names
     assert paths.manifest(tmp_path).name == MANIFEST_NAME  # the name io.manifest writes
     assert (
         paths.layer_scores(tmp_path, "model.layers.0.mlp.up_proj").name
