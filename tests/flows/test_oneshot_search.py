@@ -136,3 +136,8 @@ def test_killed_search_resumes_without_repeating_generations(search_run, sensiti
     children = client.search_runs([client.get_run(summary["mlflow_run_id"]).info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{summary['mlflow_run_id']}'")
     assert sorted(r.info.run_name for r in children) == [f"generation-{g}" for g in range(1, GENERATIONS + 1)]
+
+
+def test_candidates_are_split_into_ordered_chunks_one_per_worker():
+    assert search_stage.chunks(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert search_stage.chunks([1, 2], 4) == [[1], [2]]
