@@ -131,7 +131,7 @@ def _every_path(root):
         paths.layer_quantized(root, "model.layers.0.mlp.up_proj"),
         paths.quantized_model(root), paths.dequantized_model(root), paths.quantization_report(root), paths.speed(root),
         paths.allocation(root), paths.allocation_targets(root), paths.allocation_figure(root),
-        paths.search_state(root), paths.search_variants(root, 3),
+        paths.search_state(root), paths.search_variants(root, 3), paths.input_model(root), paths.global_plan(root),
         paths.recovery_state(root), paths.recovery_curve(root), paths.recovery_figure(root),
     ]  # fmt: skip
 
