@@ -81,14 +81,14 @@ def _record_task_processes(monkeypatch, log: Path) -> Path:
     """
     import flows.oneshot.tasks as tasks
 
-    real = tasks.prune_one
+    real = tasks.prune_unit  # what the task calls directly: a deeper function would be imported by reference
 
     def recording(*args, **kwargs):
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tasks, "prune_one", recording)
+    monkeypatch.setattr(tasks, "prune_unit", recording)
     return log
 
 
