@@ -33,7 +33,7 @@ from flows.oneshot import blocks as b
 from flows.oneshot import output
 from flows.oneshot.config import OneShotJob
 from pruning_core.io import paths
-from pruning_core.io.atomic import atomic_dir, atomic_write_text
+from pruning_core.io.atomic import atomic_dir
 from pruning_core.io.manifest import Manifest
 from pruning_core.io.tensors import load_tensors, read_metadata, save_tensors
 from pruning_core.lm import CheckpointReader
@@ -126,13 +126,7 @@ def export_joint(job: OneShotJob, run_dir: str) -> dict[str, Any]:
         layers.update(_pack_block(job, run_dir, reader, index))
     output.write_export(run_dir, reader, output.quant_spec(job))
     _link_model(paths.model(run_dir), paths.dequantized_model(run_dir))
-    summary = output.quantization_summary(job, run_dir, layers, joint=True)
-    atomic_write_text(report_path, json.dumps(summary, indent=1))
-    manifest = Manifest(run_dir)
-    manifest.record("model-quantized", paths.quantized_model(run_dir), kind="model")
-    manifest.record("model-dequantized", paths.dequantized_model(run_dir), kind="model")
-    manifest.record("quantization", report_path, kind="json")
-    shutil.rmtree(paths.quantized_block(run_dir, 0).parent, ignore_errors=True)
+    summary = output.record_quantization(run_dir, output.quantization_summary(job, run_dir, layers, joint=True))
     log.info("joint quantization of %d layers (%s %s): mean relative error %.4g (prune then RTN %.4g), %s",
              len(layers), summary["method"], output.quant_spec(job), summary["mean_error"],
              summary["mean_rtn_error"], summary["path"])

@@ -265,17 +265,24 @@ def quantize(job: OneShotJob, run_dir: str) -> dict[str, Any]:
         writer.finish()
     write_export(run_dir, reader, quant_spec(job))
     layers = {name: r for i in sorted(records) for name, r in records[i].items()}
-    summary = quantization_summary(job, run_dir, layers, joint=False)
+    summary = record_quantization(run_dir, quantization_summary(job, run_dir, layers, joint=False))
+    log.info("quantized %d layers (%s %s): mean relative error %.4g (RTN %.4g), %s", len(layers),
+             summary["method"], quant_spec(job), summary["mean_error"], summary["mean_rtn_error"], summary["path"])
+    return summary
+
+
+
+def record_quantization(run_dir: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write the quantization report, record both output models and the report in the manifest and
+    drop the per-block scratch files (the last step of the separate and of the joint pass)."""
+    report_path = paths.quantization_report(run_dir)
     atomic_write_text(report_path, json.dumps(summary, indent=1))
     manifest = Manifest(run_dir)
     manifest.record("model-quantized", paths.quantized_model(run_dir), kind="model")
     manifest.record("model-dequantized", paths.dequantized_model(run_dir), kind="model")
     manifest.record("quantization", report_path, kind="json")
     shutil.rmtree(paths.quantized_block(run_dir, 0).parent, ignore_errors=True)
-    log.info("quantized %d layers (%s %s): mean relative error %.4g (RTN %.4g), %s", len(layers),
-             summary["method"], quant_spec(job), summary["mean_error"], summary["mean_rtn_error"], summary["path"])
     return summary
 
-
 __all__ = ["BlockQuantizer", "card_info", "check_quantization", "hessian_error", "model_sizes", "quant_spec",
-           "quantization_summary", "quantize", "quantize_weight", "write_cards", "write_export"]
+           "quantization_summary", "quantize", "quantize_weight", "record_quantization", "write_cards", "write_export"]
