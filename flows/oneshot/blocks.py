@@ -20,6 +20,7 @@ from torch import nn
 
 from pruning_core.arch import PrunableUnit, decoder_blocks, prunable_units
 from pruning_core.calibration.context import CalibrationContext
+from pruning_core.calibration.inputs import InputSample
 from pruning_core.io import paths
 from pruning_core.io.layers import load_layer_result
 from pruning_core.lm import CheckpointReader, LayerStream, resolve_device
@@ -130,15 +131,19 @@ def open_stream(reader: CheckpointReader, windows: torch.Tensor, batch_size: int
 
 
 def unit_row(unit: PrunableUnit, original: torch.Tensor, new: torch.Tensor, mask: torch.Tensor,
-             stats: CalibrationContext | None, tokens: int | None = None) -> dict[str, Any]:
+             stats: CalibrationContext | None, tokens: int | None = None, *,
+             sample: InputSample | None = None) -> dict[str, Any]:
     """One row of the per-unit table: shape, sparsity, relative output reconstruction error
-    (``‖(W - Ŵ)Xᵀ‖ / ‖WXᵀ‖`` from the unit's ``XᵀX`` in ``stats``; None without tokens), and the
-    calibration tokens routed to it (``tokens``, default the count in ``stats``; None if unknown)."""
+    (``‖(W - Ŵ)Xᵀ‖ / ‖WXᵀ‖`` on the unit's ``sample`` of inputs, else from its ``XᵀX`` in ``stats``;
+    None without tokens), and the calibration tokens routed to it (``tokens``, default the count in
+    ``stats``; None if unknown)."""
     layer = stats.get_stats(unit.name) if stats is not None else None
     if tokens is None and layer is not None:
         tokens = int(layer.count)
     error = None
-    if layer is not None and layer.xtx is not None and layer.count > 0:
+    if sample is not None:
+        error = sample.relative_error(original, new)
+    elif layer is not None and layer.xtx is not None and layer.count > 0:
         error = reconstruction_error(original, new, layer, name=unit.name)
     return {"name": unit.name, "kind": unit.kind, "shape": list(unit.shape),
             "sparsity": 1.0 - float(mask.float().mean()), "reconstruction_error": error, "tokens": tokens,
@@ -169,16 +174,18 @@ def saved_masks(reader: CheckpointReader, masks: Mapping[str, torch.Tensor]) -> 
 
 
 def apply_results(run_dir: str, reader: CheckpointReader, index: int, block: nn.Module,
-                  stats: CalibrationContext | None, counts: dict[str, int]) -> list[dict[str, Any]]:
+                  samples: Mapping[str, InputSample], counts: dict[str, int]) -> list[dict[str, Any]]:
     """Write every unit's saved result (new weight, or the dense weight times its mask) into
-    ``block`` in place; the block's table rows (``counts``: calibration tokens per unit)."""
+    ``block`` in place; the block's table rows (errors on ``samples``, the units' inputs by name;
+    ``counts``: calibration tokens per unit)."""
     rows = []
     for unit in block_units(reader, block, index):
         mask, weight = load_layer_result(paths.layer_scores(run_dir, unit.name))
         original = unit.read(block).clone()
         new = weight if weight is not None else original * mask.to(original.device)
         unit.write(block, new.to(original.device))
-        rows.append(unit_row(unit, original, unit.read(block), mask, stats, counts.get(unit.name)))
+        rows.append(unit_row(unit, original, unit.read(block), mask, None, counts.get(unit.name),
+                             sample=samples.get(unit.name)))
     return rows
 
 

@@ -68,7 +68,7 @@ class PartialsCache:
         return self._partials
 
 
-def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, names: Sequence[str]) -> Any:
+def hook_argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, names: Sequence[str]) -> Any:
     """Argument ``position`` of a hooked forward call, passed positionally or by one of ``names``."""
     if len(args) > position:
         return args[position]
@@ -83,7 +83,7 @@ def _input_hook(stats: ActivationStats, cache: PartialsCache) -> Hook:
     """Hook of a Linear / Conv1D: add its input ``[..., in]`` to ``stats``."""
 
     def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _out: Any) -> None:
-        x = _argument(args, kwargs, 0, ("input", "x", "hidden_states"))
+        x = hook_argument(args, kwargs, 0, ("input", "x", "hidden_states"))
         tokens = stats._flatten(x)
         if tokens.shape[0]:
             stats.add_partial(*cache.get(x, tokens), source=x)
@@ -104,14 +104,14 @@ def gated_input(experts: nn.Module, tokens: torch.Tensor, expert: int) -> torch.
     return experts.act_fn(gate) * up
 
 
-def _experts_hook(stats: dict[tuple[int, str], ActivationStats]) -> Hook:
+def experts_hook(stats: dict[tuple[int, str], ActivationStats]) -> Hook:
     """Hook of a fused experts module: per-expert statistics of the routed tokens."""
     experts = sorted({e for e, _ in stats})
 
     def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _out: Any) -> None:
-        hidden = _argument(args, kwargs, 0, ("hidden_states",))
+        hidden = hook_argument(args, kwargs, 0, ("hidden_states",))
         x = hidden.reshape(-1, hidden.shape[-1])  # (tokens, hidden)
-        routed = _argument(args, kwargs, 1, ("top_k_index",)).reshape(x.shape[0], -1)  # (tokens, k)
+        routed = hook_argument(args, kwargs, 1, ("top_k_index",)).reshape(x.shape[0], -1)  # (tokens, k)
         for e in experts:
             rows = (routed == e).any(dim=-1).nonzero().squeeze(1)
             if rows.numel() == 0:
@@ -155,7 +155,7 @@ def attach_unit_hooks(
         if group[0].expert is None:
             hook = _input_hook(stats[(None, group[0].param)], cache)
         else:
-            hook = _experts_hook({(e, p): s for (e, p), s in stats.items() if e is not None})
+            hook = experts_hook({(e, p): s for (e, p), s in stats.items() if e is not None})
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
     return handles, cache
 

@@ -40,7 +40,7 @@ from pruning_core.lm.text import (
     text_windows,
     tokenize_corpus,
 )
-from pruning_core.lm.unit_stats import UnitStatistics
+from pruning_core.lm.unit_stats import UnitInputs, UnitStatistics, combined
 from pruning_core.lm.writer import CheckpointWriter, cast_checkpoint
 
 __all__ = [
@@ -51,7 +51,9 @@ __all__ = [
     "LayerCall",
     "LayerInputs",
     "LayerStream",
+    "UnitInputs",
     "UnitStatistics",
+    "combined",
     "calibrate_blocks",
     "calibration_windows",
     "cast_checkpoint",

@@ -38,6 +38,7 @@ from torch import nn
 from pruning_core.arch import MODEL_BUILD_LOCK, decoder_blocks
 from pruning_core.errors import ArtifactError
 from pruning_core.lm.checks import offline_transformers, read_config, stored_dtype
+from pruning_core.lm.compact import compute_in
 from pruning_core.lm.materialize import check_materialized, init_nonpersistent, set_tensor
 from pruning_core.lm.shards import CheckpointLayout
 
@@ -243,25 +244,44 @@ class CheckpointReader:
         return block.requires_grad_(False).eval()
 
     def load_shell(self, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                   head: bool = True) -> Any:
+                   head: bool = True, compact: bool = False) -> Any:
         """The whole model with every decoder block left on the meta device.
 
         Embeddings, final norm, head and everything else outside the decoder list are loaded
         (``head=False`` leaves an untied output head on meta, for passes that stop before it);
         tied heads are tied as ``from_pretrained`` ties them; non-persistent buffers are recomputed.
+        With ``compact`` the input embeddings and the head stay in the stored dtype and compute in
+        ``dtype`` (:func:`pruning_core.lm.compact.compute_in`: same results, half the memory of a
+        bfloat16 checkpoint's tables in float32).
         """
         dtype = dtype or self.stored_dtype
         shell = self.new_skeleton(dtype)
         prefix = self.block_prefix + "."
         skipped = set() if head else self._untied_head(shell)
-        tensors = self.read_model_tensors(lambda n: not n.startswith(prefix) and n not in skipped, dtype, device)
+        tables = self._vocab_tables(shell) - skipped if compact and dtype != self.stored_dtype else set()
+        tensors = self.read_model_tensors(
+            lambda n: not n.startswith(prefix) and n not in skipped and n not in tables, dtype, device)
+        tensors |= self.read_model_tensors(lambda n: n in tables, self.stored_dtype, device) if tables else {}
         for name, tensor in tensors.items():
             set_tensor(shell, name, tensor)
         missing = {k for k in shell.state_dict() if not k.startswith(prefix) and k not in tensors}
         shell.tie_weights(missing_keys=missing, recompute_mapping=False)
         init_nonpersistent(shell, shell, device, skip=prefix)
         check_materialized(shell, "", str(self.root), skip=(prefix, *skipped))
+        if tables:
+            compute_in(shell.get_input_embeddings(), dtype, kind="input")
+            if head and shell.get_output_embeddings() is not None:
+                compute_in(shell.get_output_embeddings(), dtype, kind="output")
         return shell.requires_grad_(False).eval()
+
+    def _vocab_tables(self, shell: Any) -> set[str]:
+        """Names of the input embeddings' and the output head's weights (the vocabulary-sized tables)."""
+        modules = {m: n for n, m in shell.named_modules()}
+        out = {f"{modules[shell.get_input_embeddings()]}.weight"}
+        head = shell.get_output_embeddings()
+        if head is not None:
+            out.add(f"{modules[head]}.weight")
+        return out
 
     def _untied_head(self, shell: Any) -> set[str]:
         head = shell.get_output_embeddings()

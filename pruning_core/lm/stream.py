@@ -126,7 +126,7 @@ class LayerStream:
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else self.reader.stored_dtype)
         self.spill_dir, self.activation_budget, self.progress = spill_dir, activation_budget, progress
-        self.shell = self.reader.load_shell(dtype=self.dtype, device=self.device, head=head)
+        self.shell = self.reader.load_shell(dtype=self.dtype, device=self.device, head=head, compact=True)
         self._blocks = decoder_blocks(self.shell)[1]
         self._store = torch.device("cpu")  # recorded arguments and activations live on the host
         self._first: nn.Module | None = None

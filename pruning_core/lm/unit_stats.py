@@ -26,6 +26,7 @@ from torch import nn
 from pruning_core.calibration.capture import LayerSelection, select_units
 from pruning_core.calibration.context import CalibrationContext
 from pruning_core.calibration.hooks import PartialsCache, attach_unit_hooks, report_unrouted
+from pruning_core.calibration.inputs import InputSample, attach_sample_hooks
 
 
 @dataclass
@@ -85,4 +86,69 @@ class UnitStatistics:
         return self.contexts.pop(index)
 
 
-__all__ = ["UnitStatistics"]
+@dataclass
+class _Sampling:
+    handles: list[Any]
+    collector: Any
+
+    def __enter__(self) -> _Sampling:
+        return self
+
+    def after_batch(self) -> None:
+        self.collector.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.collector.clear()
+
+
+@dataclass
+class UnitInputs:
+    """``observe(i, block, inputs)`` keeping each unit's inputs as an
+    :class:`~pruning_core.calibration.inputs.InputSample` (rows or ``XᵀX``, shared between units
+    fed the same tensor), for the per-unit output error without a float64 ``XᵀX`` per unit."""
+
+    layers: LayerSelection = None
+    samples: dict[int, dict[str, InputSample]] = field(default_factory=dict)
+
+    def __call__(self, index: int, block: nn.Module, inputs: Any) -> _Sampling:
+        prefix = f"{inputs.stream.reader.block_prefix}.{index}."
+        handles, collector = attach_sample_hooks(block, select_units(block, self.layers), prefix=prefix)
+        self.samples[index] = collector.by_unit
+        return _Sampling(handles, collector)
+
+    def pop(self, index: int) -> dict[str, InputSample]:
+        """Block ``index``'s samples by unit name, forgotten here."""
+        return self.samples.pop(index)
+
+
+@dataclass
+class _Together:
+    parts: list[Any]
+
+    def __enter__(self) -> _Together:
+        for part in self.parts:
+            part.__enter__()
+        return self
+
+    def after_batch(self) -> None:
+        for part in self.parts:
+            part.after_batch()
+
+    def __exit__(self, *exc: object) -> None:
+        for part in reversed(self.parts):
+            part.__exit__(*exc)
+
+
+def combined(*observers: Any) -> Any:
+    """One ``observe`` for :func:`~pruning_core.lm.stream.calibrate_blocks` that runs several
+    (e.g. :class:`UnitStatistics` and :class:`UnitInputs`) on the same block run."""
+
+    def observe(index: int, block: nn.Module, inputs: Any) -> _Together:
+        return _Together([o(index, block, inputs) for o in observers])
+
+    return observe
+
+
+__all__ = ["UnitInputs", "UnitStatistics", "combined"]

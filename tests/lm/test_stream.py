@@ -103,7 +103,7 @@ def test_gemma_layers_get_different_masks_and_rotary_embeddings(tmp_path):
     assert calls[0][0].kwargs["attention_mask"] is calls[2][0].kwargs["attention_mask"]  # stored once
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "falcon_alibi"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2", "gemma3", "falcon_alibi", "gpt2", "opt"])
 def test_streaming_perplexity_fp32_on_a_bf16_checkpoint(tmp_path, name):
     make_tiny(name, dtype=torch.bfloat16, layers=3).save_pretrained(tmp_path)
     full = perplexity(_from_pretrained(tmp_path, torch.float32), WINDOWS, batch_size=3, progress=False)
@@ -115,6 +115,24 @@ def test_streaming_perplexity_fp32_on_a_bf16_checkpoint(tmp_path, name):
     for value in (streamed, spilled, part):
         assert abs(value - full) <= 1e-6 * full
     assert list((tmp_path / "spill").iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma3", "gpt2"])  # untied head; scaled embeddings; tied, Conv1D
+def test_compact_shell_keeps_vocabulary_tables_stored_and_computes_the_same(tmp_path, name):
+    make_tiny(name, dtype=torch.bfloat16, layers=2).save_pretrained(tmp_path)
+    reader = CheckpointReader(tmp_path)
+    full = reader.load_shell(dtype=torch.float32)
+    shell = reader.load_shell(dtype=torch.float32, compact=True)
+    embed, head = shell.get_input_embeddings(), shell.get_output_embeddings()
+    assert embed.weight.dtype == head.weight.dtype == torch.bfloat16  # 2 bytes per value, not 4
+    others = [n for n, p in shell.named_parameters() if not p.is_meta and p is not embed.weight and p is not head.weight]
+    assert others and all(dict(shell.named_parameters())[n].dtype == torch.float32 for n in others)
+    ids = WINDOWS[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(embed(ids), full.get_input_embeddings()(ids), rtol=0, atol=0)
+        hidden = torch.randn(2, 32, head.weight.shape[1])
+        torch.testing.assert_close(head(hidden), full.get_output_embeddings()(hidden), rtol=1e-6, atol=1e-5)
+    assert embed.weight.dtype == torch.bfloat16 and embed.weight.shape[0] == full.get_input_embeddings().weight.shape[0]
 
 
 def test_activations_keep_what_fits_and_spill_the_rest(tmp_path):
