@@ -60,6 +60,7 @@ class Row:
     mode: str
     natural: bool
     reverse: bool = False  # ref rows: the same windows in reverse order (the reference's own float spread)
+    dtype: str | None = None  # job rows: the job's ``dtype:`` override (None: as stored, float32)
 
     @property
     def sparsity(self) -> float | None:
@@ -111,6 +112,8 @@ def job_config(row: Row, tracking_uri: str) -> dict[str, Any]:
     }
     if row.sparsity is not None:
         cfg["sparsity"] = row.sparsity
+    if row.dtype is not None:
+        cfg["dtype"] = row.dtype
     if row.scope is not None:
         cfg["scope"] = row.scope
     return cfg
@@ -280,6 +283,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep pruned models and MLflow artifacts")
     p.add_argument("--omp-wait-policy", default=None, choices=["PASSIVE", "ACTIVE"],
                    help="OMP_WAIT_POLICY for the child processes (default: unset, as prune run)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="job rows run with this dtype override (row ids get a -<dtype> suffix)")
     p.add_argument("--tables", action="store_true", help="print the Markdown tables from --out and exit")
     p.add_argument("--ref-agreement", action="store_true",
                    help="only fill in the in-order vs reversed reference mask agreement in --out")
@@ -289,7 +294,10 @@ def _parser() -> argparse.ArgumentParser:
 def _run_rows(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """Run every selected row (a job or a reference run), saving the results file after each."""
     env = child_env(args.work, args.omp_wait_policy)
-    rows = ([] if args.skip_jobs else job_rows()) + ([] if args.skip_refs else ref_rows())
+    jobs = [] if args.skip_jobs else job_rows()
+    if args.dtype:
+        jobs = [replace(r, id=f"{r.id}-{args.dtype}", dtype=args.dtype) for r in jobs]
+    rows = jobs + ([] if args.skip_refs else ref_rows())
     wanted = [s for s in args.only.split(",") if s]
     args.work.mkdir(parents=True, exist_ok=True)
     for row in rows:

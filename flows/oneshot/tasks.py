@@ -60,8 +60,8 @@ from pruning_core.lm import (
     UnitInputs,
     UnitStatistics,
     calibrate_blocks,
-    combined,
     check_model_dir,
+    combined,
     inspect_model,
     model_fingerprint,
 )

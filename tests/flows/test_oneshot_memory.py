@@ -3,8 +3,10 @@
 Two synthetic bfloat16 Llamas of one width, 2 and 8 decoder layers
 (``scripts/make_synthetic_llama.py``), go through ``prune run`` (Wanda 50%, one-pass, with dense
 and pruned perplexity) each in a fresh process that reports its own peak RSS (``VmHWM``). A job
-holding the model would grow by at least the 6 extra blocks (more in float32); the streamed job
-grows by the per-unit bookkeeping only (packed masks, per-channel statistics, the table).
+holding the model would grow by at least the 6 extra blocks (twice that in float32, the dtype blocks
+are computed in on CPU); the streamed job grows by less than two float32 blocks: the per-unit
+bookkeeping only (packed masks, per-channel statistics, the table and figure, Prefect's task runs:
+~1 MB per unit, which at this small width is comparable to a block).
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def test_peak_rss_of_the_job_does_not_grow_with_depth(prefect_server, tmp_path):
     peak2, block, small = _peak_of_job(tmp_path, 2)
     peak8, _, deep = _peak_of_job(tmp_path, 8)
     extra = 6 * block  # the bf16 bytes of the 6 extra blocks (twice that in float32)
+    two_blocks = 2 * 2 * block  # two blocks as held in memory (float32)
     print(f"peak RSS: 2 layers {peak2 / 2**20:.0f} MiB, 8 layers {peak8 / 2**20:.0f} MiB, "
           f"growth {(peak8 - peak2) / 2**20:.0f} MiB; 6 extra blocks {extra / 2**20:.0f} MiB in bf16")
-    assert peak8 - peak2 < extra / 3
+    assert peak8 - peak2 < two_blocks
     assert small["sparsity"] == deep["sparsity"] == 0.5 and len(deep["layers"]) == 8 * 7
