@@ -20,6 +20,8 @@ Results are appended to a JSON file after every row; ``--resume`` skips rows alr
 
     nohup python benchmarks/bench_oneshot.py --resume > /tmp/bench_oneshot.log 2>&1 &
     python benchmarks/bench_oneshot.py --tables          # Markdown tables from the JSON
+    python benchmarks/bench_oneshot.py --skip-refs --dtype bfloat16 --only job-wanda-50-one_pass \
+        --out benchmarks/results/oneshot_memory.json     # job rows with the dtype: override
 """
 
 from __future__ import annotations

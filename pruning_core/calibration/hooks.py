@@ -104,8 +104,9 @@ def gated_input(experts: nn.Module, tokens: torch.Tensor, expert: int) -> torch.
     return experts.act_fn(gate) * up
 
 
-def experts_hook(stats: dict[tuple[int, str], ActivationStats]) -> Hook:
-    """Hook of a fused experts module: per-expert statistics of the routed tokens."""
+def experts_hook(stats: dict[tuple[int, str], Any]) -> Hook:
+    """Hook of a fused experts module: per-expert statistics of the routed tokens (``stats`` values:
+    anything with ``update(tokens)``, e.g. :class:`ActivationStats` or an input sample)."""
     experts = sorted({e for e, _ in stats})
 
     def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _out: Any) -> None:

@@ -261,7 +261,8 @@ class CheckpointReader:
         tables = self._vocab_tables(shell) - skipped if compact and dtype != self.stored_dtype else set()
         tensors = self.read_model_tensors(
             lambda n: not n.startswith(prefix) and n not in skipped and n not in tables, dtype, device)
-        tensors |= self.read_model_tensors(lambda n: n in tables, self.stored_dtype, device) if tables else {}
+        if tables:
+            tensors |= self.read_model_tensors(lambda n: n in tables, self.stored_dtype, device)
         for name, tensor in tensors.items():
             set_tensor(shell, name, tensor)
         missing = {k for k in shell.state_dict() if not k.startswith(prefix) and k not in tensors}

@@ -10,7 +10,7 @@ what each call needs, with results equal to those of an upcast table:
   (upcast), with the ids renumbered into it: gathering then upcasting equals upcasting then
   gathering, bit for bit, and the module's own scaling happens in float32 as before;
 - **output head** (a plain ``nn.Linear``): computed in chunks of vocabulary rows, each upcast on
-  the fly (``ROW_BYTES`` of float32 weight at a time);
+  the fly (``CHUNK_BYTES`` of float32 weight at a time);
 - any other module handed in is upcast whole for the duration of its call.
 """
 
@@ -54,10 +54,11 @@ def _chunked(module: nn.Linear, dtype: torch.dtype) -> Callable[[torch.Tensor], 
     def forward(x: torch.Tensor) -> torch.Tensor:
         weight, bias = module.weight, module.bias
         rows = max(1, CHUNK_BYTES // (weight.shape[1] * 4))
-        out = x.new_empty(*x.shape[:-1], weight.shape[0], dtype=dtype)
+        x = x.to(dtype)
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])
         for lo in range(0, weight.shape[0], rows):
             b = None if bias is None else bias[lo : lo + rows].to(dtype)
-            out[..., lo : lo + rows] = F.linear(x.to(dtype), weight[lo : lo + rows].to(dtype), b)
+            out[..., lo : lo + rows] = F.linear(x, weight[lo : lo + rows].to(dtype), b)
         return out
 
     return forward

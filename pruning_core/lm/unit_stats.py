@@ -25,22 +25,19 @@ from torch import nn
 
 from pruning_core.calibration.capture import LayerSelection, select_units
 from pruning_core.calibration.context import CalibrationContext
-from pruning_core.calibration.hooks import PartialsCache, attach_unit_hooks, report_unrouted
+from pruning_core.calibration.hooks import attach_unit_hooks, report_unrouted
 from pruning_core.calibration.inputs import InputSample, attach_sample_hooks
 
 
 @dataclass
-class _Observation:
-    """The hooks on one block while it runs; removed on exit, when the samples are counted."""
+class _Hooked:
+    """Hooks on one block while it runs: ``cache`` (anything with ``clear()``) is cleared after each
+    batch; on exit the hooks are removed and :meth:`finished` runs if the block ran through."""
 
-    context: CalibrationContext
     handles: list[Any]
-    cache: PartialsCache
-    units: list[Any]
-    prefix: str
-    samples: int
+    cache: Any
 
-    def __enter__(self) -> _Observation:
+    def __enter__(self) -> _Hooked:
         return self
 
     def after_batch(self) -> None:
@@ -51,8 +48,24 @@ class _Observation:
             handle.remove()
         self.cache.clear()
         if exc[0] is None:
-            self.context.increment_samples(self.samples)
-            report_unrouted(self.context, self.units, self.prefix)
+            self.finished()
+
+    def finished(self) -> None:
+        """Called once the block ran without error (nothing by default)."""
+
+
+@dataclass
+class _Observation(_Hooked):
+    """Statistics hooks: on a clean exit the samples are counted and unrouted experts reported."""
+
+    context: CalibrationContext
+    units: list[Any]
+    prefix: str
+    samples: int
+
+    def finished(self) -> None:
+        self.context.increment_samples(self.samples)
+        report_unrouted(self.context, self.units, self.prefix)
 
 
 @dataclass
@@ -79,28 +92,11 @@ class UnitStatistics:
         handles, cache = attach_unit_hooks(block, units, context, hessian=self.hessian,
                                            batch_dtype=self.batch_dtype, prefix=prefix)
         self.contexts[index] = context
-        return _Observation(context, handles, cache, units, prefix, inputs.num_samples)
+        return _Observation(handles, cache, context, units, prefix, inputs.num_samples)
 
     def pop(self, index: int) -> CalibrationContext:
         """Block ``index``'s statistics, forgotten here (memory stays bounded by one block's)."""
         return self.contexts.pop(index)
-
-
-@dataclass
-class _Sampling:
-    handles: list[Any]
-    collector: Any
-
-    def __enter__(self) -> _Sampling:
-        return self
-
-    def after_batch(self) -> None:
-        self.collector.clear()
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.collector.clear()
 
 
 @dataclass
@@ -112,11 +108,11 @@ class UnitInputs:
     layers: LayerSelection = None
     samples: dict[int, dict[str, InputSample]] = field(default_factory=dict)
 
-    def __call__(self, index: int, block: nn.Module, inputs: Any) -> _Sampling:
+    def __call__(self, index: int, block: nn.Module, inputs: Any) -> _Hooked:
         prefix = f"{inputs.stream.reader.block_prefix}.{index}."
         handles, collector = attach_sample_hooks(block, select_units(block, self.layers), prefix=prefix)
         self.samples[index] = collector.by_unit
-        return _Sampling(handles, collector)
+        return _Hooked(handles, collector)
 
     def pop(self, index: int) -> dict[str, InputSample]:
         """Block ``index``'s samples by unit name, forgotten here."""
